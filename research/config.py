@@ -1,0 +1,318 @@
+"""The typed experiment config: schema, YAML + `key=value` loading, validation.
+
+Every field lives here, with its default, its allowed values and a one-line reason. A config is
+data: it is loaded from YAML, patched with dotted overrides, validated once, and then passed
+around frozen. Anything wrong fails here, before any compute, as a `ConfigError` whose message
+names the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, reported to the user as one line (exit code 2)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# Default logical-axis -> mesh-axis rules. Parameters and activations carry logical names
+# (see research/models); these rules say which mesh axes shard each name.
+DEFAULT_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_seq", ()),
+    ("act_embed", ()),
+    ("act_heads", ("tensor",)),
+    ("act_kv_heads", ("tensor",)),
+    ("act_mlp", ("tensor",)),
+    ("act_vocab", ("tensor",)),
+    ("act_expert", ("expert",)),
+    # parameters
+    ("embed", ("fsdp",)),
+    ("vocab", ("tensor",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("expert", ("expert",)),
+    ("head_dim", ()),
+    ("layers", ()),
+    ("norm", ()),
+)
+
+
+class ModelConfig(_Section):
+    """Decoder shape and numerics."""
+
+    d_model: int = Field(256, gt=0)
+    n_layers: int = Field(4, gt=0)
+    n_heads: int = Field(4, gt=0)
+    n_kv_heads: int | None = Field(None, gt=0, description="None: same as n_heads (plain MHA)")
+    head_dim: int | None = Field(None, gt=0, description="None: d_model // n_heads")
+    d_ff: int | None = Field(None, gt=0, description="None: SwiGLU width 8/3 d_model rounded up to 64")
+    vocab_size: int | None = Field(None, gt=0, description="None: the tokenizer's, padded to 128")
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    sliding_window: int | None = Field(None, gt=0, description="None: full causal attention")
+    tie_embeddings: bool = True
+    init_std: float = Field(0.02, gt=0)
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32"] = "float32"
+    remat: Literal["none", "full", "dots"] = "none"
+    scan_layers: bool = True
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def ff_size(self) -> int:
+        return self.d_ff or -(-(8 * self.d_model // 3) // 64) * 64
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ModelConfig:
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model} "
+                "(or set model.head_dim)"
+            )
+        if self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"model.n_kv_heads={self.kv_heads} must divide model.n_heads={self.n_heads}"
+            )
+        if self.head_size % 2:
+            raise ValueError(f"head size {self.head_size} must be even for rotary positions")
+        return self
+
+
+class DataConfig(_Section):
+    """Where text comes from and how it becomes tokens."""
+
+    source: str = Field("builtin", description="'builtin' (the stdlib's source) or a path/glob "
+                        "of .txt, .jsonl or .parquet files")
+    text_field: str = Field("text", description="column/key holding the text in .jsonl/.parquet")
+    tokenizer: str = Field("byte", description="'byte' or a path to a Hugging Face tokenizer.json")
+    heldout_percent: float = Field(2.0, gt=0, lt=100, description="documents held out, by hash")
+    cache_dir: str = Field("~/.cache/research/tokens", description="token cache (content-keyed)")
+
+
+class OptimConfig(_Section):
+    """AdamW with a warmup + decay schedule."""
+
+    lr: float = Field(1e-3, gt=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(20, ge=0)
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: final fraction spent decaying")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="global norm; None disables")
+
+
+class TrainConfig(_Section):
+    """Length, batch and evaluation cadence of a run."""
+
+    steps: int = Field(200, gt=0)
+    seed: int = 0
+    batch_size: int = Field(16, gt=0, description="global batch, in sequences")
+    seq_len: int = Field(256, gt=0)
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    eval_every: int = Field(100, gt=0)
+    eval_batches: int = Field(4, gt=0)
+    log_every: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _accum(self) -> TrainConfig:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"train.grad_accum={self.grad_accum} must divide train.batch_size={self.batch_size}"
+            )
+        return self
+
+
+class MeshConfig(_Section):
+    """Device mesh; exactly one axis may be -1 (filled with the remaining devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+    rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_AXIS_RULES
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        return ("data", "fsdp", "expert", "tensor")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> MeshConfig:
+        sizes = {name: getattr(self, name) for name in self.axis_names}
+        if sum(v == -1 for v in sizes.values()) > 1:
+            raise ValueError("at most one of mesh.data/fsdp/expert/tensor may be -1")
+        for name, value in sizes.items():
+            if value == 0 or value < -1:
+                raise ValueError(f"mesh.{name}={value}: must be a positive integer or -1")
+        for logical, axes in self.rules:
+            for axis in axes:
+                if axis not in sizes:
+                    raise ValueError(f"mesh.rules: {logical!r} maps to unknown mesh axis {axis!r}; "
+                                     f"allowed: {', '.join(self.axis_names)}")
+        return self
+
+    def shape(self, n_devices: int) -> dict[str, int]:
+        """Axis sizes for `n_devices`, filling the -1 axis; raises ConfigError on mismatch."""
+        sizes = {name: getattr(self, name) for name in self.axis_names}
+        fixed = 1
+        for value in sizes.values():
+            fixed *= value if value > 0 else 1
+        auto = [name for name, value in sizes.items() if value == -1]
+        if auto:
+            if n_devices % fixed:
+                raise ConfigError(f"mesh: fixed axes multiply to {fixed}, which does not divide "
+                                  f"the {n_devices} available devices")
+            sizes[auto[0]] = n_devices // fixed
+        elif fixed != n_devices:
+            raise ConfigError(f"mesh: data*fsdp*expert*tensor = {fixed} but {n_devices} devices "
+                              "are available; make them equal or set one axis to -1")
+        return sizes
+
+
+class CheckpointConfig(_Section):
+    """When to save and what to keep."""
+
+    every: int = Field(100, gt=0, description="save every N steps (and at the end)")
+    keep_last: int = Field(2, gt=0, description="the latest K checkpoints are kept")
+    keep_every: int | None = Field(None, gt=0, description="every N-th step is kept forever")
+    async_save: bool = True
+
+
+class LoggingConfig(_Section):
+    """Where metrics go."""
+
+    tensorboard: bool = True
+    progress: bool = True
+    peak_flops: float | None = Field(None, gt=0, description="per-device peak FLOP/s for MFU; "
+                                     "None: known accelerator table or a cached CPU measurement")
+
+
+class ExperimentConfig(_Section):
+    """One training run."""
+
+    name: str = "experiment"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _section_fields(model_cls: type[BaseModel], path: list[str]) -> list[str]:
+    """Field names valid at `path` (for close-match suggestions)."""
+    cls: Any = model_cls
+    for part in path:
+        field = cls.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type)
+                                 and issubclass(field.annotation, BaseModel)):
+            return []
+        cls = field.annotation
+    return list(cls.model_fields)
+
+
+def _format_error(err: dict[str, Any], model_cls: type[BaseModel]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    field = ".".join(loc) or "config"
+    if err["type"] == "extra_forbidden":
+        allowed = _section_fields(model_cls, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = f"; did you mean {'.'.join(loc[:-1] + close)}?" if close else ""
+        return f"{field}: unknown field{hint} (allowed: {', '.join(allowed)})"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error" or not loc:
+        names_a_field = "." in msg.split(" ", 1)[0]
+        return msg if names_a_field or not loc else f"{field}: {msg}"
+    return f"{field}: {msg} (got {err.get('input')!r})"
+
+
+def validate(raw: dict[str, Any], model_cls: type[BaseModel] = ExperimentConfig) -> Any:
+    """Validate a raw dict into `model_cls`, turning pydantic errors into one-line ConfigErrors."""
+    try:
+        return model_cls.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc.errors()[0], model_cls)) from None
+
+
+def parse_value(text: str) -> Any:
+    """A `key=value` right-hand side, read as YAML so `3e-3`, `true`, `[1,2]`, `null` work."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted `a.b=value` overrides to a nested dict (returns a new dict)."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=200")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = parse_value(value)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (model, train, ...)")
+    return raw
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """YAML file (or defaults when None) + dotted overrides -> validated config."""
+    raw = read_yaml(path) if path is not None else {}
+    if path is not None and "name" not in raw:
+        raw["name"] = Path(path).stem
+    return validate(apply_overrides(raw, list(overrides)))
