@@ -28,7 +28,7 @@ class _Section(BaseModel):
 # (see research/models); these rules say which mesh axes shard each name.
 DEFAULT_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # activations
-    ("act_batch", ("data", "fsdp")),
+    ("act_batch", ("data", "fsdp", "expert")),
     ("act_seq", ()),
     ("act_embed", ()),
     ("act_heads", ("tensor",)),

@@ -1,0 +1,84 @@
+"""The `research` command: argument parsing only; each subcommand hands a validated config on."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from research.config import ConfigError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from research import config
+    from research.train.loop import train
+
+    cfg = config.load(args.experiment, args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+    summary = train(cfg, run_dir)
+    final = summary["final"]
+    print(f"{run_dir}: step {summary['step']}, loss {final.get('loss', float('nan')):.4f}, "
+          f"eval loss {final.get('eval_loss', float('nan')):.4f}, "
+          f"{final.get('eval_bpb', float('nan')):.4f} bits/byte")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from research.data.pipeline import eval_batches
+    from research.train.checkpoint import Checkpointer
+    from research.train.loop import evaluate, load_run_config, prepare
+
+    run_dir = Path(args.run_dir)
+    cfg = load_run_config(run_dir)
+    setup = prepare(cfg)
+    checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
+    with setup.context():
+        state, meta = checkpoints.restore(args.step, setup.spec.abstract)
+    import jax
+
+    batches = eval_batches(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
+                           n_batches=args.batches or cfg.train.eval_batches,
+                           process_index=jax.process_index(), process_count=jax.process_count())
+    scores = evaluate(setup, state["params"], batches)
+    tokens = len(batches) * cfg.train.batch_size * cfg.train.seq_len
+    print(f"{run_dir} step {meta['step']}: held-out loss {scores['eval_loss']:.4f} nats/token, "
+          f"{scores['eval_bpb']:.4f} bits/byte over {tokens:,} tokens")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="research", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train (or resume) a run from an experiment config")
+    train.add_argument("experiment", help="experiments/NAME.yaml")
+    train.add_argument("--run-dir", help="run directory (default: runs/<experiment name>)")
+    train.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="dotted config overrides, e.g. train.steps=200 model.n_layers=8")
+    train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser("eval", help="held-out loss and bits per byte of a checkpoint")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    evaluate.add_argument("--batches", type=int, help="held-out batches (default: train.eval_batches)")
+    evaluate.set_defaults(func=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Device mesh from the config, logical axis rules, and the shardings of state and batch.
+
+Models name their axes logically ("embed", "act_batch", ...); the rules in `mesh.rules` map
+those names onto mesh axes. This module is the only place that turns names into shardings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from research.config import ConfigError, ExperimentConfig, MeshConfig
+
+AxisRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch dimension
+
+
+def make_mesh(cfg: MeshConfig, devices: list[jax.Device] | None = None) -> Mesh:
+    """A mesh over all (or the given) devices with Auto axes, so Linen's logical constraints work."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = cfg.shape(len(devices))
+    return jax.make_mesh(
+        tuple(sizes[name] for name in cfg.axis_names),
+        cfg.axis_names,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(cfg.axis_names),
+        devices=devices,
+    )
+
+
+def axis_rules(cfg: MeshConfig) -> AxisRules:
+    """The config's rules in the form flax expects (an empty tuple means replicated)."""
+    return tuple((logical, axes if axes else None) for logical, axes in cfg.rules)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Token batches [batch, seq] are split over the batch axes and replicated over tensor."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+
+
+def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: AxisRules) -> Any:
+    """Shardings for a pytree whose leaves carry logical names (flax `LogicallyPartitioned`)."""
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
+
+
+def check_divisibility(cfg: ExperimentConfig, mesh: Mesh) -> None:
+    """Fail early, naming the field, when the batch or the heads cannot be split over the mesh."""
+    dp = data_parallel_size(mesh)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % dp:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} / train.grad_accum={cfg.train.grad_accum} "
+            f"= {micro} sequences per micro-batch must be divisible by the data-parallel size "
+            f"{dp} (mesh.data*mesh.fsdp*mesh.expert)"
+        )
+    tensor = mesh.shape["tensor"]
+    for field, value in (("model.n_heads", cfg.model.n_heads), ("model.n_kv_heads", cfg.model.kv_heads)):
+        if value % tensor:
+            raise ConfigError(f"{field}={value} must be divisible by mesh.tensor={tensor}")

@@ -1,0 +1,230 @@
+"""The training loop: the one place with side effects (files, logs, checkpoints, progress bar).
+
+`prepare` builds everything a run needs from its config (mesh, data, model, optimizer, state
+shapes); `train` runs or resumes a run in a directory; `evaluate` scores params on held-out data.
+The step itself is the pure function in `research.train.step`, jitted here with explicit
+shardings and the state donated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from research import config as config_lib
+from research.config import ConfigError, ExperimentConfig
+from research.data.pipeline import TokenCache, build_token_cache, eval_batches, train_iterator
+from research.models.decoder import Decoder, padded_vocab
+from research.parallel.mesh import (AxisRules, axis_rules, batch_sharding, check_divisibility,
+                                    make_mesh)
+from research.train import flops, metrics
+from research.train.checkpoint import Checkpointer
+from research.train.optim import learning_rate, make_optimizer
+from research.train.state import StateSpec, init_state, param_specs, state_spec
+from research.train.step import eval_step, train_step
+
+# Fields that may change when a run is resumed: they do not alter the training trajectory
+# (train.steps extends or shortens the run; note a cosine schedule then follows the new length).
+RESUMABLE_CHANGES = ("name", "train.steps", "train.log_every", "train.eval_every",
+                     "train.eval_batches", "checkpoint", "logging")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything derived from a config before any state exists."""
+
+    cfg: ExperimentConfig
+    mesh: Mesh
+    rules: AxisRules
+    cache: TokenCache
+    model: nn.Module
+    vocab_size: int
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    spec: StateSpec
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        """Mesh and logical-axis rules in scope for tracing the model."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def global_array(self, local_rows: np.ndarray) -> jax.Array:
+        """This process's rows of a batch -> one global array sharded over the batch axes."""
+        return jax.make_array_from_process_local_data(batch_sharding(self.mesh), local_rows)
+
+
+def prepare(cfg: ExperimentConfig) -> Setup:
+    mesh = make_mesh(cfg.mesh)
+    check_divisibility(cfg, mesh)
+    rules = axis_rules(cfg.mesh)
+    cache = build_token_cache(cfg.data)
+    vocab = padded_vocab(cfg.model, cache.tokenizer.vocab_size)
+    model = Decoder(cfg.model, vocab)
+    example = jnp.zeros((1, cfg.train.seq_len), jnp.int32)
+    schedule = learning_rate(cfg.optim, cfg.train.steps)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        tx = make_optimizer(cfg.optim, cfg.train.steps, param_specs(model, example))
+        spec = state_spec(model, tx, example, mesh, rules)
+    return Setup(cfg, mesh, rules, cache, model, vocab, tx, schedule, spec)
+
+
+def evaluate(setup: Setup, params: Any, batches: list[np.ndarray],
+             step_fn: Any | None = None) -> dict[str, float]:
+    """Held-out loss (nats/token) and bits per byte over fixed batches."""
+    if step_fn is None:
+        step_fn = jax.jit(functools.partial(eval_step, model=setup.model))
+    loss_sum, tokens = 0.0, 0.0
+    with setup.context():
+        for rows in batches:
+            out = step_fn(params, setup.global_array(rows))
+            loss_sum += float(out["loss_sum"])
+            tokens += float(out["tokens"])
+    loss = loss_sum / tokens
+    return {"eval_loss": loss, "eval_bpb": loss / math.log(2) / setup.cache.heldout_bytes_per_token}
+
+
+def _check_resumable(saved: ExperimentConfig, new: ExperimentConfig, path: Path) -> None:
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for key, value in d.items():
+            name = f"{prefix}{key}"
+            out.update(flat(value, name + ".") if isinstance(value, dict) else {name: value})
+        return out
+
+    old, now = flat(saved.to_dict()), flat(new.to_dict())
+    for key in sorted(old.keys() | now.keys()):
+        if key.startswith(RESUMABLE_CHANGES) or old.get(key) == now.get(key):
+            continue
+        raise ConfigError(f"{key}: {now.get(key)!r} differs from {old.get(key)!r} in {path}; a run "
+                          f"directory resumes with its own config (only {', '.join(RESUMABLE_CHANGES)} "
+                          "may change): use a new --run-dir")
+
+
+def load_run_config(run_dir: Path) -> ExperimentConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    return config_lib.validate(config_lib.read_yaml(path))
+
+
+def train(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+    """Train (or resume) the run in `run_dir`; returns the final summary."""
+    run_dir = Path(run_dir)
+    is_lead = jax.process_index() == 0
+    config_path = run_dir / "config.yaml"
+    if config_path.exists():
+        _check_resumable(load_run_config(run_dir), cfg, config_path)
+    setup = prepare(cfg)  # fails on bad shapes before anything is written
+    if is_lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(cfg.to_yaml())
+
+    data = train_iterator(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
+                          seed=cfg.train.seed, process_index=jax.process_index(),
+                          process_count=jax.process_count())
+    heldout = eval_batches(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
+                           n_batches=cfg.train.eval_batches, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    start = checkpoints.latest_step()
+    with setup.context():
+        if start is None:
+            state = init_state(setup.model, setup.tx, jnp.zeros((1, cfg.train.seq_len), jnp.int32),
+                               setup.spec, cfg.train.seed)
+            start = 0
+        else:
+            state, _ = checkpoints.restore(start, setup.spec.abstract, data)
+
+    counts = flops.param_counts(cfg.model, setup.vocab_size)
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    flops_per_token = flops.flops_per_token(cfg.model, setup.vocab_size, cfg.train.seq_len)
+    peak = metrics.peak_flops(cfg.model.compute_dtype, cfg.logging.peak_flops) * jax.process_count()
+    summary: dict[str, Any] = {
+        "name": cfg.name, "state": "running", "step": start, "steps": cfg.train.steps,
+        **{f"params_{k}": v for k, v in counts.items()},
+        "flops_per_token": flops_per_token, "tokens_per_step": tokens_per_step,
+        "peak_flops": peak, "error": None, "final": {},
+    }
+    log = metrics.RunLog(run_dir, resume_step=start, tensorboard=cfg.logging.tensorboard,
+                         enabled=is_lead)
+    if start == 0:
+        log.text("config", cfg.to_yaml())
+
+    def save_summary(**changes: Any) -> None:
+        summary.update(changes)
+        if is_lead:
+            metrics.write_summary(run_dir, summary)
+
+    save_summary()
+    with setup.context():
+        step_fn = jax.jit(
+            functools.partial(train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule,
+                              grad_accum=cfg.train.grad_accum),
+            in_shardings=(setup.spec.shardings, batch_sharding(setup.mesh)),
+            out_shardings=(setup.spec.shardings, None),
+            donate_argnums=0,
+        )
+        eval_fn = jax.jit(functools.partial(eval_step, model=setup.model),
+                          in_shardings=(setup.spec.shardings["params"], batch_sharding(setup.mesh)))
+
+    progress = tqdm(total=cfg.train.steps, initial=start, disable=not (is_lead and cfg.logging.progress),
+                    unit="step", dynamic_ncols=True, desc=cfg.name)
+    try:
+        last_time, last_step = time.perf_counter(), start
+        for step in range(start + 1, cfg.train.steps + 1):
+            with setup.context():
+                state, step_metrics = step_fn(state, setup.global_array(next(data)["tokens"]))
+            progress.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                if not math.isfinite(values["loss"]):
+                    raise FloatingPointError(f"non-finite loss at step {step}")
+                now = time.perf_counter()
+                step_time = (now - last_time) / (step - last_step)
+                tokens_per_sec = tokens_per_step / step_time
+                values.update(step_time=step_time, tokens_per_sec=tokens_per_sec,
+                              mfu=flops_per_token * tokens_per_sec / peak,
+                              tokens=step * tokens_per_step)
+                log.write(step, values, "train")
+                progress.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
+                                     mfu=f"{values['mfu']:.1%}")
+                summary["final"].update(values)
+                last_time, last_step = time.perf_counter(), step
+            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                scores = evaluate(setup, state["params"], heldout, eval_fn)
+                log.write(step, scores, "eval")
+                summary["final"].update(scores)
+                if is_lead:
+                    tqdm.write(f"step {step}: eval loss {scores['eval_loss']:.4f}, "
+                               f"{scores['eval_bpb']:.4f} bits/byte")
+                save_summary(step=step)
+                last_time = time.perf_counter()  # eval time is not step time
+            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
+                checkpoints.save(step, state, data, {"step": step, "config": cfg.to_dict()})
+        checkpoints.close()
+        save_summary(state="done", step=cfg.train.steps)
+    except KeyboardInterrupt:
+        checkpoints.close()  # let a save in flight land
+        save_summary(state="interrupted", step=checkpoints.latest_step() or 0)
+        raise
+    except Exception as exc:
+        save_summary(state="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        progress.close()
+        log.close()
+    return summary

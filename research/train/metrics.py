@@ -1,0 +1,139 @@
+"""Where a run's numbers go: metrics.jsonl, TensorBoard (tensorboardX), summary.json, a progress bar.
+
+Also the device peak FLOP/s behind MFU: a table for known accelerators, and for CPUs a figure
+measured once on this machine and cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Dense peak FLOP/s per device, (bfloat16, float32), from vendors' published figures.
+# float32 on NVIDIA counts TF32 tensor cores, which XLA uses for f32 matmuls by default.
+KNOWN_PEAKS: dict[str, tuple[float, float]] = {
+    "h200": (989e12, 494e12),
+    "h100": (989e12, 494e12),
+    "a100": (312e12, 156e12),
+    "l4": (121e12, 60e12),
+    "tpu v6": (918e12, 918e12),
+    "tpu v5p": (459e12, 459e12),
+    "tpu v5 lite": (197e12, 197e12),
+    "tpu v5e": (197e12, 197e12),
+    "tpu v4": (275e12, 275e12),
+}
+
+TRAIN_TAGS = ("loss", "lr", "grad_norm", "param_norm", "step_time", "tokens_per_sec", "mfu")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_cpu_peak(dtype: str, size: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of a square matmul in the run's compute dtype (accumulating in float32)."""
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(dtype: str, override: float | None = None,
+               cache_file: Path = Path("~/.cache/research/peak_flops.json")) -> float:
+    """Peak FLOP/s of all devices of this process together (MFU's denominator)."""
+    devices = jax.local_devices()
+    if override is not None:
+        return override * len(devices)
+    kind = devices[0].device_kind.lower()
+    for name, (bf16, f32) in KNOWN_PEAKS.items():
+        if name in kind:
+            return (bf16 if dtype == "bfloat16" else f32) * len(devices)
+    if devices[0].platform != "cpu":
+        raise ValueError(f"unknown accelerator {kind!r}: set logging.peak_flops")
+    # Virtual CPU devices share the host's cores: the host's peak is the whole budget.
+    cache_file = cache_file.expanduser()
+    key = f"{_cpu_name()}|{os.cpu_count()}|{dtype}|jax {jax.__version__}"
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    if key not in cache:
+        cache[key] = measure_cpu_peak(dtype)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, cache_file)
+    return cache[key]
+
+
+class RunLog:
+    """metrics.jsonl + TensorBoard scalars for one run directory; resumable without duplicates."""
+
+    def __init__(self, run_dir: Path, *, resume_step: int, tensorboard: bool, enabled: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        self._truncate_after(resume_step)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            # purge_step makes TensorBoard drop what an interrupted run logged past the checkpoint.
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut short by a kill
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def text(self, tag: str, text: str) -> None:
+        if self.tb is not None:
+            self.tb.add_text(tag, f"```\n{text}\n```", 0)
+
+    def write(self, step: int, values: dict[str, float], prefix: str) -> None:
+        """One JSON line (keys as given) and TensorBoard scalars under `prefix/`."""
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                tag = key.removeprefix(f"{prefix}_")
+                self.tb.add_scalar(f"{prefix}/{tag}", value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """Atomically replace summary.json, so a reader never sees half a file."""
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, run_dir / "summary.json")

@@ -1,0 +1,69 @@
+"""Train state and its sharded initialisation.
+
+The state is a plain dict pytree {params, opt_state, step, rng}: orbax saves it as is, and its
+shardings come from the logical names the model gives its parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from research.parallel.mesh import AxisRules, logical_shardings
+
+TrainState = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """What a run needs to build, restore and step its state: shapes, shardings, optimizer."""
+
+    abstract: TrainState  # ShapeDtypeStructs carrying their shardings (orbax restore target)
+    shardings: TrainState
+    param_specs: Any  # logical PartitionSpecs of the params
+
+
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example: jax.Array):
+    def init(rng: jax.Array) -> TrainState:
+        init_rng, state_rng = jax.random.split(rng)
+        params = model.init(init_rng, example)["params"]
+        return {
+            "params": params,
+            "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": state_rng,
+        }
+
+    return init
+
+
+def param_specs(model: nn.Module, example: jax.Array) -> Any:
+    """Logical PartitionSpecs of the params, from shapes alone (no compute)."""
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), example)["params"])
+    return nn.get_partition_spec(boxed)
+
+
+def state_spec(model: nn.Module, tx: optax.GradientTransformation, example: jax.Array,
+               mesh: Mesh, rules: AxisRules) -> StateSpec:
+    boxed = jax.eval_shape(_init_fn(model, tx, example), jax.random.PRNGKey(0))
+    shardings = logical_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        nn.meta.unbox(boxed), shardings,
+    )
+    return StateSpec(abstract, shardings, nn.get_partition_spec(boxed["params"]))
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, example: jax.Array,
+               spec: StateSpec, seed: int) -> TrainState:
+    """Initialise directly into the target shardings (no full copy on any one device)."""
+    init = _init_fn(model, tx, example)
+    return jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=spec.shardings)(
+        jax.random.PRNGKey(seed)
+    )
