@@ -1,0 +1,237 @@
+"""Token cache and the grain input pipeline.
+
+Text is tokenized once into a cache keyed by its content, then read through memory maps: a
+training batch is a set of windows of seq_len+1 tokens, chosen by a seeded per-epoch shuffle
+over the GLOBAL batch so the data order does not depend on how many processes read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from research.config import ConfigError, DataConfig
+from research.data.corpus import SourceFile, is_heldout, read_documents, source_files
+from research.data.tokenizer import Tokenizer, load_tokenizer
+
+CACHE_VERSION = 1  # bump when the layout or the tokenization rules change
+SPLITS = ("train", "heldout")
+# One background thread reads a few batches ahead; the data sit in page-cached memmaps.
+_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
+
+
+@dataclass(frozen=True)
+class TokenCache:
+    """Both splits as 1-D memory-mapped token arrays: documents back to back, each + eos.
+
+    heldout_bytes_per_token = UTF-8 bytes of the held-out documents / held-out tokens, where
+    the tokens include one eos per document (eos carries no bytes). Bits per byte of a mean
+    held-out loss L (nats per token, eos targets included) is L / ln 2 / heldout_bytes_per_token.
+    """
+
+    train: np.ndarray
+    heldout: np.ndarray
+    tokenizer: Tokenizer
+    heldout_bytes_per_token: float
+    path: Path
+
+
+def _hasher(tokenizer: Tokenizer, heldout_percent: float) -> hashlib._Hash:
+    return hashlib.sha256(json.dumps([CACHE_VERSION, tokenizer.name, heldout_percent]).encode())
+
+
+def _update(h: hashlib._Hash, doc_id: str, data: bytes) -> None:
+    """Length-prefixed, so no two different document streams hash the same bytes."""
+    for part in (doc_id.encode("utf-8", "replace"), data):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+
+
+def _content_key(files: list[SourceFile], cfg: DataConfig, tokenizer: Tokenizer) -> str:
+    h = _hasher(tokenizer, cfg.heldout_percent)
+    for doc in read_documents(files, cfg.text_field):
+        _update(h, doc.doc_id, doc.text.encode("utf-8", "replace"))
+    return h.hexdigest()
+
+
+def _pre_key(files: list[SourceFile], cfg: DataConfig, tokenizer: Tokenizer) -> str:
+    """Cheap stand-in for the content key: file names, sizes and mtimes (no reading)."""
+    h = _hasher(tokenizer, cfg.heldout_percent)
+    h.update(cfg.text_field.encode())
+    for f in files:
+        st = f.path.stat()
+        h.update(json.dumps([str(f.path.resolve()), f.doc_id, st.st_size, st.st_mtime_ns]).encode())
+    return h.hexdigest()
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def _tokenize(files: list[SourceFile], cfg: DataConfig, tokenizer: Tokenizer, out: Path) -> dict:
+    """Write out/{train,heldout}.bin; returns the metadata, with the key of the content read."""
+    h = _hasher(tokenizer, cfg.heldout_percent)
+    dtype = _token_dtype(tokenizer.vocab_size)
+    eos = np.array([tokenizer.eos_id], dtype).tobytes()
+    meta = {"version": CACHE_VERSION, "tokenizer": tokenizer.name, "dtype": dtype.name,
+            "heldout_percent": cfg.heldout_percent, "heldout_bytes": 0}
+    meta |= {f"{split}_{n}": 0 for split in SPLITS for n in ("docs", "tokens")}
+    sinks = {split: open(out / f"{split}.bin", "wb", buffering=1 << 22) for split in SPLITS}
+    try:
+        for doc in read_documents(files, cfg.text_field):
+            data = doc.text.encode("utf-8", "replace")
+            _update(h, doc.doc_id, data)
+            split = "heldout" if is_heldout(doc.doc_id, cfg.heldout_percent) else "train"
+            ids = tokenizer.encode(doc.text)
+            sinks[split].write(ids.astype(dtype).tobytes() + eos)
+            meta[f"{split}_docs"] += 1
+            meta[f"{split}_tokens"] += len(ids) + 1
+            meta["heldout_bytes"] += len(data) if split == "heldout" else 0
+    finally:
+        for sink in sinks.values():
+            sink.close()
+    return meta | {"key": h.hexdigest()}
+
+
+def _write_cache(files: list[SourceFile], cfg: DataConfig, tokenizer: Tokenizer, final: Path
+                 ) -> None:
+    """Build in a private temporary folder, then rename it into place in one atomic step.
+
+    A killed build leaves only a `.tmp-*` folder; of two concurrent builds the first rename
+    wins and the other discards its (identical) copy.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name[:16]}-", dir=final.parent))
+    try:
+        meta = _tokenize(files, cfg, tokenizer, tmp)
+        if meta["key"] != final.name:
+            raise ConfigError(f"data.source: {cfg.source!r} changed while it was being "
+                              "tokenized; run again")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _load(path: Path, tokenizer: Tokenizer) -> TokenCache:
+    meta = json.loads((path / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+
+    def tokens(split: str) -> np.ndarray:
+        n = meta[f"{split}_tokens"]  # np.memmap refuses empty files
+        return np.memmap(path / f"{split}.bin", dtype, mode="r", shape=(n,)) if n else \
+            np.zeros(0, dtype)
+
+    n_heldout = meta["heldout_tokens"]
+    return TokenCache(train=tokens("train"), heldout=tokens("heldout"), tokenizer=tokenizer,
+                      heldout_bytes_per_token=meta["heldout_bytes"] / n_heldout if n_heldout
+                      else float("nan"), path=path)
+
+
+def build_token_cache(cfg: DataConfig) -> TokenCache:
+    """Tokenize data.source once into data.cache_dir/<content key>/, or load it from there.
+
+    The key is a sha256 over the tokenizer's name, heldout_percent and every document's id and
+    text. A pointer from a cheap pre-key (paths, sizes, mtimes) skips re-reading unchanged files.
+    """
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    root = Path(cfg.cache_dir).expanduser()
+    (root / "prekeys").mkdir(parents=True, exist_ok=True)
+    files = source_files(cfg)
+    pointer = root / "prekeys" / _pre_key(files, cfg, tokenizer)
+    key = pointer.read_text() if pointer.is_file() else ""
+    if not key or not (root / key / "meta.json").is_file():
+        key = _content_key(files, cfg, tokenizer)
+        if not (root / key / "meta.json").is_file():
+            _write_cache(files, cfg, tokenizer, root / key)
+        _write_text_atomic(pointer, key)
+    return _load(root / key, tokenizer)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def _process_rows(global_batch: int, process_index: int, process_count: int) -> slice:
+    """This process's rows of every global batch."""
+    if global_batch % process_count:
+        raise ConfigError(f"train.batch_size={global_batch} must be divisible by the number of "
+                          f"processes ({process_count})")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    per = global_batch // process_count
+    return slice(process_index * per, (process_index + 1) * per)
+
+
+def _n_windows(tokens: np.ndarray, seq_len: int) -> int:
+    """Windows of seq_len+1 tokens at offsets i*seq_len (neighbours share one token)."""
+    return max(0, (len(tokens) - 1) // seq_len)
+
+
+def _windows(tokens: np.ndarray, windows: np.ndarray, seq_len: int) -> np.ndarray:
+    """int32 [len(windows), seq_len+1]; reads only these windows from the memmap."""
+    return tokens[windows[:, None] * seq_len + np.arange(seq_len + 1)].astype(np.int32)
+
+
+def train_dataset(cache: TokenCache, *, seq_len: int, global_batch: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """Element k: {"tokens": int32 [global_batch // process_count, seq_len+1]} for step k.
+
+    Window indices are shuffled per epoch (seeded), batched to the global batch across epoch
+    boundaries, and then each process keeps its own contiguous rows.
+    """
+    rows = _process_rows(global_batch, process_index, process_count)
+    n = _n_windows(cache.train, seq_len)
+    if n < global_batch:
+        raise ConfigError(f"data: the train split has {n} windows of train.seq_len+1={seq_len + 1} "
+                          f"tokens, fewer than train.batch_size={global_batch}; use more data or "
+                          "a smaller batch or sequence")
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"train.seed={seed}: the data shuffle needs a seed in [0, 2**32)")
+
+    def read(windows: np.ndarray) -> dict[str, np.ndarray]:
+        return {"tokens": _windows(cache.train, windows[rows], seq_len)}
+
+    return (grain.MapDataset.range(n).shuffle(seed=seed).repeat().batch(global_batch)
+            .map(read))
+
+
+def train_iterator(cache: TokenCache, *, seq_len: int, global_batch: int, seed: int,
+                   process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+    """A checkpointable iterator over `train_dataset` (state: {"next_index": step})."""
+    dataset = train_dataset(cache, seq_len=seq_len, global_batch=global_batch, seed=seed,
+                            process_index=process_index, process_count=process_count)
+    return iter(dataset.to_iter_dataset(_READ_OPTIONS))
+
+
+def eval_batches(cache: TokenCache, *, seq_len: int, global_batch: int, n_batches: int,
+                 process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
+    """A fixed set of held-out windows, evenly spread through the held-out tokens.
+
+    Batch j holds every n_batches-th of the chosen windows, so each batch spans the whole split.
+    n_batches is capped at the held-out windows // global_batch, but at least 1 while there is
+    any held-out window (windows then repeat to fill the batch); no held-out tokens -> [].
+    """
+    rows = _process_rows(global_batch, process_index, process_count)
+    available = _n_windows(cache.heldout, seq_len)
+    n_batches = min(n_batches, max(1, available // global_batch)) if available else 0
+    total = n_batches * global_batch
+    windows = (np.arange(total) * available // max(total, 1)).reshape(global_batch, n_batches).T
+    return [_windows(cache.heldout, w[rows], seq_len) for w in windows]
