@@ -38,7 +38,7 @@ class SourceFile:
 
 def _files_under(root: Path, suffixes: tuple[str, ...], skip_dirs: frozenset[str] = frozenset()
                  ) -> list[Path]:
-    """Files below `root` with one of `suffixes`, sorted by path (os.walk: 100x faster than rglob)."""
+    """Files below `root` with one of `suffixes`, sorted (os.walk: 100x faster than rglob)."""
     found = []
     for folder, dirs, names in os.walk(root):
         dirs[:] = [d for d in dirs if d not in skip_dirs]
@@ -50,7 +50,8 @@ def _builtin_files() -> list[SourceFile]:
     """Every .py of the running interpreter's standard library (always there, even offline)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = frozenset({"site-packages", "dist-packages", "__pycache__"})
-    return [SourceFile(p, p.relative_to(root).as_posix()) for p in _files_under(root, (".py",), skip)]
+    paths = _files_under(root, (".py",), skip)
+    return [SourceFile(p, p.relative_to(root).as_posix()) for p in paths]
 
 
 def _fixed_dir(pattern: str) -> Path:

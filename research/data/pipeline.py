@@ -68,7 +68,8 @@ def _pre_key(files: list[SourceFile], cfg: DataConfig, tokenizer: Tokenizer) -> 
     h.update(cfg.text_field.encode())
     for f in files:
         st = f.path.stat()
-        h.update(json.dumps([str(f.path.resolve()), f.doc_id, st.st_size, st.st_mtime_ns]).encode())
+        stamp = [str(f.path.absolute()), f.doc_id, st.st_size, st.st_mtime_ns]
+        h.update(json.dumps(stamp).encode())
     return h.hexdigest()
 
 
