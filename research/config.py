@@ -127,7 +127,7 @@ class TrainConfig(_Section):
     """Length, batch and evaluation cadence of a run."""
 
     steps: int = Field(200, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     batch_size: int = Field(16, gt=0, description="global batch, in sequences")
     seq_len: int = Field(256, gt=0)
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")

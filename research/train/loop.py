@@ -67,8 +67,9 @@ class Setup:
         return jax.make_array_from_process_local_data(batch_sharding(self.mesh), local_rows)
 
 
-def prepare(cfg: ExperimentConfig) -> Setup:
-    mesh = make_mesh(cfg.mesh)
+def prepare(cfg: ExperimentConfig, devices: list[jax.Device] | None = None) -> Setup:
+    """Build the run's pieces on all devices, or on `devices` (e.g. one device as a reference)."""
+    mesh = make_mesh(cfg.mesh, devices)
     check_divisibility(cfg, mesh)
     rules = axis_rules(cfg.mesh)
     cache = build_token_cache(cfg.data)
@@ -121,14 +122,15 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
     return config_lib.validate(config_lib.read_yaml(path))
 
 
-def train(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+def train(cfg: ExperimentConfig, run_dir: Path,
+          devices: list[jax.Device] | None = None) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`; returns the final summary."""
     run_dir = Path(run_dir)
     is_lead = jax.process_index() == 0
     config_path = run_dir / "config.yaml"
     if config_path.exists():
         _check_resumable(load_run_config(run_dir), cfg, config_path)
-    setup = prepare(cfg)  # fails on bad shapes before anything is written
+    setup = prepare(cfg, devices)  # fails on bad shapes before anything is written
     if is_lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path.write_text(cfg.to_yaml())
@@ -178,6 +180,12 @@ def train(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
             out_shardings=(setup.spec.shardings, None),
             donate_argnums=0,
         )
+        # Compile ahead of the loop, so step times (and MFU) never include compilation.
+        compile_start = time.perf_counter()
+        batch_shape = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
+                                           sharding=batch_sharding(setup.mesh))
+        step_fn = step_fn.lower(setup.spec.abstract, batch_shape).compile()
+        summary["compile_seconds"] = time.perf_counter() - compile_start
         eval_fn = jax.jit(functools.partial(eval_step, model=setup.model),
                           in_shardings=(setup.spec.shardings["params"], batch_sharding(setup.mesh)))
 

@@ -43,6 +43,14 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example: jax.Ar
     return init
 
 
+def _strip_names(tree: Any) -> Any:
+    """Drop the logical-name boxes of shape-only leaves (nn.meta.unbox would apply constraints)."""
+    return jax.tree.map(
+        lambda leaf: leaf.unbox(apply_constraint=False) if isinstance(leaf, nn.meta.AxisMetadata) else leaf,
+        tree, is_leaf=lambda leaf: isinstance(leaf, nn.meta.AxisMetadata),
+    )
+
+
 def param_specs(model: nn.Module, example: jax.Array) -> Any:
     """Logical PartitionSpecs of the params, from shapes alone (no compute)."""
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), example)["params"])
@@ -55,7 +63,7 @@ def state_spec(model: nn.Module, tx: optax.GradientTransformation, example: jax.
     shardings = logical_shardings(boxed, mesh, rules)
     abstract = jax.tree.map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        nn.meta.unbox(boxed), shardings,
+        _strip_names(boxed), shardings,
     )
     return StateSpec(abstract, shardings, nn.get_partition_spec(boxed["params"]))
 

@@ -1,0 +1,81 @@
+"""Config errors fail before any compute: one line naming the field, exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from research import config
+from research.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["model.n_layerz=3"], "model.n_layerz: unknown field; did you mean model.n_layers?"),
+    (["trian.steps=3"], "trian: unknown field; did you mean train?"),
+    (["train.steps=ten"], "train.steps: Input should be a valid integer"),
+    (["train.steps=0"], "train.steps: Input should be greater than 0"),
+    (["model.n_heads=3"], "model.n_heads=3 must divide model.d_model=256"),
+    (["model.n_kv_heads=3"], "model.n_kv_heads=3 must divide model.n_heads=4"),
+    (["model.compute_dtype=float16"], "model.compute_dtype: Input should be 'float32' or 'bfloat16'"),
+    (["mesh.data=-1", "mesh.tensor=-1"], "at most one of mesh.data/fsdp/expert/tensor may be -1"),
+    (["train.grad_accum=3"], "train.grad_accum=3 must divide train.batch_size=16"),
+    (["mesh.rules=[[act_batch, [dat]]]"], "maps to unknown mesh axis 'dat'"),
+    (["steps"], "override 'steps': expected key=value"),
+])
+def test_bad_values_name_the_field(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, overrides)
+    message = str(err.value)
+    assert expected in message and "\n" not in message
+
+
+def test_overrides_are_typed_and_yaml_round_trips(tmp_path):
+    cfg = config.load(ROOT / "experiments/dense_tiny.yaml",
+                      ["optim.lr=3e-3", "model.sliding_window=null", "logging.tensorboard=false"])
+    assert cfg.optim.lr == 0.003 and cfg.model.sliding_window is None
+    assert cfg.logging.tensorboard is False and cfg.name == "dense_tiny"
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert config.load(path) == cfg.model_copy(update={"name": cfg.name})
+
+
+def test_mesh_auto_fill_and_mismatch():
+    mesh = config.MeshConfig(data=-1, tensor=2)
+    assert mesh.shape(8) == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 2}
+    with pytest.raises(ConfigError, match="the 3 available devices"):
+        mesh.shape(3)
+    with pytest.raises(ConfigError, match="= 4 but 8 devices"):
+        config.MeshConfig(data=4).shape(8)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "research", *args], capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "experiments/dense_tiny.yaml", "model.n_layer=8"], "did you mean model.n_layers?"),
+    (["train", "experiments/missing.yaml"], "experiments/missing.yaml: no such config file"),
+    (["train", "experiments/dense_tiny.yaml", "mesh.data=3"], "mesh"),
+    (["train", "experiments/dense_tiny.yaml", "train.batch_size=4", "mesh.data=8"],
+     "train.batch_size=4 / train.grad_accum=1 = 4 sequences per micro-batch must be divisible"),
+])
+def test_cli_exits_2_with_one_line_before_compute(args, expected, tmp_path):
+    result = run_cli(*args, "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert expected in lines[0]
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_bad_yaml_file_names_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_model: [1\n")
+    result = run_cli("train", str(bad))
+    assert result.returncode == 2 and str(bad) in result.stderr and "line" in result.stderr

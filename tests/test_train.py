@@ -1,0 +1,128 @@
+"""End-to-end training: sharding invariance, exact resume after SIGKILL, run directory, eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from research.train.checkpoint import Checkpointer
+from research.train.loop import load_run_config, prepare, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row[key] for row in rows if key in row}
+
+
+def final_params(run_dir: Path):
+    cfg = load_run_config(run_dir)
+    setup = prepare(cfg)
+    checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
+    with setup.context():
+        state, _ = checkpoints.restore(None, setup.spec.abstract)
+    return jax.device_get(state)
+
+
+@pytest.mark.parametrize("layout", [
+    ("mesh.data=8",),
+    ("mesh.data=1", "mesh.fsdp=8"),
+    ("mesh.data=2", "mesh.tensor=4"),
+])
+def test_same_losses_on_one_and_eight_devices(tiny, tmp_path, layout):
+    """Sharding changes where numbers live, not what they are (float32, 1e-5 relative)."""
+    steps = ("train.steps=4", "checkpoint.every=100")
+    reference = train(tiny(*steps, "mesh.data=1"), tmp_path / "one", devices=jax.devices()[:1])
+    sharded = train(tiny(*steps, *layout), tmp_path / "eight")
+    assert reference["step"] == sharded["step"] == 4
+    one, eight = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    assert one.keys() == eight.keys() == {1, 2, 3, 4}
+    np.testing.assert_allclose([eight[s] for s in one], list(one.values()), rtol=1e-5)
+    np.testing.assert_allclose(losses(tmp_path / "eight", "eval_loss")[4],
+                               losses(tmp_path / "one", "eval_loss")[4], rtol=1e-5)
+
+
+def test_grad_accumulation_matches_full_batch(tiny, tmp_path):
+    full = train(tiny("train.steps=3"), tmp_path / "full")
+    accum = train(tiny("train.steps=3", "train.grad_accum=4"), tmp_path / "accum")
+    np.testing.assert_allclose(list(losses(tmp_path / "accum").values()),
+                               list(losses(tmp_path / "full").values()), rtol=1e-5)
+    assert full["final"]["grad_norm"] == pytest.approx(accum["final"]["grad_norm"], rel=1e-4)
+
+
+def test_run_directory_layout_and_eval_command(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = train(tiny(), run_dir)
+    assert (run_dir / "config.yaml").is_file()
+    assert load_run_config(run_dir) == tiny()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("lr", "grad_norm", "param_norm", "step_time", "tokens_per_sec", "mfu", "tokens"):
+        assert all(np.isfinite(r[key]) for r in train_rows), key
+    assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6]
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["state"] == "done" and saved["params_total"] == summary["params_total"] > 0
+
+    result = subprocess.run([sys.executable, "-m", "research", "eval", str(run_dir), "--step", "3"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "step 3" in result.stdout and "bits/byte" in result.stdout
+    eval_at_3 = losses(run_dir, "eval_loss")[3]
+    assert f"{eval_at_3:.4f}" in result.stdout
+
+
+def _start(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "research", "train", "--run-dir", str(run_dir), *overrides],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path, tiny_overrides):
+    """Killed at an arbitrary point after a checkpoint, the restarted run ends exactly as an
+    uninterrupted one: same parameters, same logged losses, no duplicated log lines."""
+    overrides = ["experiments/dense_tiny.yaml", *tiny_overrides, "train.steps=40", "checkpoint.every=8", "train.eval_every=10"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert _start(straight, overrides).wait() == 0
+
+    proc = _start(killed, overrides)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "16").exists() and proc.poll() is None:
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    restarted = _start(killed, overrides)
+    out, err = restarted.communicate()
+    assert restarted.returncode == 0, err
+
+    assert losses(killed) == losses(straight)
+    assert losses(killed, "eval_loss") == losses(straight, "eval_loss")
+    lines = (killed / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines))
+    a, b = final_params(straight), final_params(killed)
+    assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
+
+
+def test_resume_refuses_a_changed_config(tiny, tmp_path):
+    from research.config import ConfigError
+
+    train(tiny("train.steps=2"), tmp_path / "run")
+    with pytest.raises(ConfigError, match="model.n_layers"):
+        train(tiny("train.steps=4", "model.n_layers=3"), tmp_path / "run")
+    extended = train(tiny("train.steps=4"), tmp_path / "run")  # more steps is allowed
+    assert extended["step"] == 4
