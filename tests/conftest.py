@@ -15,7 +15,7 @@ def token_cache_dir(tmp_path_factory) -> str:
 
 
 TINY = [
-    "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=8", "model.n_kv_heads=4",
     "train.batch_size=8", "train.seq_len=32", "train.steps=6", "train.log_every=1",
     "train.eval_every=3", "train.eval_batches=2", "checkpoint.every=3", "optim.warmup_steps=2",
     "logging.progress=false", "logging.peak_flops=1e12",

@@ -53,8 +53,9 @@ def test_same_losses_on_one_and_eight_devices(tiny, tmp_path, layout):
 
 
 def test_grad_accumulation_matches_full_batch(tiny, tmp_path):
-    full = train(tiny("train.steps=3"), tmp_path / "full")
-    accum = train(tiny("train.steps=3", "train.grad_accum=4"), tmp_path / "accum")
+    full = train(tiny("train.steps=3", "mesh.data=2", "mesh.tensor=4"), tmp_path / "full")
+    accum = train(tiny("train.steps=3", "mesh.data=2", "mesh.tensor=4", "train.grad_accum=4"),
+                  tmp_path / "accum")
     np.testing.assert_allclose(list(losses(tmp_path / "accum").values()),
                                list(losses(tmp_path / "full").values()), rtol=1e-5)
     assert full["final"]["grad_norm"] == pytest.approx(accum["final"]["grad_norm"], rel=1e-4)

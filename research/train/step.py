@@ -68,8 +68,8 @@ def train_step(state: TrainState, tokens: jax.Array, *, model: nn.Module,
     params = optax.apply_updates(state["params"], updates)
     metrics = {
         **metrics,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
         "lr": schedule(state["step"]),
     }
     new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
