@@ -1,0 +1,47 @@
+"""The `research sweep` subcommand (the top-level parser in research/cli.py adds it)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from research.config import ConfigError
+
+
+def add_sweep_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add `research sweep SWEEP.yaml [--sweep-dir DIR] [--worker] [--storage URL] [key=value ...]`
+    and `research sweep status DIR`."""
+    parser = subparsers.add_parser(
+        "sweep", help="run a hyper-parameter sweep (or join one as a worker), or show its status",
+        description="Run the trials of a sweep file, each a `research train` process in its own run "
+                    "directory; `research sweep status DIR` prints a sweep's table. See docs/sweeps.md.")
+    parser.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file (or the word `status`)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="overrides for every trial, e.g. train.steps=50 (after `status`: DIR)")
+    parser.add_argument("--sweep-dir", help="where trials run (default: sweeps_out/<sweep name>)")
+    parser.add_argument("--worker", action="store_true",
+                        help="join the sweep's shared store and leave when nothing is left to start")
+    parser.add_argument("--storage", help="database URL of the shared store, e.g. postgresql://... "
+                        "(default: the sweep file's storage, else SQLite in the sweep dir)")
+    parser.set_defaults(func=sweep_command)
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    """Returns the exit code; a ConfigError is left to the caller (one line, exit 2)."""
+    from research.sweep import spec
+    from research.sweep.runner import Runner, default_storage, default_sweep_dir
+    from research.sweep.status import print_status
+
+    if args.sweep == "status":
+        if len(args.overrides) != 1:
+            raise ConfigError("usage: research sweep status SWEEP_DIR")
+        print_status(Path(args.overrides[0]), args.storage)
+        return 0
+    sweep = spec.load(args.sweep, args.overrides)
+    sweep_dir = Path(args.sweep_dir) if args.sweep_dir else default_sweep_dir(sweep.spec.name)
+    storage = args.storage or sweep.spec.storage or default_storage(sweep_dir)
+    runner = Runner(sweep, sweep_dir, storage, worker=args.worker)
+    code = runner.run()
+    if not args.worker:
+        print_status(sweep_dir, storage)
+    return code

@@ -1,0 +1,146 @@
+"""A trial's run directory as the sweep sees it: what `research train` wrote, and what we add.
+
+`research train` writes config.yaml, metrics.jsonl, summary.json, tb/ and checkpoints/. The sweep
+adds trial.log (the trial's stdout+stderr, all attempts), trial.json (swept values, state,
+objective, error; read by the analysis tools) and an HParams session in tb/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from research.sweep.spec import Objective
+
+LOG = "trial.log"
+RECORD = "trial.json"
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomic replace: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def parse_metrics(text: str) -> list[dict[str, Any]]:
+    """Complete JSON lines; a line cut short by a kill is skipped."""
+    entries = []
+    for line in text.splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    try:
+        return parse_metrics((run_dir / "metrics.jsonl").read_text())
+    except OSError:
+        return []
+
+
+class MetricsTail:
+    """New complete lines of a growing metrics.jsonl (which a resumed run rewrites)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.inode = path, 0, None
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            stat = self.path.stat()
+            if stat.st_ino != self.inode or stat.st_size < self.offset:
+                self.inode, self.offset = stat.st_ino, 0
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return []
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return parse_metrics(complete.decode(errors="replace"))
+
+
+def objective_value(entries: list[dict[str, Any]], objective: Objective) -> float | None:
+    """The trial's objective: the metric's last value, or its best over all evals."""
+    values = [float(e[objective.metric]) for e in entries
+              if isinstance(e.get(objective.metric), (int, float))]
+    if not values:
+        return None
+    if objective.reduce == "final":
+        return values[-1]
+    return min(values) if objective.direction == "minimize" else max(values)
+
+
+def progress(run_dir: Path) -> tuple[int | None, int | None]:
+    """(step reached, steps planned) from metrics.jsonl and summary.json, whichever is further."""
+    summary = read_json(run_dir / "summary.json") or {}
+    steps = [e["step"] for e in read_metrics(run_dir) if isinstance(e.get("step"), int)]
+    reached = max([*steps, summary.get("step") or 0]) if (steps or summary) else None
+    return reached, summary.get("steps")
+
+
+def summary_error(run_dir: Path, since: float) -> str | None:
+    """The error `research train` put in summary.json, if it failed after time `since`.
+
+    Preferred to the log's last line, which output at interpreter exit can follow.
+    """
+    path = run_dir / "summary.json"
+    try:
+        if path.stat().st_mtime < since:
+            return None  # left by an earlier attempt
+    except OSError:
+        return None
+    summary = read_json(path) or {}
+    return summary.get("error") if summary.get("state") == "failed" else None
+
+
+def last_line(path: Path, start: int = 0) -> str | None:
+    """The last non-empty line written to a log after byte `start` (progress bars use \\r)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+def write_hparams(run_dir: Path, hparams: dict[str, Any], objective_tag: str,
+                  objective: float | None, step: int | None) -> None:
+    """One TensorBoard HParams session in the trial's tb/, next to its training scalars.
+
+    The metrics listed are the training tags already in tb/ plus the sweep objective, written
+    here as its own scalar so the dashboard can sort trials by it.
+    """
+    from tensorboardX import SummaryWriter
+    from tensorboardX.summary import hparams as hparams_summary
+
+    metric_tags = [objective_tag, "eval/loss", "eval/bpb", "train/loss"]
+    experiment, start, end = hparams_summary(hparams, dict.fromkeys(metric_tags, 0.0))
+    with SummaryWriter(str(run_dir / "tb")) as writer:
+        for summary in (experiment, start, end):
+            writer.file_writer.add_summary(summary)
+        if objective is not None:
+            writer.add_scalar(objective_tag, objective, step or 0)
+
+
+def write_record(run_dir: Path, trial: dict[str, Any], state: str, objective: float | None,
+                 error: str | None) -> None:
+    """trial.json: the trial's swept values and outcome, for the analysis tools."""
+    write_json(run_dir / RECORD, {
+        "trial": trial["number"], "name": trial["name"], "params": trial["params"],
+        "derived": trial["derived"], "overrides": trial["overrides"], "state": state,
+        "objective": objective, "error": error,
+    })

@@ -1,0 +1,396 @@
+"""The sweep file: schema, search space, derived fields, and the trials it describes.
+
+A sweep file names a base experiment, fixed overrides, a search space (grid values, random
+distributions, or optuna TPE), derived fields computed from the swept ones, an objective, a trial
+budget and how many trials run at once. Grid and random sweeps fix their whole trial list here,
+from the file alone (random: a seeded RNG), so every worker on every machine sees the same list.
+Everything is checked before any trial runs, including each trial's resolved experiment config.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import itertools
+import json
+import math
+import operator
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import model_validator
+
+from research import config as config_lib
+from research.config import ConfigError
+
+Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr, None]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- schema
+
+_DIMENSION_FORMS = ("a list of values, or one of {uniform: [low, high]}, {log_uniform: [low, high]}, "
+                    "{int: [low, high]}, {choice: [a, b, ...]}")
+
+
+class Dimension(_Strict):
+    """One swept field: a list of values (grid points / random choice) or a distribution."""
+
+    kind: Literal["values", "uniform", "log_uniform", "int"]
+    values: tuple[Scalar, ...] = ()
+    low: float | None = None
+    high: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, raw: Any) -> Any:
+        if isinstance(raw, list):
+            return {"kind": "values", "values": raw}
+        if isinstance(raw, dict) and len(raw) == 1:
+            (kind, arg), = raw.items()
+            if kind == "choice":
+                if not isinstance(arg, list):
+                    raise ValueError(f"choice takes a list of values, got {arg!r}")
+                return {"kind": "values", "values": arg}
+            if kind in ("uniform", "log_uniform", "int"):
+                if not (isinstance(arg, list) and len(arg) == 2):
+                    raise ValueError(f"{kind} takes [low, high], got {arg!r}")
+                return {"kind": kind, "low": arg[0], "high": arg[1]}
+        if isinstance(raw, dict) and "kind" in raw:
+            return raw  # already in long form (e.g. re-validating a dumped spec)
+        raise ValueError(f"expected {_DIMENSION_FORMS}; got {raw!r}")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Dimension:
+        if self.kind == "values":
+            if not self.values:
+                raise ValueError("empty list: give at least one value")
+            return self
+        assert self.low is not None and self.high is not None
+        if not self.low < self.high:
+            raise ValueError(f"{self.kind}: low {self.low:g} must be below high {self.high:g}")
+        if self.kind == "log_uniform" and self.low <= 0:
+            raise ValueError(f"log_uniform: low must be positive, got {self.low:g}")
+        if self.kind == "int" and not (self.low.is_integer() and self.high.is_integer()):
+            raise ValueError(f"int: low and high must be integers, got [{self.low:g}, {self.high:g}]")
+        return self
+
+    def sample(self, rng: random.Random) -> Any:
+        """One random draw (random search, and the up-front check of a TPE space)."""
+        if self.kind == "values":
+            return rng.choice(self.values)
+        assert self.low is not None and self.high is not None
+        if self.kind == "int":
+            return rng.randint(int(self.low), int(self.high))
+        if self.kind == "log_uniform":
+            return math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        return rng.uniform(self.low, self.high)
+
+
+class Search(_Strict):
+    """What is swept and how points are chosen."""
+
+    method: Literal["grid", "random", "tpe"] = "grid"
+    params: dict[str, Dimension] = Field(min_length=1, description="dotted config field -> values")
+    startup_trials: int = Field(5, ge=1, description="tpe: random trials before the model kicks in")
+
+
+class Objective(_Strict):
+    """The number a trial is judged by, read from its metrics.jsonl."""
+
+    metric: str = Field("eval_loss", min_length=1, description="a key of metrics.jsonl entries")
+    direction: Literal["minimize", "maximize"] = "minimize"
+    reduce: Literal["final", "best"] = Field("final", description="last value, or best over evals")
+
+
+class MedianPruner(_Strict):
+    """Stop a trial whose metric is worse than the median of earlier trials at the same step."""
+
+    type: Literal["median"]
+    startup_trials: int = Field(2, ge=0, description="finished trials before anything is pruned")
+    warmup_steps: int = Field(0, ge=0, description="no pruning before this training step")
+
+
+class HalvingPruner(_Strict):
+    """Successive halving: keep the best 1/reduction_factor of trials at each rung."""
+
+    type: Literal["successive_halving"]
+    min_steps: int = Field(1, gt=0, description="training steps before the first rung")
+    reduction_factor: int = Field(3, ge=2)
+
+
+class SweepSpec(_Strict):
+    """One sweep file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base: str = Field(description="experiment YAML, relative to the sweep file or the cwd")
+    overrides: dict[str, Scalar] = Field({}, description="fixed for every trial: dotted key -> value")
+    search: Search
+    derived: dict[str, str] = Field({}, description="dotted key -> expression over swept names")
+    objective: Objective = Objective()
+    trials: int | None = Field(None, gt=0, description="budget; grid: all points when unset")
+    parallel: int = Field(1, gt=0, description="trials run at once by one worker")
+    seed: int = 0
+    storage: str | None = Field(None, description="database URL; default: SQLite in the sweep dir")
+    pruner: MedianPruner | HalvingPruner | None = Field(None, discriminator="type")
+    lease_s: float = Field(60.0, ge=5, description="a claim with no heartbeat for this long is "
+                           "taken over by another worker")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepSpec:
+        params = self.search.params
+        if self.search.method == "grid":
+            for key, dim in params.items():
+                if dim.kind != "values":
+                    raise ValueError(f"search.params.{key}: grid search needs a list of values, "
+                                     f"not a {dim.kind} distribution (use method: random or tpe)")
+        elif self.trials is None:
+            raise ValueError(f"trials: a {self.search.method} search needs a trial budget")
+        short: dict[str, str] = {}
+        for key in [*params, *self.derived]:
+            name = short_name(key)
+            if name in short:
+                raise ValueError(f"{key} and {short[name]} share the short name {name!r} used in "
+                                 "trial names and derived expressions")
+            short[name] = key
+        for key in self.derived:
+            if key in params:
+                raise ValueError(f"derived.{key}: already swept in search.params")
+        for key in self.overrides:
+            if key in params or key in self.derived:
+                raise ValueError(f"overrides.{key}: also swept or derived; set it in one place")
+        known = {short_name(k) for k in params}
+        for key, expr in self.derived.items():
+            check_expression(expr, known, f"derived.{key}")
+            known.add(short_name(key))
+        return self
+
+
+# ----------------------------------------------------------------------------- derived fields
+
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+           ast.Pow: operator.pow}
+_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+_FUNCTIONS = {"min": min, "max": max, "round": round, "int": int, "float": float, "abs": abs}
+_ALLOWED = ("numbers, swept names, + - * / // % **, parentheses and "
+            + "/".join(_FUNCTIONS) + "(...)")
+
+
+def _parse(expr: str, where: str) -> ast.expr:
+    try:
+        return ast.parse(expr.strip(), mode="eval").body
+    except SyntaxError as exc:
+        raise ValueError(f"{where}: cannot parse {expr!r} ({exc.msg})") from None
+
+
+def _evaluate(node: ast.expr, names: dict[str, Any], where: str) -> Any:
+    """Walk a whitelisted arithmetic AST; anything else (attributes, subscripts, ...) is refused."""
+    ev = lambda n: _evaluate(n, names, where)  # noqa: E731
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id not in names:
+            raise ValueError(f"{where}: unknown name {node.id!r} (known: {', '.join(sorted(names))})")
+        return names[node.id]
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = ev(node.left), ev(node.right)
+        if isinstance(node.op, ast.Pow) and isinstance(right, (int, float)) and abs(right) > 64:
+            raise ValueError(f"{where}: exponent {right} too large")
+        return _BINARY[type(node.op)](left, right)
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _UNARY[type(node.op)](ev(node.operand))
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id in _FUNCTIONS and not node.keywords):
+        return _FUNCTIONS[node.func.id](*(ev(arg) for arg in node.args))
+    raise ValueError(f"{where}: {ast.unparse(node)!r} is not allowed; use {_ALLOWED}")
+
+
+def check_expression(expr: str, known: set[str], where: str) -> None:
+    """Refuse a derived expression that uses unknown names or anything beyond arithmetic."""
+    try:
+        _evaluate(_parse(expr, where), {name: 1 for name in known}, where)
+    except (ArithmeticError, TypeError):
+        pass  # a value problem, not a shape problem: each trial's own values are checked later
+
+
+def evaluate(expr: str, names: dict[str, Any], where: str) -> Any:
+    """The value of a derived expression for one trial's swept values."""
+    try:
+        return _evaluate(_parse(expr, where), names, where)
+    except (ArithmeticError, TypeError) as exc:
+        raise ConfigError(f"{where}: {expr!r} fails for "
+                          f"{', '.join(f'{k}={v}' for k, v in names.items())} ({exc})") from None
+
+
+# ----------------------------------------------------------------------------- trials
+
+
+def short_name(key: str) -> str:
+    """`model.n_layers` -> `n_layers`: the name used in trial names and expressions."""
+    return key.rsplit(".", 1)[-1]
+
+
+def render(key: str, value: Any) -> str:
+    """`key=value` that `research.config.parse_value` reads back as exactly `value`."""
+    if isinstance(value, float):
+        text = repr(value)
+        mantissa, e, exponent = text.partition("e")
+        if e and "." not in mantissa:
+            text = f"{mantissa}.0e{exponent}"  # YAML 1.1 reads 1e-05 as a string, 1.0e-05 as a float
+    elif isinstance(value, str) and config_lib.parse_value(value) == value:
+        text = value
+    else:
+        text = json.dumps(value)
+    return f"{key}={text}"
+
+
+def _short_value(value: Any) -> str:
+    text = f"{value:.3g}" if isinstance(value, float) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]", "_", text)
+
+
+def trial_name(number: int, params: dict[str, Any]) -> str:
+    """A readable, unique run-directory name, e.g. `t003-n_layers=8-lr=0.001`."""
+    parts = [f"t{number:03d}", *(f"{short_name(k)}={_short_value(v)}" for k, v in params.items())]
+    return "-".join(parts)[:120]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One point of the sweep, with everything needed to launch it."""
+
+    number: int
+    name: str
+    params: dict[str, Any]
+    derived: dict[str, Any]
+    overrides: tuple[str, ...]
+
+    def record(self) -> dict[str, Any]:
+        return {"number": self.number, "name": self.name, "params": self.params,
+                "derived": self.derived, "overrides": list(self.overrides)}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated sweep file plus where it lives and the overrides given on the command line."""
+
+    spec: SweepSpec
+    path: Path
+    base: Path
+    cli_overrides: tuple[str, ...] = ()
+
+    @property
+    def fixed_overrides(self) -> list[str]:
+        return [*(render(k, v) for k, v in self.spec.overrides.items()), *self.cli_overrides]
+
+    def make_trial(self, number: int, params: dict[str, Any]) -> Trial:
+        names = {short_name(k): v for k, v in params.items()}
+        derived = {}
+        for key, expr in self.spec.derived.items():
+            derived[key] = evaluate(expr, names, f"{self.path}: derived.{key}")
+            names[short_name(key)] = derived[key]
+        swept = [render(k, v) for k, v in {**params, **derived}.items()]
+        return Trial(number, trial_name(number, params), dict(params), derived,
+                     (*self.fixed_overrides, *swept))
+
+    def planned_trials(self) -> list[Trial]:
+        """The fixed trial list of a grid or random sweep (TPE trials are asked one at a time)."""
+        params = self.spec.search.params
+        if self.spec.search.method == "grid":
+            points = [dict(zip(params, values))
+                      for values in itertools.product(*(d.values for d in params.values()))]
+            points = points[: self.spec.trials]
+        elif self.spec.search.method == "random":
+            rng = random.Random(self.spec.seed)
+            points = [{k: d.sample(rng) for k, d in params.items()} for _ in range(self.spec.trials)]
+        else:
+            return []
+        return [self.make_trial(n, p) for n, p in enumerate(points)]
+
+    @property
+    def budget(self) -> int:
+        return self.spec.trials if self.spec.search.method == "tpe" else len(self.planned_trials())
+
+    def check(self, tpe_samples: int = 16) -> None:
+        """Resolve every planned trial's experiment config (TPE: a seeded sample) before any runs."""
+        try:
+            config_lib.load(self.base, self.fixed_overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.path}: overrides: {exc}") from None
+        trials = self.planned_trials()
+        if self.spec.search.method == "tpe":
+            rng = random.Random(self.spec.seed)
+            trials = [self.make_trial(n, {k: d.sample(rng) for k, d in self.spec.search.params.items()})
+                      for n in range(tpe_samples)]
+        for trial in trials:
+            try:
+                config_lib.load(self.base, trial.overrides)
+            except ConfigError as exc:
+                raise ConfigError(f"{self.path}: trial {trial.name}: {exc}") from None
+
+    def fingerprint(self) -> str:
+        """What makes two workers run the same sweep (not: storage, parallel, lease, paths)."""
+        spec = self.spec.model_dump(mode="json", exclude={"storage", "parallel", "lease_s", "base"})
+        base = config_lib.load(self.base).to_dict()
+        blob = json.dumps([spec, base, self.fixed_overrides], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: `1e-4` is a number (PyYAML's YAML 1.1 reads it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _resolve_base(base: str, sweep_file: Path) -> Path:
+    for candidate in (sweep_file.parent / base, Path(base)):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"{sweep_file}: base: experiment {base!r} not found next to the sweep file "
+                      "or in the current directory")
+
+
+def load(path: str | Path, cli_overrides: list[str] | tuple[str, ...] = (),
+         check: bool = True) -> Sweep:
+    """Read, validate and (by default) check a sweep file; any problem is one ConfigError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such sweep file")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping (base, search, objective, ...)")
+    raw.setdefault("name", path.stem)
+    try:
+        spec = config_lib.validate(raw, SweepSpec)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    for item in cli_overrides:
+        key = item.partition("=")[0]
+        if key in spec.search.params or key in spec.derived:
+            raise ConfigError(f"override {item!r}: {key} is swept or derived by {path}")
+    sweep = Sweep(spec, path, _resolve_base(spec.base, path), tuple(cli_overrides))
+    if check:
+        sweep.check()
+    return sweep
