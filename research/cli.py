@@ -11,9 +11,12 @@ from research.config import ConfigError
 
 def _train(args: argparse.Namespace) -> int:
     from research import config
+    from research.parallel import distributed
     from research.train.loop import train
 
     cfg = config.load(args.experiment, args.overrides)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                           args.heartbeat_timeout)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
     summary = train(cfg, run_dir)
     final = summary["final"]
@@ -55,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="run directory (default: runs/<experiment name>)")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted config overrides, e.g. train.steps=200 model.n_layers=8")
+    hosts = train.add_argument_group("multi-host (SLURM and Cloud TPU pods need none of these)")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+    hosts.add_argument("--num-processes", type=int, help="processes in the run")
+    hosts.add_argument("--process-id", type=int, help="this process, 0..N-1")
+    hosts.add_argument("--heartbeat-timeout", type=int, default=60, metavar="SECONDS",
+                       help="survivors fail this long after a process dies (default 60)")
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("eval", help="held-out loss and bits per byte of a checkpoint")

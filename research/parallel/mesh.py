@@ -50,6 +50,23 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: AxisRules) -> Any:
     return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
 
 
+def check_process_rows(mesh: Mesh, global_batch: int) -> None:
+    """Each process must own one contiguous block of batch rows, block p for process p: that is
+    what the input pipeline reads for it (so the global batch is the same for any host count)."""
+    per_process = global_batch // jax.process_count()
+    want = set(range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process))
+    have: set[int] = set()
+    for device, index in batch_sharding(mesh).devices_indices_map((global_batch, 1)).items():
+        if device.process_index == jax.process_index():
+            have.update(range(global_batch)[index[0]])
+    if have != want:
+        raise ConfigError(
+            f"mesh: with {jax.process_count()} processes the batch must split over hosts first; "
+            "make mesh.data a multiple of the process count (data parallel across hosts) and keep "
+            "fsdp/expert/tensor within a host"
+        )
+
+
 def check_divisibility(cfg: ExperimentConfig, mesh: Mesh) -> None:
     """Fail early, naming the field, when the batch or the heads cannot be split over the mesh."""
     dp = data_parallel_size(mesh)
@@ -60,6 +77,7 @@ def check_divisibility(cfg: ExperimentConfig, mesh: Mesh) -> None:
             f"= {micro} sequences per micro-batch must be divisible by the data-parallel size "
             f"{dp} (mesh.data*mesh.fsdp*mesh.expert)"
         )
+    check_process_rows(mesh, cfg.train.batch_size)
     tensor = mesh.shape["tensor"]
     for field, value in (("model.n_heads", cfg.model.n_heads), ("model.n_kv_heads", cfg.model.kv_heads)):
         if value % tensor:
