@@ -53,6 +53,12 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def trajectory(run_dir: Path) -> list[dict]:
+    """Every logged number except timings, which differ between any two runs."""
+    exact = ("step", "loss", "grad_norm", "param_norm", "eval_loss", "eval_bpb")
+    return [{k: r[k] for k in exact if k in r} for r in metrics(run_dir)]
+
+
 @pytest.fixture
 def overrides(tiny_overrides) -> list[str]:
     return [*tiny_overrides, "train.steps=12", "checkpoint.every=4", "train.eval_every=6",
@@ -80,8 +86,6 @@ def test_two_processes_match_one_and_resume_bit_exactly(tmp_path, overrides):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finish(launch(killed, overrides, processes=2, devices=4))
-    exact = ("step", "loss", "grad_norm", "param_norm", "eval_loss")  # everything but timings
-    trajectory = lambda run: [{k: r[k] for k in exact if k in r} for r in metrics(run)]
     assert trajectory(killed) == trajectory(tmp_path / "two")
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["state"] == "done" and summary["step"] == 12
