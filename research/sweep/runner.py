@@ -259,17 +259,22 @@ class Runner:
                         rundir.MetricsTail(run_dir / "metrics.jsonl"), optuna_trial)
 
     def _poll(self, store: Store, item: _Running) -> bool:
-        """Report new eval points (maybe prune); True once the trial's process has ended."""
+        """Report new eval points (maybe prune); True once the trial's process has ended.
+
+        Only a trial still running can be pruned: one that already finished keeps its result.
+        """
+        code = item.proc.poll()
         if item.optuna_trial is not None and not item.pruned:
             metric = self.spec.objective.metric
             for entry in item.tail.read():
-                if metric in entry and study.report(item.optuna_trial, entry["step"], entry[metric]):
+                if (metric in entry and study.report(item.optuna_trial, entry["step"], entry[metric])
+                        and code is None):
                     item.pruned = True
                     self.say(f"[{item.trial['name']}] pruned at step {entry['step']} "
                              f"({metric} {entry[metric]:.4g})")
                     _stop(item.proc)
+                    code = item.proc.returncode
                     break
-        code = item.proc.poll()
         if code is None:
             return False
         self._finish(store, item, code)
