@@ -1,0 +1,155 @@
+"""The decoder-only Transformer: embed -> n_layers x Block -> RMSNorm -> logits.
+
+A Block is pre-norm `x + mixer(norm(x))` then `x + ffn(norm(x))`, with the mixer and the
+feed-forward chosen by name from MIXERS and FFNS. The stack repeats a *period* of
+(mixer, ffn) pairs n_layers / P times (dense Llama: P = 1, (("attention", "mlp"),)); with
+`cfg.scan_layers` the repeats run under `nn.scan`, so compile time does not grow with depth and
+every parameter gains a leading "layers" axis of length n_layers / P.
+
+Every sublayer returns (y, aux): aux maps names to per-layer values (a MoE layer would return
+its load-balancing "aux_loss" and metrics). The decoder stacks each key over the layers that
+produced it, in layer order, and sums "aux_loss" into the scalar the trainer adds to the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from research.config import ConfigError, ModelConfig
+from research.models.attention import Attention
+from research.models.layers import BTD, BTV, MLP, Einsum, Embed, RMSNorm
+
+Aux = dict[str, jax.Array]
+Period = tuple[tuple[str, str], ...]
+
+# Sublayer constructors, by name: MIXERS take (x, positions), FFNS take (x); both return (y, aux).
+MIXERS: dict[str, Callable[..., nn.Module]] = {"attention": Attention}
+FFNS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP}
+DENSE: Period = (("attention", "mlp"),)
+
+# Rematerialisation: what the backward pass may keep from each block's forward.
+# "full" keeps only the block input; "dots" also keeps the projections' outputs (matmuls with no
+# batch dimension) and recomputes norms, activations and the attention scores/softmax.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def padded_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> int:
+    """The embedding rows: model.vocab_size if set, else the tokenizer's rounded up to 128."""
+    if cfg.vocab_size is None:
+        return -(-tokenizer_vocab // 128) * 128
+    if cfg.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+                          f"vocabulary ({tokenizer_vocab}); raise it or leave it null")
+    return cfg.vocab_size
+
+
+def stack_aux(auxes: Sequence[Aux]) -> Aux:
+    """Per-layer aux dicts -> {key: values stacked over the layers that have the key}."""
+    keys = dict.fromkeys(k for aux in auxes for k in aux)
+    return {k: jnp.stack([aux[k] for aux in auxes if k in aux]) for k in keys}
+
+
+class Block(nn.Module):
+    """One pre-norm residual layer: a token mixer, then a feed-forward."""
+
+    cfg: ModelConfig
+    mixer: str
+    ffn: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, Aux]:
+        cfg = self.cfg
+        norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+        y, mixer_aux = MIXERS[self.mixer](cfg, name=self.mixer)(
+            RMSNorm(name="mixer_norm", **norm)(x), positions)
+        x = nn.with_logical_constraint(x + y, BTD)
+        y, ffn_aux = FFNS[self.ffn](cfg, name=self.ffn)(RMSNorm(name="ffn_norm", **norm)(x))
+        x = nn.with_logical_constraint(x + y, BTD)
+        aux = dict(mixer_aux)  # a key both sublayers report (e.g. two aux losses) is summed
+        for k, v in ffn_aux.items():
+            aux[k] = aux[k] + v if k in aux else v
+        return x, aux
+
+
+def _block(cfg: ModelConfig, scanned: bool) -> type[Block]:
+    if cfg.remat == "none":
+        return Block
+    # Under scan, CSE across iterations cannot defeat remat, so the guard only costs speed.
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not scanned)
+
+
+class PeriodBlocks(nn.Module):
+    """One repeat of the period: P blocks; the unit `nn.scan` iterates over."""
+
+    cfg: ModelConfig
+    period: Period
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, Aux]:
+        block = _block(self.cfg, scanned=True)
+        auxes = []
+        for j, (mixer, ffn) in enumerate(self.period):
+            x, aux = block(self.cfg, mixer, ffn, name=f"block_{j}")(x, positions)
+            auxes.append(aux)
+        return x, stack_aux(auxes)
+
+
+class Decoder(nn.Module):
+    """tokens int32 [B, T] -> (logits float32 [B, T, vocab_size], aux)."""
+
+    cfg: ModelConfig
+    vocab_size: int
+    period: Period = DENSE
+
+    def _check(self) -> None:
+        p = len(self.period)
+        if self.cfg.n_layers % p:
+            raise ConfigError(f"model.n_layers={self.cfg.n_layers} must be a multiple of the "
+                              f"layer period ({p} layers)")
+        for mixer, ffn in self.period:
+            if mixer not in MIXERS:
+                raise ConfigError(f"unknown mixer {mixer!r}; allowed: {', '.join(MIXERS)}")
+            if ffn not in FFNS:
+                raise ConfigError(f"unknown feed-forward {ffn!r}; allowed: {', '.join(FFNS)}")
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, Aux]:
+        self._check()
+        cfg = self.cfg
+        embed = Embed(self.vocab_size, cfg, name="embed")
+        x = nn.with_logical_constraint(embed(tokens), BTD)
+        positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+
+        repeats = cfg.n_layers // len(self.period)
+        if cfg.scan_layers:
+            stack = nn.scan(PeriodBlocks, variable_axes={"params": 0},
+                            split_rngs={"params": True}, in_axes=nn.broadcast, length=repeats,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, aux = stack(cfg, self.period, name="layers")(x, positions)
+            # [repeats, per-period count, ...] -> [layers with the key, ...], in layer order
+            aux = {k: v.reshape(-1, *v.shape[2:]) for k, v in aux.items()}
+        else:
+            block = _block(cfg, scanned=False)
+            auxes = []
+            for i in range(cfg.n_layers):
+                mixer, ffn = self.period[i % len(self.period)]
+                x, layer_aux = block(cfg, mixer, ffn, name=f"layer_{i}")(x, positions)
+                auxes.append(layer_aux)
+            aux = stack_aux(auxes)
+
+        x = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = Einsum("btd,dv->btv", (cfg.d_model, self.vocab_size), ("embed", "vocab"),
+                            cfg.init_std, cfg.compute_dtype, cfg.param_dtype, name="lm_head")(x)
+        if "aux_loss" in aux:
+            aux["aux_loss"] = aux["aux_loss"].sum()
+        return nn.with_logical_constraint(logits, BTV), aux

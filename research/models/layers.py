@@ -1,0 +1,133 @@
+"""The small pieces of a decoder: projections, RMSNorm, rotary positions, SwiGLU MLP, embeddings.
+
+Dtype policy (the one place it lives is `matmul`): parameters and the residual stream are
+float32; every matmul casts its operands to the config's compute dtype and accumulates in
+float32 (`preferred_element_type`). On CPU a bf16 x bf16 -> f32 matmul runs ~4x faster than
+f32, while a plain bf16 matmul does not; on accelerators it is the usual mixed-precision recipe.
+Norms, rotary and the SwiGLU gate run in float32.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) and the main
+activations are constrained with `nn.with_logical_constraint`; research/config.py's
+DEFAULT_AXIS_RULES map those names onto mesh axes. Without rules in scope both are no-ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from research.config import ModelConfig
+
+# Logical names of the main activation layouts.
+BTD = ("act_batch", "act_seq", "act_embed")
+BTF = ("act_batch", "act_seq", "act_mlp")
+BTV = ("act_batch", "act_seq", "act_vocab")
+
+
+def matmul(spec: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """einsum with `dtype` operands and a float32 result: the dtype policy of every projection.
+
+    The backward matmuls see a float32 cotangent and so run in float32. Casting it to bf16
+    would make them faster, but XLA:CPU (jax 0.10.2) then fails on some weight-gradient
+    shapes with "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32".
+    """
+    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def out_std(cfg: ModelConfig) -> float:
+    """Init std of projections that write into the residual stream (GPT-2: 1/sqrt(2 n_layers)),
+    so the stream's variance does not grow with depth at init."""
+    return cfg.init_std / math.sqrt(2 * cfg.n_layers)
+
+
+class Einsum(nn.Module):
+    """A bias-free projection `einsum(spec, x, kernel)` with a logically named kernel."""
+
+    spec: str
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    std: float
+    dtype: str  # compute dtype of the operands
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes)
+        kernel = self.param("kernel", init, self.shape, jnp.dtype(self.param_dtype))
+        return matmul(self.spec, x, kernel, jnp.dtype(self.dtype))
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale, computed in float32 whatever the input dtype."""
+
+    eps: float = 1e-5
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+        scale = self.param("scale", init, (x.shape[-1],), jnp.dtype(self.param_dtype))
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return x * scale.astype(jnp.float32)
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding of x [B, T, heads, H] at integer positions [B, T] (or [T]).
+
+    Half-split layout (GPT-NeoX / Hugging Face Llama): feature i pairs with i + H/2 and rotates
+    by angle pos * theta^(-2i/H). Computed in float32; returns x's dtype. Positions are explicit
+    so a decoding cache can rotate new tokens at their absolute offsets.
+    """
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions.astype(jnp.float32)[..., None] * freq  # [B, T, half]
+    sin = jnp.sin(angle)[..., None, :]  # broadcast over heads
+    cos = jnp.cos(angle)[..., None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Returns (y, aux) like every sublayer."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        cfg = self.cfg
+        d, f = cfg.d_model, cfg.ff_size
+        proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype)
+        gate = Einsum("btd,df->btf", (d, f), ("embed", "mlp"), cfg.init_std, name="gate", **proj)
+        up = Einsum("btd,df->btf", (d, f), ("embed", "mlp"), cfg.init_std, name="up", **proj)
+        down = Einsum("btf,fd->btd", (f, d), ("mlp", "embed"), out_std(cfg), name="down", **proj)
+        h = nn.silu(gate(x)) * up(x)
+        h = nn.with_logical_constraint(h, BTF)
+        return down(h), {}
+
+
+class Embed(nn.Module):
+    """Token embedding table [V, D]; `attend` reuses it as the (tied) output projection."""
+
+    vocab_size: int
+    cfg: ModelConfig
+
+    def setup(self) -> None:
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.cfg.init_std),
+                                            ("vocab", "embed"))
+        self.embedding = self.param("embedding", init, (self.vocab_size, self.cfg.d_model),
+                                    jnp.dtype(self.cfg.param_dtype))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        # Gather from a table sharded over vocab only (masked lookup + all-reduce); an
+        # fsdp-sharded embed dim here makes the partitioner replicate the whole output.
+        table = nn.with_logical_constraint(self.embedding, ("vocab", None))
+        return jnp.take(table, tokens, axis=0).astype(jnp.float32)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits x @ embedding^T, float32."""
+        return matmul("btd,vd->btv", x, self.embedding, jnp.dtype(self.cfg.compute_dtype))
