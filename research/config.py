@@ -49,6 +49,48 @@ DEFAULT_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+MIXERS = ("attention", "mamba")
+FFNS = ("mlp", "moe", "none")
+
+
+class MoEConfig(_Section):
+    """Mixture-of-Experts feed-forward (used by layers whose pattern entry ends in ':moe')."""
+
+    n_experts: int = Field(8, gt=0, description="routed experts")
+    top_k: int = Field(2, gt=0, description="experts per token")
+    n_shared_experts: int = Field(0, ge=0, description="always-on experts (DeepSeekMoE)")
+    d_expert: int | None = Field(None, gt=0, description="expert hidden width; None: model.d_ff "
+                                 "(smaller values give fine-grained experts)")
+    dispatch: Literal["capacity", "dropless"] = Field(
+        "capacity", description="capacity: padded per-expert buffers, overflow dropped (fast on "
+        "CPU); dropless: tokens sorted by expert into grouped matmuls (GPU/TPU)")
+    capacity_factor: float = Field(1.25, gt=0, description="buffer = factor * tokens * top_k / E")
+    balance_coef: float = Field(0.01, ge=0, description="Switch load-balancing loss coefficient")
+    z_loss_coef: float = Field(1e-3, ge=0, description="router z-loss coefficient")
+
+    @model_validator(mode="after")
+    def _k(self) -> MoEConfig:
+        if self.top_k > self.n_experts:
+            raise ValueError(f"model.moe.top_k={self.top_k} must be <= model.moe.n_experts="
+                             f"{self.n_experts}")
+        return self
+
+
+class MambaConfig(_Section):
+    """Mamba-2 mixer (used by layers whose pattern entry starts with 'mamba:')."""
+
+    d_state: int = Field(64, gt=0, description="SSM state size N")
+    head_dim: int = Field(32, gt=0, description="SSM head dim P; heads = expand*d_model/head_dim")
+    expand: int = Field(2, gt=0, description="inner width = expand * d_model")
+    n_groups: int = Field(1, gt=0, description="groups sharing B and C (like kv heads)")
+    chunk_size: int = Field(64, gt=0, description="SSD chunk length")
+    conv_width: int = Field(4, gt=1, description="causal depthwise convolution width")
+    dt_min: float = Field(1e-3, gt=0)
+    dt_max: float = Field(1e-1, gt=0)
+    a_init_min: float = Field(1.0, gt=0, description="A = -U(a_init_min, a_init_max)")
+    a_init_max: float = Field(16.0, gt=0)
+
+
 class ModelConfig(_Section):
     """Decoder shape and numerics."""
 
@@ -68,6 +110,16 @@ class ModelConfig(_Section):
     param_dtype: Literal["float32"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"
     scan_layers: bool = True
+    layer_pattern: tuple[str, ...] = Field(
+        ("attention:mlp",), description="the repeating period of 'mixer:ffn' layers; mixers: "
+        "attention, mamba; ffns: mlp, moe, none. n_layers must be a multiple of its length")
+    moe: MoEConfig = MoEConfig()
+    mamba: MambaConfig = MambaConfig()
+
+    @property
+    def period(self) -> tuple[tuple[str, str], ...]:
+        """layer_pattern as (mixer, ffn) pairs."""
+        return tuple(tuple(entry.split(":")) for entry in self.layer_pattern)  # type: ignore[misc]
 
     @property
     def kv_heads(self) -> int:
@@ -94,6 +146,24 @@ class ModelConfig(_Section):
             )
         if self.head_size % 2:
             raise ValueError(f"head size {self.head_size} must be even for rotary positions")
+        if not self.layer_pattern:
+            raise ValueError("model.layer_pattern must name at least one 'mixer:ffn' layer")
+        for entry in self.layer_pattern:
+            mixer, _, ffn = entry.partition(":")
+            if mixer not in MIXERS or ffn not in FFNS:
+                raise ValueError(f"model.layer_pattern entry {entry!r}: expected 'mixer:ffn' with "
+                                 f"mixer in {'/'.join(MIXERS)} and ffn in {'/'.join(FFNS)}")
+        if self.n_layers % len(self.layer_pattern):
+            raise ValueError(f"model.n_layers={self.n_layers} must be a multiple of the "
+                             f"{len(self.layer_pattern)} entries of model.layer_pattern")
+        if any(m == "mamba" for m, _ in self.period):
+            inner = self.mamba.expand * self.d_model
+            if inner % self.mamba.head_dim:
+                raise ValueError(f"model.mamba.head_dim={self.mamba.head_dim} must divide "
+                                 f"expand*d_model={inner}")
+            if (inner // self.mamba.head_dim) % self.mamba.n_groups:
+                raise ValueError(f"model.mamba.n_groups={self.mamba.n_groups} must divide the "
+                                 f"{inner // self.mamba.head_dim} Mamba heads")
         return self
 
 
