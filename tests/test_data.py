@@ -187,6 +187,19 @@ def test_cache_splits_documents_by_hash(tmp_path, corpus):
     assert build_token_cache(config).heldout.tolist() == cache.heldout.tolist()  # stable
 
 
+def test_a_single_document_holds_out_its_tail(tmp_path):
+    """One .txt file is one document: the held-out set is then the last percent of its tokens."""
+    book = tmp_path / "book.txt"
+    text = "".join(f"Line {i}: to be or not to be, é.\n" for i in range(2000))
+    book.write_text(text)
+    cache = build_token_cache(cfg(tmp_path, book, heldout_percent=5))
+    tokens = np.concatenate([cache.train, cache.heldout])
+    assert tokens.tolist() == [*text.encode(), ByteTokenizer().eos_id]
+    assert len(cache.heldout) == int(len(tokens) * 0.05)
+    tail_bytes = len(cache.heldout) - 1  # the eos carries no bytes
+    assert cache.heldout_bytes_per_token == pytest.approx(tail_bytes / len(cache.heldout))
+
+
 def counting_encode(monkeypatch) -> list[int]:
     calls = [0]
     real = ByteTokenizer.encode

@@ -22,7 +22,7 @@ from research.config import ConfigError, DataConfig
 from research.data.corpus import SourceFile, is_heldout, read_documents, source_files
 from research.data.tokenizer import Tokenizer, load_tokenizer
 
-CACHE_VERSION = 1  # bump when the layout or the tokenization rules change
+CACHE_VERSION = 2  # bump when the layout or the tokenization rules change
 SPLITS = ("train", "heldout")
 # One background thread reads a few batches ahead; the data sit in page-cached memmaps.
 _READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
@@ -99,7 +99,23 @@ def _tokenize(files: list[SourceFile], cfg: DataConfig, tokenizer: Tokenizer, ou
     finally:
         for sink in sinks.values():
             sink.close()
+    if not meta["heldout_docs"] and meta["train_tokens"] > 1:
+        _hold_out_tail(out, meta, tokenizer, dtype, cfg.heldout_percent)
     return meta | {"key": h.hexdigest()}
+
+
+def _hold_out_tail(out: Path, meta: dict, tokenizer: Tokenizer, dtype: np.dtype,
+                   percent: float) -> None:
+    """Too few documents for a hashed split (say, one book in one .txt file): hold out the last
+    `percent` of the train tokens instead, so every corpus has a held-out set."""
+    train = np.fromfile(out / "train.bin", dtype)
+    cut = len(train) - max(int(len(train) * percent / 100), 1)
+    tail = train[cut:]
+    tail.tofile(out / "heldout.bin")
+    train[:cut].tofile(out / "train.bin")
+    text_ids = tail[tail != tokenizer.eos_id]
+    meta.update(train_tokens=cut, heldout_tokens=len(tail), heldout_docs=1,
+                heldout_bytes=len(tokenizer.decode(text_ids).encode("utf-8")), heldout_tail=True)
 
 
 def _write_cache(files: list[SourceFile], cfg: DataConfig, tokenizer: Tokenizer, final: Path
