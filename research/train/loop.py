@@ -37,9 +37,10 @@ from research.train.state import StateSpec, init_state, param_specs, state_spec
 from research.train.step import eval_step, train_step
 
 # Fields that may change when a run is resumed: they do not alter the training trajectory
-# (train.steps extends or shortens the run; note a cosine schedule then follows the new length).
+# (train.steps extends or shortens the run; note a cosine schedule then follows the new length;
+# a new mesh reshards the checkpoint on load and changes only float reduction order).
 RESUMABLE_CHANGES = ("name", "train.steps", "train.log_every", "train.eval_every",
-                     "train.eval_batches", "checkpoint", "logging")
+                     "train.eval_batches", "checkpoint", "logging", "mesh")
 
 
 @dataclass(frozen=True)
