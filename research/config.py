@@ -36,6 +36,7 @@ DEFAULT_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("act_mlp", ("tensor",)),
     ("act_vocab", ("tensor",)),
     ("act_expert", ("expert",)),
+    ("act_mamba_heads", ("tensor",)),
     # parameters
     ("embed", ("fsdp",)),
     ("vocab", ("tensor",)),
@@ -43,6 +44,9 @@ DEFAULT_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kv_heads", ("tensor",)),
     ("mlp", ("tensor",)),
     ("expert", ("expert",)),
+    ("mamba_heads", ("tensor",)),
+    ("mamba_groups", ()),
+    ("mamba_conv", ()),
     ("head_dim", ()),
     ("layers", ()),
     ("norm", ()),

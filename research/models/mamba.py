@@ -1,0 +1,215 @@
+"""The Mamba-2 mixer (Dao & Gu 2024, "Transformers are SSMs"): a selective state-space layer
+computed by the chunked SSD algorithm, i.e. mostly as matmuls.
+
+Per head (H heads of size P, state size N, G groups sharing B and C like kv heads share k, v):
+
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T        h_t in R^{P x N}, A < 0 a scalar per head
+    y_t = h_t C_t + D x_t
+
+`ssd_chunked` evaluates the recurrence in chunks of Q steps: within a chunk it is a masked
+(Q x Q) "attention" C B^T weighted by decays; across chunks only the [P, N] states are passed.
+`ssd_sequential` is the plain step-by-step scan, the reference for tests and the benchmark.
+
+Decode: the conv keeps its last conv_width-1 inputs and the SSD its final state in the "cache"
+collection, and new tokens continue from them through the same chunked SSD (a prefill runs in
+matmul form, a single token is a chunk of one). The formulas are in docs/mamba.md.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from research.config import ModelConfig
+from research.models.layers import BTD, Einsum, out_std
+
+BTHP = ("act_batch", "act_seq", "act_mamba_heads", None)
+BTH = ("act_batch", "act_seq", "act_mamba_heads")
+BTGN = ("act_batch", "act_seq", None, None)
+
+
+def segsum(a: jax.Array) -> jax.Array:
+    """[..., T] -> [..., T, T]: out[i, j] = a[j+1] + ... + a[i] for i >= j, -inf above the diagonal.
+
+    Summed directly (a cumsum over entries masked to zero), not as a difference of two long
+    cumsums, whose rounding error grows with their magnitude; exp() of it is the decay from
+    step j to step i, exactly 0 where i < j.
+    """
+    t = a.shape[-1]
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    terms = jnp.where(i > j, a[..., :, None], 0.0)  # terms[k, j] = a[k] for k > j
+    return jnp.where(i >= j, jnp.cumsum(terms, axis=-2), -jnp.inf)
+
+
+def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+                chunk_size: int, initial_state: jax.Array | None = None,
+                ) -> tuple[jax.Array, jax.Array]:
+    """The SSD recurrence (module docstring, without D) in chunks of `chunk_size`, as matmuls.
+
+    x [b, T, H, P], dt [b, T, H] (> 0), A [H] (< 0), B, C [b, T, G, N] with head h reading group
+    h // (H / G); initial_state [b, H, P, N] or None (zeros). Returns y [b, T, H, P] and the state
+    after the last step [b, H, P, N], computed in float32 (float64 for float64 inputs).
+
+    T need not be a multiple of the chunk: the tail is padded with dt = 0, i.e. a decay of exactly
+    1 and no input, so padding changes neither the final state nor (being later) any real output.
+    A sequence shorter than a chunk is one chunk of its own length.
+    """
+    b, t, H, P = x.shape
+    G, N = B.shape[-2:]
+    R = H // G
+    dtype = jnp.result_type(x, dt, A, B, C, jnp.float32)
+    q = min(chunk_size, t)
+    c = -(-t // q)
+
+    def chunks(v: jax.Array) -> jax.Array:  # [b, T, ...] -> [b, c, q, ...], zero-padded
+        v = jnp.pad(v.astype(dtype), [(0, 0), (0, c * q - t)] + [(0, 0)] * (v.ndim - 2))
+        return v.reshape(b, c, q, *v.shape[2:])
+
+    xdt = chunks(x * dt[..., None]).reshape(b, c, q, G, R, P)  # dt_t x_t
+    B, C = chunks(B), chunks(C)  # [b, c, q, G, N]
+    a = chunks(dt * A).reshape(b, c, q, G, R).transpose(0, 3, 4, 1, 2)  # log-decays [b,G,R,c,q]
+    a_cum = jnp.cumsum(a, axis=-1)  # decay from the chunk's start, inclusive
+    decay = jnp.exp(segsum(a))  # [b, G, R, c, q(l), q(s)]: from step s to step l of a chunk
+
+    # 1. within each chunk: y_l = sum_{s <= l} (C_l . B_s) decay[l, s] dt_s x_s
+    scores = jnp.einsum("bclgn,bcsgn->bgcls", C, B)[:, :, None] * decay
+    y = jnp.einsum("bgrcls,bcsgrp->bclgrp", scores, xdt)
+    # 2. what each chunk adds to the state at its end
+    to_end = decay[..., -1, :].transpose(0, 3, 4, 1, 2)[..., None]  # [b, c, q, G, R, 1]
+    states = jnp.einsum("bcsgn,bcsgrp->bcgrpn", B, xdt * to_end)
+    # 3. pass states across chunks: state at the start of chunk z, and after the last chunk
+    if initial_state is None:
+        initial_state = jnp.zeros((b, H, P, N), dtype)
+    states = jnp.concatenate([initial_state.astype(dtype).reshape(b, 1, G, R, P, N), states], 1)
+    chunk_decay = jnp.exp(segsum(jnp.pad(a_cum[..., -1], [(0, 0)] * 3 + [(1, 0)])))
+    states = jnp.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
+    # 4. each step reads the state entering its chunk, decayed to the step
+    from_start = jnp.exp(a_cum).transpose(0, 3, 4, 1, 2)[..., None]  # [b, c, q, G, R, 1]
+    y = y + jnp.einsum("bclgn,bcgrpn->bclgrp", C, states[:, :-1]) * from_start
+    return y.reshape(b, c * q, H, P)[:, :t], states[:, -1].reshape(b, H, P, N)
+
+
+def ssd_sequential(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+                   initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The same recurrence one step at a time (lax.scan): the reference for `ssd_chunked`."""
+    b, t, H, P = x.shape
+    R = H // B.shape[-2]
+    dtype = jnp.result_type(x, dt, A, B, C, jnp.float32)
+    B, C = jnp.repeat(B, R, axis=2), jnp.repeat(C, R, axis=2)  # groups -> heads
+    state = jnp.zeros((b, H, P, B.shape[-1]), dtype) if initial_state is None else initial_state
+
+    def step(h: jax.Array, inputs: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
+        x_t, dt_t, B_t, C_t = inputs
+        h = (jnp.exp(dt_t * A)[..., None, None] * h
+             + (dt_t[..., None] * x_t)[..., None] * B_t[:, :, None, :])
+        return h, jnp.einsum("bhpn,bhn->bhp", h, C_t)
+
+    time_major = [v.astype(dtype).swapaxes(0, 1) for v in (x, dt, B, C)]
+    state, y = jax.lax.scan(step, state.astype(dtype), time_major)
+    return y.swapaxes(0, 1), state
+
+
+class CausalConv(nn.Module):
+    """Depthwise causal convolution over time of x [B, T, *channels], with bias, then SiLU.
+
+    Weights and bias init as PyTorch's Conv1d (uniform +-1/sqrt(width)), which Mamba-2 keeps.
+    In decode mode the last width-1 inputs live in the "cache" collection and stand in for the
+    zero left-padding of the parallel form.
+    """
+
+    width: int
+    axes: tuple[str | None, ...]  # logical names of the channel dims
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, decode: bool = False) -> jax.Array:
+        channels, w = x.shape[2:], self.width
+
+        def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+            return jax.random.uniform(key, shape, dtype, -1 / w**0.5, 1 / w**0.5)
+
+        dtype = jnp.dtype(self.param_dtype)
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, ("mamba_conv", *self.axes)),
+                            (w, *channels), dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(init, self.axes), channels, dtype)
+        history = jnp.zeros((x.shape[0], w - 1, *channels), x.dtype)
+        if decode:
+            cache = self.variable("cache", "inputs", jnp.zeros, history.shape, x.dtype)
+            history = cache.value
+        padded = jnp.concatenate([history, x], axis=1)
+        if decode and not self.is_initializing():
+            cache.value = padded[:, padded.shape[1] - (w - 1):]
+        t = x.shape[1]
+        y = sum(kernel[k] * padded[:, k:k + t] for k in range(w)) + bias
+        return nn.silu(y)
+
+
+class Mamba2(nn.Module):
+    """Mamba-2 mixer: (x [B, T, D], positions, decode) -> (y [B, T, D], {}).
+
+    in-projections -> causal conv + SiLU on x, B, C -> SSD -> + D x -> RMSNorm(y * silu(z)), per
+    group -> out-projection. The input projection is held as two kernels, per head (z, x, dt)
+    and per group (B, C), so that under tensor parallelism each shards along its own axis.
+    Positions are unused: the recurrence itself orders the tokens.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, u: jax.Array, positions: jax.Array,
+                 decode: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+        cfg, m = self.cfg, self.cfg.mamba
+        d, P, G, N = cfg.d_model, m.head_dim, m.n_groups, m.d_state
+        H = m.expand * d // P
+        proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype)
+        zxdt = Einsum("btd,dhc->bthc", (d, H, 2 * P + 1), ("embed", "mamba_heads", None),
+                      cfg.init_std, name="in_zxdt", **proj)(u)
+        bc = Einsum("btd,dgc->btgc", (d, G, 2 * N), ("embed", "mamba_groups", None),
+                    cfg.init_std, name="in_bc", **proj)(u)
+        z = nn.with_logical_constraint(zxdt[..., :P], BTHP)
+        x = nn.with_logical_constraint(zxdt[..., P:2 * P], BTHP)
+        x = CausalConv(m.conv_width, ("mamba_heads", None), cfg.param_dtype, name="conv_x")(x, decode)
+        bc = CausalConv(m.conv_width, ("mamba_groups", None), cfg.param_dtype, name="conv_bc")(
+            nn.with_logical_constraint(bc, BTGN), decode)
+        B, C = bc[..., :N], bc[..., N:]
+
+        heads = lambda init: nn.with_logical_partitioning(init, ("mamba_heads",))  # noqa: E731
+        param_dtype = jnp.dtype(cfg.param_dtype)
+        dt_bias = self.param("dt_bias", heads(self._dt_bias_init), (H,), param_dtype)
+        A_log = self.param("A_log", heads(self._a_log_init), (H,), param_dtype)
+        D = self.param("D", heads(nn.initializers.ones), (H,), param_dtype)
+        dt = nn.with_logical_constraint(jax.nn.softplus(zxdt[..., 2 * P] + dt_bias), BTH)
+
+        state = None
+        if decode:
+            cache = self.variable("cache", "ssm", jnp.zeros, (u.shape[0], H, P, N), jnp.float32)
+            state = cache.value
+        y, state = ssd_chunked(x, dt, -jnp.exp(A_log), B, C, m.chunk_size, state)
+        if decode and not self.is_initializing():
+            cache.value = state
+        y = nn.with_logical_constraint(y + D[:, None] * x, BTHP)
+
+        # gated RMSNorm over each group's H/G heads: norm(y * silu(z)) * scale
+        y = (y * nn.silu(z)).reshape(*y.shape[:2], G, H // G * P)
+        y = (y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + cfg.norm_eps))
+        scale = self.param("norm", nn.with_logical_partitioning(nn.initializers.ones,
+                                                                ("mamba_heads", "norm")),
+                           (H, P), param_dtype)
+        y = nn.with_logical_constraint(y.reshape(*y.shape[:2], H, P) * scale, BTHP)
+        out = Einsum("bthp,hpd->btd", (H, P, d), ("mamba_heads", "head_dim", "embed"),
+                     out_std(cfg), name="out", **proj)(y)
+        return nn.with_logical_constraint(out, BTD), {}
+
+    def _dt_bias_init(self, key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+        """softplus^-1 of dt ~ log-uniform[dt_min, dt_max] (floored at 1e-4), so that
+        softplus(0 + dt_bias) starts each head at its own time scale."""
+        m = self.cfg.mamba
+        log_dt = jax.random.uniform(key, shape, dtype, jnp.log(m.dt_min), jnp.log(m.dt_max))
+        dt = jnp.maximum(jnp.exp(log_dt), 1e-4)
+        return dt + jnp.log(-jnp.expm1(-dt))
+
+    def _a_log_init(self, key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+        """A = -U(a_init_min, a_init_max), stored as log(-A) so it stays negative in training."""
+        m = self.cfg.mamba
+        return jnp.log(jax.random.uniform(key, shape, dtype, m.a_init_min, m.a_init_max))
