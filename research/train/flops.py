@@ -15,6 +15,18 @@ embedding is a lookup, not a matmul; norm scales are not matmuls). The second is
 probs @ v: 2 matmuls x 2 FLOPs x T_eff keys x n_heads * head_size per token, times 3, with
 T_eff = min(sliding_window, seq_len). Like PaLM (appendix B) it counts the full T x T square,
 not the causal half that actually matters, so MFU is comparable with the literature.
+
+A Mamba-2 layer (H heads of size P, state N, G groups, chunk Q; docs/mamba.md) counts all its
+parameters in the first term: the projections and the depthwise conv are one multiply-add per
+weight per token; the per-head/per-channel vectors (biases, A_log, D, norm scale; under 1%)
+are counted alike for simplicity. Its SSD adds, per token, the matmuls of research/models/
+mamba.py's `ssd_chunked` on T padded to c = ceil(T/q) chunks of q = min(Q, T) steps, times 3:
+
+    [c * (2 q^2 (G N + H P) + 4 q H P N) + 2 H P N (c + 1)^2] / T
+
+i.e. C B^T and its product with x within chunks (2 q G N + 2 q H P per token), each chunk's
+state and each step's read of it (4 H P N), and the state passing between chunks, done as one
+(c+1) x (c+1) decay matmul (2 H P N (c+1)^2 per sequence).
 """
 
 from __future__ import annotations
@@ -44,9 +56,32 @@ def attention_score_flops(cfg: ModelConfig, seq_len: int) -> float:
     return 4.0 * window * cfg.n_heads * cfg.head_size
 
 
-MIXER_PARAMS = {"attention": attention_params}
+def mamba_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(stored, active per token) parameters of a Mamba-2 mixer (research/models/mamba.py):
+    in-projections to z, x, dt (per head) and B, C (per group), the conv's weights and bias over
+    x, B, C, dt_bias, A_log and D per head, the gated norm's scale, the out-projection."""
+    m = cfg.mamba
+    inner = m.expand * cfg.d_model
+    heads, bc = inner // m.head_dim, 2 * m.n_groups * m.d_state
+    n = (cfg.d_model * (2 * inner + bc + heads) + (m.conv_width + 1) * (inner + bc) + 3 * heads
+         + inner + inner * cfg.d_model)
+    return n, n
+
+
+def ssd_flops(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of the chunked SSD's matmuls (see the module docstring)."""
+    m = cfg.mamba
+    heads = m.expand * cfg.d_model // m.head_dim
+    q = min(m.chunk_size, seq_len)
+    chunks = -(-seq_len // q)
+    hpn = heads * m.head_dim * m.d_state
+    per_chunk = 2 * q * q * (m.n_groups * m.d_state + heads * m.head_dim) + 4 * q * hpn
+    return (chunks * per_chunk + 2 * hpn * (chunks + 1) ** 2) / seq_len
+
+
+MIXER_PARAMS = {"attention": attention_params, "mamba": mamba_params}
 FFN_PARAMS = {"mlp": mlp_params}
-MIXER_EXTRA_FLOPS = {"attention": attention_score_flops}
+MIXER_EXTRA_FLOPS = {"attention": attention_score_flops, "mamba": ssd_flops}
 
 
 def _layers(cfg: ModelConfig, period: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
