@@ -13,8 +13,9 @@ def add_sweep_commands(subparsers: argparse._SubParsersAction) -> None:
     and `research sweep status DIR`."""
     parser = subparsers.add_parser(
         "sweep", help="run a hyper-parameter sweep (or join one as a worker), or show its status",
-        description="Run the trials of a sweep file, each a `research train` process in its own run "
-                    "directory; `research sweep status DIR` prints a sweep's table. See docs/sweeps.md.")
+        description="Run the trials of a sweep file, each a `research train` process in its own "
+                    "run directory; `research sweep status DIR` prints a sweep's table. "
+                    "See docs/sweeps.md.")
     parser.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file (or the word `status`)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="overrides for every trial, e.g. train.steps=50 (after `status`: DIR)")

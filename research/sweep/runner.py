@@ -1,4 +1,4 @@
-"""Runs a sweep's trials: claim one from the store, start `research train` for it, watch it, record it.
+"""Runs a sweep's trials: claim one, start `research train` for it, watch it, record its end.
 
 One process per trial, each in its own run directory under the sweep dir, so a crash, a NaN or an
 out-of-memory kill ends only that trial. The runner is a single-threaded poll loop: it starts
@@ -162,6 +162,7 @@ class Runner:
         self.sweep_dir = self.sweep_dir.resolve()
         self.spec = self.sweep.spec
         self.uses_study = study.needs_study(self.sweep)
+        self.budget = self.sweep.budget
 
     def open(self) -> Store:
         """Attach to (or create) the sweep's store; refuses a sweep dir that holds another sweep."""
@@ -170,6 +171,9 @@ class Runner:
         if info and info.get("name") != self.spec.name:
             raise ConfigError(f"{self.sweep_dir}: holds sweep {info.get('name')!r}, not "
                               f"{self.spec.name!r}; use another --sweep-dir")
+        if info and info.get("storage") != self.storage:
+            raise ConfigError(f"{self.sweep_dir}: its sweep store is {info.get('storage')}, not "
+                              f"{self.storage}; pass --storage {info.get('storage')}")
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         store = Store(self.storage, self.spec.name, self.spec.lease_s)
         planned = [t.record() for t in self.sweep.planned_trials()]
@@ -180,16 +184,16 @@ class Runner:
                                       "params": list(self.spec.search.params),
                                       "metric": self.spec.objective.metric,
                                       "direction": self.spec.objective.direction,
-                                      "budget": self.sweep.budget})
+                                      "budget": self.budget})
         return store
 
     def run(self) -> int:
         """Run trials until none is left; 0 when done, 130 when interrupted (resumable)."""
-        store = self.open()
         kind, devices = visible_devices(os.environ)
         groups = split_devices(devices, self.spec.parallel)
         envs = [trial_env(self.sweep_dir, device_env(kind, g, i, len(groups)))
                 for i, g in enumerate(groups)]
+        store = self.open()
         running: list[_Running] = []
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
@@ -207,12 +211,12 @@ class Runner:
                             running.remove(item)
                 free = [s for s in range(len(envs)) if s not in {r.slot for r in running}]
                 for slot in free:
-                    claim = store.claim(self.sweep.budget)
+                    claim = store.claim(self.budget)
                     if claim is None:
                         break
                     if (item := self._start(store, claim, slot, envs[slot])) is not None:
                         running.append(item)
-                if not running and (self.worker or store.settled(self.sweep.budget)):
+                if not running and (self.worker or store.settled(self.budget)):
                     break
                 time.sleep(POLL_S)
         except KeyboardInterrupt:
@@ -303,5 +307,6 @@ class Runner:
                    "state": state}
         rundir.write_hparams(item.run_dir, hparams, f"sweep/{metric}", objective,
                              rundir.progress(item.run_dir)[0])
-        outcome = f"{metric} {objective:.4g}" if objective is not None else (error or "")
-        self.say(f"[{item.trial['name']}] {state} in {time.time() - item.started:.0f}s: {outcome}")
+        outcome = (f": {metric} {objective:.4g}" if objective is not None
+                   else f": {error}" if error else "")
+        self.say(f"[{item.trial['name']}] {state} in {time.time() - item.started:.0f}s{outcome}")

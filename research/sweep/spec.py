@@ -329,7 +329,8 @@ class Sweep:
         trials = self.planned_trials()
         if self.spec.search.method == "tpe":
             rng = random.Random(self.spec.seed)
-            trials = [self.make_trial(n, {k: d.sample(rng) for k, d in self.spec.search.params.items()})
+            params = self.spec.search.params
+            trials = [self.make_trial(n, {k: d.sample(rng) for k, d in params.items()})
                       for n in range(tpe_samples)]
         for trial in trials:
             try:

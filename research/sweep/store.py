@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from research.config import ConfigError
 
@@ -58,7 +58,7 @@ def retry(fn: Callable[[], T], tries: int = 8) -> T:
     for attempt in range(tries):
         try:
             return fn()
-        except (OperationalError, IntegrityError):
+        except (OperationalError, IntegrityError, ProgrammingError):
             if attempt == tries - 1:
                 raise
             time.sleep(0.1 * (attempt + 1))
@@ -140,9 +140,9 @@ class Store:
             stored = conn.execute(sa.select(_sweeps.c.fingerprint)
                                   .where(_sweeps.c.name == self.sweep)).scalar_one()
         if stored != fingerprint:
-            raise ConfigError(f"{self.url}: already holds a sweep named {self.sweep!r} made from other "
-                              "settings (sweep file, base experiment or key=value overrides); use the "
-                              "same ones, or a new --sweep-dir / name")
+            raise ConfigError(f"{self.url}: already holds a sweep named {self.sweep!r} made from "
+                              "other settings (sweep file, base experiment or key=value overrides); "
+                              "use the same ones, or a new --sweep-dir / name")
         return False
 
     def exists(self) -> bool:
@@ -203,7 +203,7 @@ class Store:
                         sweep=self.sweep, number=len(rows), trial=None, state="running", attempt=1,
                         owner=self.owner, heartbeat=now, updated=now))
                 return Claim(len(rows), 1, None, None)
-            except (IntegrityError, OperationalError):
+            except IntegrityError:
                 continue  # another worker added that number first: look again
 
     def heartbeat(self, claim: Claim) -> bool:
