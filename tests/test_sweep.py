@@ -21,7 +21,7 @@ import yaml
 from research import config
 from research.config import ConfigError
 from research.sweep import rundir, spec, study
-from research.sweep.runner import device_env, split_devices, visible_devices
+from research.sweep.runner import exit_error, device_env, split_devices, visible_devices
 from research.sweep.spec import Objective
 from research.sweep.store import Store
 
@@ -268,6 +268,22 @@ def test_metrics_tail_survives_partial_lines_and_a_resume_rewrite(tmp_path):
     tmp.write_text('{"step": 1, "loss": 5}\n{"step": 2, "loss": 4}\n{"step": 3, "eval_loss": 3.4}\n')
     os.replace(tmp, path)
     assert [e["step"] for e in tail.read()] == [1, 2, 3]
+
+
+def test_error_line_of_a_failed_attempt(tmp_path):
+    log = tmp_path / "trial.log"
+    log.write_bytes(b"=== attempt 1\nold error\n")
+    start = log.stat().st_size
+    with log.open("ab") as f:
+        f.write(b"step 1\r 10%|#  | 1/10\r 20%|## | 2/10\nerror: out of memory\n\n")
+    assert rundir.last_line(log, start) == "error: out of memory"
+    assert rundir.last_line(log, log.stat().st_size) is None
+    assert exit_error(-signal.SIGKILL, "step 3") == "killed by SIGKILL (out of memory?)"
+    assert exit_error(1, None) == "exit code 1" and exit_error(2, "error: x") == "error: x"
+    since = time.time() - 1
+    rundir.write_json(tmp_path / "summary.json", {"state": "failed", "error": "ValueError: y"})
+    assert rundir.summary_error(tmp_path, since) == "ValueError: y"
+    assert rundir.summary_error(tmp_path, time.time() + 60) is None  # an earlier attempt's
 
 
 def test_objective_final_or_best():

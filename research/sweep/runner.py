@@ -118,7 +118,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def _exit_error(code: int, last: str | None) -> str:
+def exit_error(code: int, last: str | None) -> str:
     if code < 0:
         name = signal.Signals(-code).name
         return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
@@ -294,7 +294,7 @@ class Runner:
             state = "done"
         else:
             state, objective = "failed", None
-            error = (_exit_error(code, rundir.summary_error(item.run_dir, item.started)
+            error = (exit_error(code, rundir.summary_error(item.run_dir, item.started)
                                  or rundir.last_line(item.run_dir / rundir.LOG, item.log_start))
                      if code else f"finished without a {metric!r} entry in metrics.jsonl")
         if not store.finish(item.claim, state, objective, error):
