@@ -119,6 +119,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def exit_error(code: int, last: str | None) -> str:
+    """The error recorded for a trial process that exited with `code` (negative: a signal)."""
     if code < 0:
         name = signal.Signals(-code).name
         return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
