@@ -1,0 +1,241 @@
+"""The analysis figures (matplotlib, no pyplot state): one colour per run across all of them.
+
+Each function returns a Figure with constrained layout and its run legend outside the axes, so
+the same object renders whole both as a PNG and as a TensorBoard image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+from matplotlib import colormaps  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import LogFormatter, NullLocator  # noqa: E402
+
+from research.analysis.fits import FitError, IsoFlop, PowerLaw  # noqa: E402
+from research.analysis.runs import Run, finished, format_value, si  # noqa: E402
+from research.sweep.spec import short_name  # noqa: E402
+
+LOSS = "eval loss (nats/token)"
+
+
+def run_colors(runs: list[Run]) -> dict[str, Any]:
+    """Distinct qualitative colours while they last, then a sequential map in run order."""
+    n = len(runs)
+    if n <= 10:
+        colors = [colormaps["tab10"](i) for i in range(n)]
+    elif n <= 20:
+        colors = [colormaps["tab20"](i) for i in range(n)]
+    else:
+        colors = [colormaps["viridis"](i / (n - 1)) for i in range(n)]
+    return {run.name: color for run, color in zip(runs, colors)}
+
+
+class _Compact(LogFormatter):
+    """matplotlib's choice of which log ticks to label, written short: 5k, 2.5G, 5.36."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return si(x) if super().__call__(x, pos) else ""
+
+
+def _log(ax: Axes, y: bool = False) -> None:
+    """Log x (and y) axes with compact tick labels."""
+    ax.set_xscale("log")
+    axes = [ax.xaxis]
+    if y:
+        ax.set_yscale("log")
+        axes.append(ax.yaxis)
+    for axis in axes:
+        axis.set_major_formatter(_Compact())
+        axis.set_minor_formatter(_Compact(labelOnlyBase=False))
+
+
+def _legend_columns(runs: list[Run]) -> int:
+    return max(1, -(-len(runs) // 18))  # 18 entries fit beside one row of panels
+
+
+def _figure(panels: int, width: float = 5.0, runs: list[Run] = ()) -> tuple[Figure, list[Axes]]:
+    """Up to 3 panels a row, with room on the right for a run legend of `runs`."""
+    cols = min(panels, 3)
+    rows = -(-panels // cols)
+    legend = 2.2 * _legend_columns(runs) if runs else 0.0
+    fig = Figure(figsize=(width * cols + legend, 3.8 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    return fig, list(axes[:panels])
+
+
+def _run_legend(fig: Figure, runs: list[Run], colors: dict[str, Any]) -> None:
+    handles = [Line2D([], [], color=colors[r.name], marker="o", lw=1.5,
+                      label=r.label if r.state == "done" else f"{r.label} ({r.state})") for r in runs]
+    columns = _legend_columns(runs)
+    fig.legend(handles=handles, loc="outside right upper", title="run", ncols=columns,
+               fontsize="small" if columns == 1 else "x-small")
+
+
+def _smooth(values: np.ndarray) -> np.ndarray:
+    """Debiased exponential moving average over about a twentieth of the points."""
+    beta = 1 - 1 / max(1.0, len(values) / 20)
+    out, avg = np.empty_like(values), 0.0
+    for i, v in enumerate(values):
+        avg = beta * avg + (1 - beta) * v
+        out[i] = avg / (1 - beta ** (i + 1))
+    return out
+
+
+def curves(runs: list[Run], colors: dict[str, Any]) -> Figure:
+    """Training and eval loss against tokens seen, every run (unfinished ones dashed)."""
+    fig, (train_ax, eval_ax) = _figure(2, runs=runs)
+    fig.suptitle("Loss curves")
+    for run in runs:
+        per_step = run.tokens_per_step
+        if per_step is None:
+            continue
+        style = {"color": colors[run.name], "ls": "-" if run.state == "done" else "--"}
+        train = np.array(run.series("train/loss"), float).reshape(-1, 2)
+        if len(train):
+            tokens = train[:, 0] * per_step
+            if len(train) >= 40:
+                train_ax.plot(tokens, train[:, 1], alpha=0.25, lw=0.8, color=style["color"])
+            train_ax.plot(tokens, _smooth(train[:, 1]), lw=1.5, **style)
+        evals = np.array(run.series("eval/loss"), float).reshape(-1, 2)
+        if len(evals):
+            eval_ax.plot(evals[:, 0] * per_step, evals[:, 1], marker="o", ms=3, lw=1.5, **style)
+    for ax, what in ((train_ax, "training loss (nats/token, smoothed)"), (eval_ax, LOSS)):
+        _log(ax)
+        ax.set(xlabel="training tokens", ylabel=what)
+        ax.grid(True, which="both", alpha=0.3)
+    _run_legend(fig, runs, colors)
+    return fig
+
+
+def _finished(runs: list[Run], rows: list[dict[str, Any]], key: str) -> list[tuple[Run, dict]]:
+    return [(run, r) for run, r in finished(runs, rows) if r.get(key) is not None]
+
+
+def _unfinished_note(runs: list[Run], shown: int) -> str:
+    hidden = len(runs) - shown
+    return f" ({hidden} unfinished or without eval loss not shown)" if hidden else ""
+
+
+def swept(runs: list[Run], rows: list[dict[str, Any]], fields: list[str],
+          colors: dict[str, Any]) -> Figure:
+    """Final eval loss against each swept field; runs equal in the other fields are joined."""
+    fig, axes = _figure(len(fields), width=4.5, runs=runs)
+    shown = 0
+    for ax, key in zip(axes, fields):
+        points = _finished(runs, rows, key)
+        shown = max(shown, len(points))
+        values = [r[key] for _, r in points]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric:
+            position = {v: v for v in values}
+        else:
+            position = {v: i for i, v in enumerate(sorted(set(map(str, values))))}
+            values = list(map(str, values))
+        groups: dict[tuple, list[tuple[float, float]]] = {}
+        for (run, r), v in zip(points, values):
+            others = tuple(repr(run.values.get(k)) for k in fields if k != key)
+            groups.setdefault(others, []).append((position[v], r["final_eval_loss"]))
+            ax.scatter(position[v], r["final_eval_loss"], color=colors[run.name], s=45, zorder=3)
+        for line in groups.values():
+            if len(line) > 1:
+                xs, ys = zip(*sorted(line))
+                ax.plot(xs, ys, color="0.6", lw=1, zorder=2)
+        if points:
+            best = min(range(len(points)), key=lambda i: points[i][1]["final_eval_loss"])
+            ax.annotate("best", (position[values[best]], points[best][1]["final_eval_loss"]),
+                        xytext=(0, 9), textcoords="offset points", ha="center", fontsize="small")
+        ticks = sorted(set(position.values()))
+        if numeric and ticks and min(ticks) > 0 and max(ticks) / min(ticks) >= 10:
+            _log(ax)
+        if len(ticks) <= 12:
+            labels = {p: (format_value(v) if numeric else v) for v, p in position.items()}
+            ax.set_xticks(ticks, [labels[t] for t in ticks])
+            ax.xaxis.set_minor_locator(NullLocator())
+        ax.set(xlabel=key, ylabel=LOSS)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle("Final eval loss by swept field" + _unfinished_note(runs, shown))
+    _run_legend(fig, runs, colors)
+    return fig
+
+
+def scaling(runs: list[Run], rows: list[dict[str, Any]], key: str, xlabel: str, symbol: str,
+            fit: PowerLaw | FitError, fitted: frozenset[str], colors: dict[str, Any]) -> Figure:
+    """Final eval loss against `key` (log x), the fitted power law and its intervals; runs off
+    the frontier (beaten by a smaller run, so not fitted) are hollow."""
+    fig, (ax,) = _figure(1, width=6.0, runs=runs)
+    points = _finished(runs, rows, key)
+    for run, r in points:
+        color = colors[run.name]
+        ax.scatter(r[key], r["final_eval_loss"], s=45, zorder=3, color=color,
+                   facecolor=color if run.name in fitted else "none")
+    if isinstance(fit, PowerLaw):
+        xs = np.array([r[key] for _, r in points], float)
+        grid = np.geomspace(xs.min() / 1.5, xs.max() * 1.5, 200)
+        label = (f"fit: {fit.formula(symbol)}\nα = {fit.alpha:.3g} {fit.interval('alpha')}, "
+                 f"E = {fit.E:.3g} {fit.interval('E')}\n(95% bootstrap intervals; "
+                 f"{len(fitted)} runs on the frontier)")
+        ax.plot(grid, fit(grid), color="k", ls="--", lw=1.2, label=label, zorder=2)
+    else:
+        ax.plot([], [], " ", label=f"no fit: {fit}")
+    if len(fitted) < len(points):
+        ax.scatter([], [], s=45, facecolor="none", edgecolor="0.3",
+                   label="beaten by a smaller run (not fitted)")
+    ax.legend(loc="best", fontsize="small", framealpha=0.85)
+    _log(ax)
+    ax.set(xlabel=xlabel, ylabel=LOSS)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"Eval loss against {xlabel}" + _unfinished_note(runs, len(points)))
+    _run_legend(fig, runs, colors)
+    return fig
+
+
+def isoflop(iso: IsoFlop, params: np.ndarray, loss: np.ndarray, xlabel: str) -> Figure:
+    """Left: loss against size per compute budget, parabola and minimum. Right: N_opt, D_opt vs C."""
+    fig, (ax, opt_ax) = _figure(2, width=5.5)
+    fig.suptitle("IsoFLOP curves and compute-optimal scaling (Chinchilla approach 2)")
+    cmap = colormaps["viridis"]
+    for i, budget in enumerate(iso.budgets):
+        color = cmap(i / max(1, len(iso.budgets) - 1) * 0.9)
+        n, l = params[budget.members], loss[budget.members]
+        ax.scatter(n, l, color=color, s=35, zorder=3, label=f"C = {si(budget.flops)} FLOPs"
+                   + (f" ({budget.note})" if budget.note else ""))
+        grid = np.linspace(np.log10(n.min()) - 0.1, np.log10(n.max()) + 0.1, 100)
+        ax.plot(10**grid, np.polyval(budget.parabola, grid), color=color, lw=1.2)
+        if budget.n_opt is not None:
+            ax.scatter(budget.n_opt, budget.loss_opt, marker="*", s=180, color=color,
+                       edgecolor="k", zorder=4)
+    _log(ax)
+    ax.set(xlabel=xlabel, ylabel=LOSS)
+    ax.legend(loc="best", fontsize="small", title="★ = minimum of the parabola")
+    ax.grid(True, which="both", alpha=0.3)
+
+    optimal = [b for b in iso.budgets if b.n_opt is not None]
+    c = np.array([b.flops for b in optimal])
+    for values, slope, name, color in ((np.array([b.n_opt for b in optimal]), iso.params,
+                                        "N_opt (parameters)", "tab:blue"),
+                                       (np.array([b.d_opt for b in optimal]), iso.tokens,
+                                        "D_opt (tokens)", "tab:orange")):
+        if not len(c):
+            continue
+        ax_label = name if slope is None else f"{name} ∝ C^{slope.describe()}"
+        opt_ax.scatter(c, values, color=color, s=40, zorder=3, label=ax_label)
+        if slope is not None:
+            grid = np.geomspace(c.min() / 2, c.max() * 2, 50)
+            opt_ax.plot(grid, slope(grid), color=color, lw=1.2, ls="--")
+    _log(opt_ax, y=True)
+    opt_ax.set(xlabel="training compute C (FLOPs)", ylabel="compute-optimal parameters / tokens")
+    if iso.note:
+        opt_ax.set_title(iso.note, fontsize="small")
+    opt_ax.legend(loc="upper left", fontsize="small")
+    opt_ax.grid(True, which="both", alpha=0.3)
+    return fig

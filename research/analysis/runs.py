@@ -1,0 +1,209 @@
+"""The runs below a folder and one table row per run.
+
+A run directory is one `research train` or `research sweep` wrote: it holds summary.json,
+metrics.jsonl or trial.json, or a config.yaml that reads as an experiment config. Runs that failed,
+were pruned, or never started are kept: their rows say so.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from research import config as config_lib
+from research.analysis.events import Series, has_events, read_scalars, scalars_from_metrics
+from research.config import ConfigError
+from research.sweep import rundir
+from research.sweep.spec import short_name
+
+ANALYSIS = "analysis"  # the output folder inside the analysed one, never read as a run
+MARKERS = ("summary.json", "metrics.jsonl", rundir.RECORD)
+# Fields that differ between runs without changing what is trained or how it is measured.
+BOOKKEEPING = ("name", "logging.", "checkpoint.", "data.cache_dir", "train.log_every",
+               "train.eval_every")
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str  # path relative to the analysed folder
+    config: dict[str, Any]  # flattened config.yaml ({} when missing)
+    summary: dict[str, Any]
+    trial: dict[str, Any] | None
+    scalars: Series
+    label: str = ""  # its swept values, e.g. "n_layers=4"; set by `load_runs`
+    values: dict[str, Any] = field(default_factory=dict)  # swept field -> value
+
+    @property
+    def state(self) -> str:
+        return (self.trial or {}).get("state") or self.summary.get("state") or "unknown"
+
+    @property
+    def error(self) -> str | None:
+        return (self.trial or {}).get("error") or self.summary.get("error")
+
+    @property
+    def tokens_per_step(self) -> int | None:
+        if "tokens_per_step" in self.summary:
+            return self.summary["tokens_per_step"]
+        if "train.batch_size" in self.config and "train.seq_len" in self.config:
+            return self.config["train.batch_size"] * self.config["train.seq_len"]
+        return None
+
+    def series(self, tag: str) -> list[tuple[int, float]]:
+        return self.scalars.get(tag, [])
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"n_layers": 4}} -> {"model.n_layers": 4}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(flatten(value, f"{name}.") if isinstance(value, dict) else {name: value})
+    return out
+
+
+def _read_config(path: Path, check: bool = False) -> dict[str, Any] | None:
+    """A config.yaml's flattened fields; None when unreadable, or (check) not an experiment config.
+
+    Only folders with nothing but a config.yaml are checked: a run's own config may be from an
+    older schema and still name its swept values.
+    """
+    try:
+        raw = yaml.safe_load(path.read_text())
+        if not isinstance(raw, dict):
+            return None
+        if check:
+            config_lib.validate(raw)
+    except (OSError, yaml.YAMLError, ConfigError):
+        return None
+    return flatten(raw)
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Run directories at or below `root` (not inside one another, not in root/analysis)."""
+    found = []
+    for here, dirs, files in os.walk(root):
+        path = Path(here)
+        if any(name in files for name in MARKERS) or (
+                "config.yaml" in files and _read_config(path / "config.yaml", check=True) is not None):
+            found.append(path)
+            dirs.clear()
+        else:
+            dirs[:] = sorted(d for d in dirs if not (path == root and d == ANALYSIS))
+    return sorted(found)
+
+
+def read_run(path: Path, root: Path) -> Run:
+    scalars = (read_scalars(path / "tb") if has_events(path / "tb")
+               else scalars_from_metrics(rundir.read_metrics(path)))
+    config = _read_config(path / "config.yaml")
+    name = path.relative_to(root).as_posix() if path != root else path.name
+    return Run(path, name, config or {}, rundir.read_json(path / "summary.json") or {},
+               rundir.read_json(path / rundir.RECORD), scalars)
+
+
+def swept_fields(runs: list[Run]) -> list[str]:
+    """The sweep's fields (from trial.json), else the config fields that differ between runs."""
+    keys: dict[str, None] = {}
+    for run in runs:
+        if run.trial:
+            keys.update(dict.fromkeys([*run.trial.get("params", {}), *run.trial.get("derived", {})]))
+    if keys:
+        return list(keys)
+    configs = [run.config for run in runs if run.config]
+    every = sorted({key for c in configs for key in c})
+    return [key for key in every if not key.startswith(BOOKKEEPING)
+            and len({repr(c.get(key)) for c in configs}) > 1]
+
+
+def format_value(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def si(value: float) -> str:
+    """3 significant digits with an SI prefix: 836736 -> 837k, 2.5e15 -> 2.5P."""
+    for scale, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{prefix}"
+    return f"{value:.3g}"
+
+
+def load_runs(root: Path) -> tuple[list[Run], list[str]]:
+    """The runs below `root`, in trial order, and their swept fields; ConfigError when none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"{root}: no such directory")
+    paths = find_run_dirs(root)
+    if not paths:
+        raise ConfigError(f"{root}: no run directories below it (looked for summary.json, "
+                          "metrics.jsonl, trial.json or an experiment config.yaml)")
+    runs = [read_run(path, root) for path in paths]
+    runs.sort(key=lambda r: ((r.trial or {}).get("trial", math.inf), r.name))
+    fields = swept_fields(runs)
+    for run in runs:
+        params = {**(run.trial or {}).get("params", {}), **(run.trial or {}).get("derived", {})}
+        run.values = {key: params.get(key, run.config.get(key)) for key in fields}
+        run.label = ", ".join(f"{short_name(k)}={format_value(v)}" for k, v in run.values.items()
+                              if v is not None) or run.name
+    return runs, fields
+
+
+# ----------------------------------------------------------------------------- table
+
+COLUMNS = ("state", "step", "steps", "params_total", "params_active", "params_non_embedding",
+           "tokens", "flops", "final_eval_loss", "best_eval_loss", "final_eval_bpb",
+           "best_eval_bpb", "tokens_per_sec", "mfu", "error")
+
+
+def _last(points: list[tuple[int, float]]) -> float | None:
+    return points[-1][1] if points else None
+
+
+def _best(points: list[tuple[int, float]]) -> float | None:
+    return min(v for _, v in points) if points else None
+
+
+def _median(points: list[tuple[int, float]]) -> float | None:
+    return statistics.median(v for _, v in points) if points else None
+
+
+def finished(runs: list[Run], rows: list[dict[str, Any]]) -> list[tuple[Run, dict[str, Any]]]:
+    """Runs that completed with an eval loss: the only ones compared, plotted against size and fitted.
+
+    A failed or pruned run's last eval comes from a shorter run, so it would flatter no setting.
+    """
+    return [(run, r) for run, r in zip(runs, rows)
+            if run.state == "done" and r["final_eval_loss"] is not None]
+
+
+def row(run: Run) -> dict[str, Any]:
+    """The run's table row: swept values then COLUMNS (None where the run has no such number).
+
+    tokens/s and MFU are medians over the logged steps, so one slow step does not decide them.
+    """
+    summary, train_tokens = run.summary, run.series("train/tokens")
+    steps_done = max([s for points in run.scalars.values() for s, _ in points],
+                     default=summary.get("step"))
+    tokens = _last(train_tokens)
+    if tokens is None and steps_done is not None and run.tokens_per_step is not None:
+        tokens = steps_done * run.tokens_per_step
+    fpt = summary.get("flops_per_token")
+    return {
+        "run": run.name, **run.values, "state": run.state, "step": steps_done,
+        "steps": summary.get("steps", run.config.get("train.steps")),
+        **{key: summary.get(key) for key in ("params_total", "params_active", "params_non_embedding")},
+        "tokens": tokens, "flops": fpt * tokens if fpt is not None and tokens is not None else None,
+        "final_eval_loss": _last(run.series("eval/loss")),
+        "best_eval_loss": _best(run.series("eval/loss")),
+        "final_eval_bpb": _last(run.series("eval/bpb")),
+        "best_eval_bpb": _best(run.series("eval/bpb")),
+        "tokens_per_sec": _median(run.series("train/tokens_per_sec")),
+        "mfu": _median(run.series("train/mfu")), "error": run.error,
+    }

@@ -1,0 +1,313 @@
+"""Analysis: scaling-law fits against known laws, event files against metrics.jsonl, and reports from
+real tiny runs and a real tiny sweep (failed and eval-less runs included), TensorBoard over loopback."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import TINY
+
+from research import config
+from research.analysis import add_analysis_commands, fits
+from research.analysis.board import serve
+from research.analysis.events import read_scalars, scalars_from_metrics
+from research.analysis.report import analyze
+from research.config import ConfigError
+from research.sweep import rundir
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Hoffmann et al. 2022's fitted law, L(N, D) = E + A/N^alpha + B/D^beta: with C = 6ND its
+# compute-optimal sizes grow as N_opt ∝ C^(beta/(alpha+beta)), D_opt ∝ C^(alpha/(alpha+beta)).
+E, A, B, ALPHA, BETA = 1.69, 406.4, 410.7, 0.34, 0.28
+
+
+def chinchilla_loss(n: np.ndarray, d: np.ndarray) -> np.ndarray:
+    return E + A * n**-ALPHA + B * d**-BETA
+
+
+def true_n_opt(c: float) -> float:
+    """argmin over N of the loss at C = 6ND, by dense search (independent of any closed form)."""
+    n = np.geomspace(1e3, 1e13, 200_001)
+    return float(n[np.argmin(chinchilla_loss(n, c / (6 * n)))])
+
+
+def isoflop_grid(rng: np.random.Generator, budgets=(1e15, 1e16, 1e17, 1e18, 1e19)):
+    """Per budget, 9 sizes spanning 1.6 decades around the optimum (off-centre by up to 0.2)."""
+    for c in budgets:
+        centre = true_n_opt(c) * 10 ** rng.uniform(-0.2, 0.2)
+        for n in centre * np.logspace(-0.8, 0.8, 9):
+            yield c, n, c / (6 * n)
+
+
+# ----------------------------------------------------------------------------- fits
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_power_law_fit_recovers_a_known_law(seed):
+    rng = np.random.default_rng(seed)
+    x = np.logspace(5, 9, 12)
+    y = (1.7 + 400.0 * x**-0.34) * np.exp(rng.normal(0, 0.005, x.size))  # 0.5% noise
+    fit = fits.fit_power_law(x, y)
+    assert fit.alpha == pytest.approx(0.34, abs=0.015)
+    assert fit.E == pytest.approx(1.7, abs=0.04)
+    assert fit.A == pytest.approx(400.0, rel=0.12)
+    assert fit.n_points == 12
+    for name, value in (("alpha", fit.alpha), ("E", fit.E), ("A", fit.A)):
+        low, high = fit.intervals[name]
+        assert low <= value <= high and high - low < 0.3 * abs(value)
+    assert fit.intervals["alpha"][0] <= 0.34 <= fit.intervals["alpha"][1]
+
+
+def test_power_law_fit_says_why_it_cannot_fit():
+    with pytest.raises(fits.FitError, match="too few points to fit: 3 distinct values, need 4"):
+        fits.fit_power_law([1e6, 1e7, 1e8, 1e8], [3.0, 2.5, 2.2, 2.21])
+    with pytest.raises(fits.FitError, match="no power law"):
+        fits.fit_power_law(np.logspace(5, 8, 6), [2.0, 2.1, 2.2, 2.3, 2.4, 2.5])  # rising
+    with pytest.raises(fits.FitError, match="positive"):
+        fits.fit_power_law([1, 2, 3, 4], [1.0, 0.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_isoflop_approach_2_recovers_compute_optimal_exponents(seed):
+    rng = np.random.default_rng(seed)
+    c, n, d = map(np.array, zip(*isoflop_grid(rng)))
+    loss = chinchilla_loss(n, d) * np.exp(rng.normal(0, 0.002, n.size))
+    iso = fits.isoflop(c * np.exp(rng.uniform(-0.05, 0.05, c.size)), n, d, loss)  # budgets ±5%
+    assert len(iso.budgets) == 5 and all(b.n_opt is not None for b in iso.budgets)
+    assert iso.params.exponent == pytest.approx(BETA / (ALPHA + BETA), abs=0.02)
+    assert iso.tokens.exponent == pytest.approx(ALPHA / (ALPHA + BETA), abs=0.02)
+    assert 0 < iso.params.stderr < 0.02
+    for budget in iso.budgets:
+        assert budget.n_opt == pytest.approx(true_n_opt(budget.flops), rel=0.35)
+
+
+def test_isoflop_needs_two_budgets_with_a_minimum_inside():
+    rng = np.random.default_rng(0)
+    c, n, d = map(np.array, zip(*isoflop_grid(rng, budgets=(1e17,))))
+    assert fits.isoflop(c, n, d, chinchilla_loss(n, d)) is None  # one budget
+    # Sizes all far below the optimum at two budgets: loss falls across each, no minimum inside.
+    c = np.repeat([1e17, 1e18], 5)
+    n = np.tile(np.geomspace(1e3, 1e5, 5), 2)
+    iso = fits.isoflop(c, n, c / (6 * n), chinchilla_loss(n, c / (6 * n)))
+    assert iso.params is None and "0 of 2 budgets" in iso.note
+    assert all("minimum above the sizes tried" in b.note for b in iso.budgets)
+
+
+# ----------------------------------------------------------------------------- runs on disk
+
+
+def write_run(path: Path, *, params: int, tokens_per_step: int, steps: int, eval_loss: float | None,
+              state: str = "done", trial: dict | None = None) -> None:
+    """A run directory as `research train` leaves it, minus checkpoints and tb/ (no training)."""
+    path.mkdir(parents=True)
+    entries = [{"step": s, "loss": 6.0 - s / steps, "tokens": s * tokens_per_step,
+                "tokens_per_sec": 1000.0 + s, "mfu": 0.01} for s in (steps // 2, steps)]
+    if eval_loss is not None:
+        entries.append({"step": steps, "eval_loss": eval_loss, "eval_bpb": eval_loss / math.log(2)})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    rundir.write_json(path / "summary.json", {
+        "name": path.name, "state": state, "step": steps, "steps": steps, "params_total": params,
+        "params_active": params, "params_embedding": 0, "params_non_embedding": params,
+        "flops_per_token": 6.0 * params, "tokens_per_step": tokens_per_step, "error": None})
+    if trial is not None:
+        rundir.write_json(path / rundir.RECORD, trial)
+
+
+def test_analyze_recovers_exponents_from_an_isoflop_sweep_on_disk(tmp_path):
+    rng = np.random.default_rng(3)
+    for i, (c, n, d) in enumerate(isoflop_grid(rng, budgets=(1e15, 1e16, 1e17, 1e18))):
+        steps = round(d / 1024)
+        write_run(tmp_path / f"t{i:03d}", params=round(n), tokens_per_step=1024, steps=steps,
+                  eval_loss=float(chinchilla_loss(n, steps * 1024) * np.exp(rng.normal(0, 0.002))),
+                  trial={"trial": i, "name": f"t{i:03d}", "params": {"model.d_model": round(n)},
+                         "state": "done", "objective": None, "error": None})
+    out, answer = analyze(tmp_path)
+    record = json.loads((out / "fits.json").read_text())["isoflop"]
+    assert len(record["budgets"]) == 4
+    assert record["n_opt_exponent"] == pytest.approx(BETA / (ALPHA + BETA), abs=0.03)
+    assert record["d_opt_exponent"] == pytest.approx(ALPHA / (ALPHA + BETA), abs=0.03)
+    assert f"N_opt ∝ C^{record['n_opt_exponent']:.3f}" in answer
+    assert (out / "isoflop.png").stat().st_size > 10_000
+    assert "36 runs: 36 done." in answer and "; the worst, d_model=" in answer
+
+
+def _events(tb_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir))
+    events.Reload()
+    return events
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, token_cache_dir) -> Path:
+    """Two real tiny runs of 1 and 2 layers (no trial.json), 8 steps each."""
+    from research.train.loop import train
+
+    root = tmp_path_factory.mktemp("runs")
+    for layers in (1, 2):
+        train(config.load(None, [*TINY, f"data.cache_dir={token_cache_dir}", "train.steps=8",
+                                 "train.eval_every=4", f"model.n_layers={layers}"]),
+              root / f"layers{layers}")
+    return root
+
+
+def test_event_files_hold_the_same_scalars_as_metrics_jsonl(trained):
+    run = trained / "layers2"
+    from_events = read_scalars(run / "tb")
+    from_jsonl = scalars_from_metrics(rundir.read_metrics(run))
+    assert set(from_jsonl) == set(from_events) and {"train/loss", "eval/loss"} <= set(from_events)
+    assert [s for s, _ in from_events["eval/loss"]] == [4, 8]
+    for tag, points in from_jsonl.items():
+        assert [s for s, _ in from_events[tag]] == [s for s, _ in points], tag
+        np.testing.assert_allclose([v for _, v in from_events[tag]], [v for _, v in points],
+                                   rtol=1e-6, err_msg=tag)  # events hold float32
+
+
+def test_event_reading_drops_what_a_resumed_run_purged(tmp_path):
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(tmp_path)) as writer:  # logged to step 7, checkpoint at 4
+        for step in range(1, 8):
+            writer.add_scalar("train/loss", float(step), step)
+    time.sleep(1.1)  # a new event file (names carry the second)
+    with SummaryWriter(str(tmp_path), purge_step=5) as writer:  # what RunLog does on resume
+        for step in range(5, 10):
+            writer.add_scalar("train/loss", 100.0 + step, step)
+    assert read_scalars(tmp_path)["train/loss"] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 105.0), (6, 106.0), (7, 107.0), (8, 108.0),
+        (9, 109.0)]
+
+
+def test_report_from_real_runs_shows_failed_and_eval_less_runs(trained, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(trained, root, ignore=shutil.ignore_patterns("checkpoints", "analysis"))
+    # A run that crashed before its first eval (no tb/ either: read from metrics.jsonl) ...
+    shutil.copytree(root / "layers1", root / "crashed")
+    shutil.rmtree(root / "crashed" / "tb")
+    lines = (root / "crashed" / "metrics.jsonl").read_text().splitlines()
+    (root / "crashed" / "metrics.jsonl").write_text(
+        "".join(line + "\n" for line in lines if json.loads(line)["step"] < 4 and "loss" in line))
+    summary = rundir.read_json(root / "crashed" / "summary.json")
+    rundir.write_json(root / "crashed" / "summary.json",
+                      {**summary, "state": "failed", "error": "FloatingPointError: non-finite loss at step 3"})
+    # ... and one whose config was rejected: nothing but its config.
+    (root / "rejected").mkdir()
+    (root / "rejected" / "config.yaml").write_text(
+        config.load(None, [*TINY, "train.steps=8", "model.n_layers=4"]).to_yaml())
+
+    out, answer = analyze(root)
+    with (out / "table.csv").open() as f:
+        table = {r["run"]: r for r in csv.DictReader(f)}
+    assert set(table) == {"layers1", "layers2", "crashed", "rejected"}
+    assert [table[name]["model.n_layers"] for name in ("layers1", "layers2", "rejected")] == [
+        "1", "2", "4"]  # the config field that differs
+    crashed = table["crashed"]
+    assert crashed["state"] == "failed" and "non-finite loss" in crashed["error"]
+    assert crashed["final_eval_loss"] == "" and crashed["step"] == "3"
+    assert table["rejected"]["state"] == "unknown" and table["rejected"]["final_eval_loss"] == ""
+    for n in (1, 2):
+        row, jsonl = table[f"layers{n}"], rundir.read_metrics(root / f"layers{n}")
+        evals = [e["eval_loss"] for e in jsonl if "eval_loss" in e]
+        assert float(row["final_eval_loss"]) == pytest.approx(evals[-1], rel=1e-6)
+        assert float(row["best_eval_loss"]) == pytest.approx(min(evals), rel=1e-6)
+        summary = rundir.read_json(root / f"layers{n}" / "summary.json")
+        assert int(row["params_total"]) == summary["params_total"]
+        assert float(row["tokens"]) == 8 * summary["tokens_per_step"]
+        assert float(row["flops"]) == pytest.approx(summary["flops_per_token"] * 8 * summary["tokens_per_step"])
+
+    # The answer names the best finished run and its margin over the next best, from the table.
+    done = sorted((float(table[f"layers{n}"]["final_eval_loss"]), n) for n in (1, 2))
+    (best, n_best), (second, n_second) = done[0], done[1]
+    assert answer.startswith(f"At {8 * summary['tokens_per_step'] / 1000:.3g}k training tokens per run, "
+                             f"n_layers={n_best} reached the lowest final eval loss, {best:.4f}")
+    assert f"{second - best:.4f} nats ({100 * (second - best) / second:.2g}%) better than the next " \
+           f"best, n_layers={n_second}" in answer
+    assert "4 runs: 2 done, 1 failed, 1 unknown." in answer
+    assert "too few points to fit: 2 distinct values, need 4" in (out / "report.md").read_text()
+
+    for name in ("curves", "swept", "loss_vs_params_total", "loss_vs_flops"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    assert page.count("src='data:image/png;base64,") == 4 and "src='http" not in page
+    assert "crashed" in page and "non-finite loss at step 3" in page
+    events = _events(out / "tb")
+    assert sorted(events.Tags()["images"]) == [
+        "analysis/curves", "analysis/loss_vs_flops", "analysis/loss_vs_params_total", "analysis/swept"]
+    assert events.Images("analysis/swept")[0].encoded_image_string == (out / "swept.png").read_bytes()
+
+    analyze(root)  # again: replaces its output, no second set of TensorBoard images
+    assert len(list((out / "tb").iterdir())) == 1
+
+
+def test_report_of_a_real_sweep_uses_its_trial_records(tmp_path, tiny_overrides):
+    from research.sweep import spec
+    from research.sweep.runner import Runner, default_storage
+
+    sweep_file = tmp_path / "layers.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "base": str(REPO / "experiments" / "dense_tiny.yaml"),
+        "search": {"params": {"model.n_layers": [1, 2]}}}))
+    out = tmp_path / "sweep"
+    overrides = [o for o in tiny_overrides if not o.startswith("model.n_layers=")]
+    assert Runner(spec.load(sweep_file, overrides), out, default_storage(out)).run() == 0
+    analysis, answer = analyze(out)
+    with (analysis / "table.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], r["model.n_layers"], r["state"]) for r in rows] == [
+        ("t000-n_layers=1", "1", "done"), ("t001-n_layers=2", "2", "done")]
+    objectives = {r["run"]: rundir.read_json(out / r["run"] / "trial.json")["objective"] for r in rows}
+    best = min(objectives, key=objectives.get)
+    assert f"{best.split('-')[1]} reached the lowest final eval loss, {objectives[best]:.4f}" in answer
+
+
+def test_empty_missing_or_foreign_folders_are_config_errors(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_analysis_commands(parser.add_subparsers())
+    foreign = tmp_path / "foreign"
+    (foreign / "sub").mkdir(parents=True)
+    (foreign / "sub" / "config.yaml").write_text("server: {port: 80}\n")  # not an experiment
+    (foreign / "notes.txt").write_text("hello")
+    (tmp_path / "empty").mkdir()
+    for folder, message in [(tmp_path / "empty", "no run directories below it"),
+                            (foreign, "no run directories below it"),
+                            (tmp_path / "missing", "no such directory")]:
+        args = parser.parse_args(["analyze", str(folder)])
+        with pytest.raises(ConfigError, match=message):
+            args.func(args)
+    with pytest.raises(ConfigError, match="no TensorBoard event files"):
+        with serve(foreign):
+            pass
+
+
+def test_board_serves_the_runs_over_loopback_and_stops(trained):
+    with serve(trained) as (url, process):
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url, timeout=5) as page:
+            assert page.status == 200 and b"<html" in page.read().lower()
+        deadline = time.monotonic() + 30
+        while True:
+            with urllib.request.urlopen(url + "data/runs", timeout=5) as response:
+                runs = json.loads(response.read())
+            if len(runs) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert {"layers1/tb", "layers2/tb"} <= set(runs)
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        with pytest.raises(ConfigError, match=f"--port {port}: already in use"):
+            with serve(trained, port):
+                pass
+    assert process.poll() is not None
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url, timeout=2)
