@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from research.config import ConfigError
+from research.sweep import add_sweep_commands
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     evaluate.add_argument("--batches", type=int, help="held-out batches (default: train.eval_batches)")
     evaluate.set_defaults(func=_eval)
+
+    add_sweep_commands(commands)
     return parser
 
 

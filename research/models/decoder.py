@@ -1,14 +1,20 @@
 """The decoder-only Transformer: embed -> n_layers x Block -> RMSNorm -> logits.
 
 A Block is pre-norm `x + mixer(norm(x))` then `x + ffn(norm(x))`, with the mixer and the
-feed-forward chosen by name from MIXERS and FFNS. The stack repeats a *period* of
-(mixer, ffn) pairs n_layers / P times (dense Llama: P = 1, (("attention", "mlp"),)); with
-`cfg.scan_layers` the repeats run under `nn.scan`, so compile time does not grow with depth and
-every parameter gains a leading "layers" axis of length n_layers / P.
+feed-forward chosen by name from MIXERS and FFNS ("none": no feed-forward, no norm). The stack
+repeats the period `cfg.period` (from `model.layer_pattern`; dense Llama: (("attention",
+"mlp"),)) n_layers / P times; with `cfg.scan_layers` the repeats run under `nn.scan`, so compile
+time does not grow with depth and every parameter gains a leading "layers" axis of length
+n_layers / P.
 
-Every sublayer returns (y, aux): aux maps names to per-layer values (a MoE layer would return
-its load-balancing "aux_loss" and metrics). The decoder stacks each key over the layers that
-produced it, in layer order, and sums "aux_loss" into the scalar the trainer adds to the loss.
+Every sublayer returns (y, aux): aux maps names to per-layer values. "aux_loss" is summed into
+the scalar the trainer adds to the loss; every other key is named "<sublayer>/<metric>" (e.g.
+"moe/drop_frac") and stacked over the layers that have that sublayer, in layer order, so
+`layer_metrics` can name each value by its layer.
+
+Decode mode (generation): mixers keep their state (KV cache, SSM state) in the "cache"
+collection, created by `init(..., decode=True)` with tokens of the maximum length and updated
+by `apply(..., decode=True, mutable=["cache"])` on the next tokens at their absolute positions.
 """
 
 from __future__ import annotations
@@ -22,14 +28,15 @@ import jax.numpy as jnp
 from research.config import ConfigError, ModelConfig
 from research.models.attention import Attention
 from research.models.layers import BTD, BTV, MLP, Einsum, Embed, RMSNorm
+from research.models.mamba import Mamba2
+from research.models.moe import MoE
 
 Aux = dict[str, jax.Array]
-Period = tuple[tuple[str, str], ...]
 
-# Sublayer constructors, by name: MIXERS take (x, positions), FFNS take (x); both return (y, aux).
-MIXERS: dict[str, Callable[..., nn.Module]] = {"attention": Attention}
-FFNS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP}
-DENSE: Period = (("attention", "mlp"),)
+# Sublayer constructors, by name: MIXERS take (x, positions, decode), FFNS take (x); both return
+# (y, aux). The feed-forward "none" is no module at all (see Block).
+MIXERS: dict[str, Callable[..., nn.Module]] = {"attention": Attention, "mamba": Mamba2}
+FFNS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "moe": MoE}
 
 # Rematerialisation: what the backward pass may keep from each block's forward.
 # "full" keeps only the block input; "dots" also keeps the projections' outputs (matmuls with no
@@ -56,20 +63,42 @@ def stack_aux(auxes: Sequence[Aux]) -> Aux:
     return {k: jnp.stack([aux[k] for aux in auxes if k in aux]) for k in keys}
 
 
+def layer_metrics(aux: Aux, cfg: ModelConfig) -> dict[str, jax.Array]:
+    """The decoder's stacked aux -> scalars named by layer: "moe/drop_frac" [L_moe] becomes
+    "moe/layer{i}/drop_frac"; a per-layer vector "moe/expert_frac" [L_moe, E] becomes
+    "moe/layer{i}/expert_frac/{e}". Layer i is the i-th layer of the whole stack."""
+    out = {}
+    for key, values in aux.items():
+        if key == "aux_loss":
+            continue
+        sublayer, _, metric = key.partition("/")
+        layers = [i for i in range(cfg.n_layers) if sublayer in cfg.period[i % len(cfg.period)]]
+        for layer, value in zip(layers, values, strict=True):
+            name = f"{sublayer}/layer{layer}/{metric}"
+            if value.ndim == 0:
+                out[name] = value
+            else:
+                out.update({f"{name}/{j}": v for j, v in enumerate(value.reshape(-1))})
+    return out
+
+
 class Block(nn.Module):
     """One pre-norm residual layer: a token mixer, then a feed-forward."""
 
     cfg: ModelConfig
     mixer: str
     ffn: str
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, Aux]:
         cfg = self.cfg
         norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         y, mixer_aux = MIXERS[self.mixer](cfg, name=self.mixer)(
-            RMSNorm(name="mixer_norm", **norm)(x), positions)
+            RMSNorm(name="mixer_norm", **norm)(x), positions, decode=self.decode)
         x = nn.with_logical_constraint(x + y, BTD)
+        if self.ffn == "none":  # a mixer-only layer (Mamba-2 style)
+            return x, mixer_aux
         y, ffn_aux = FFNS[self.ffn](cfg, name=self.ffn)(RMSNorm(name="ffn_norm", **norm)(x))
         x = nn.with_logical_constraint(x + y, BTD)
         aux = dict(mixer_aux)  # a key both sublayers report (e.g. two aux losses) is summed
@@ -89,58 +118,51 @@ class PeriodBlocks(nn.Module):
     """One repeat of the period: P blocks; the unit `nn.scan` iterates over."""
 
     cfg: ModelConfig
-    period: Period
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, Aux]:
         block = _block(self.cfg, scanned=True)
         auxes = []
-        for j, (mixer, ffn) in enumerate(self.period):
-            x, aux = block(self.cfg, mixer, ffn, name=f"block_{j}")(x, positions)
+        for j, (mixer, ffn) in enumerate(self.cfg.period):
+            x, aux = block(self.cfg, mixer, ffn, self.decode, name=f"block_{j}")(x, positions)
             auxes.append(aux)
         return x, stack_aux(auxes)
 
 
 class Decoder(nn.Module):
-    """tokens int32 [B, T] -> (logits float32 [B, T, vocab_size], aux)."""
+    """tokens int32 [B, T] -> (logits float32 [B, T, vocab_size], aux).
+
+    `positions` [1 or B, T] are the tokens' absolute positions (default 0..T-1); in decode mode
+    they say where the new tokens continue the cached sequence.
+    """
 
     cfg: ModelConfig
     vocab_size: int
-    period: Period = DENSE
-
-    def _check(self) -> None:
-        p = len(self.period)
-        if self.cfg.n_layers % p:
-            raise ConfigError(f"model.n_layers={self.cfg.n_layers} must be a multiple of the "
-                              f"layer period ({p} layers)")
-        for mixer, ffn in self.period:
-            if mixer not in MIXERS:
-                raise ConfigError(f"unknown mixer {mixer!r}; allowed: {', '.join(MIXERS)}")
-            if ffn not in FFNS:
-                raise ConfigError(f"unknown feed-forward {ffn!r}; allowed: {', '.join(FFNS)}")
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, Aux]:
-        self._check()
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 decode: bool = False) -> tuple[jax.Array, Aux]:
         cfg = self.cfg
         embed = Embed(self.vocab_size, cfg, name="embed")
         x = nn.with_logical_constraint(embed(tokens), BTD)
-        positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+        if positions is None:
+            positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
 
-        repeats = cfg.n_layers // len(self.period)
         if cfg.scan_layers:
-            stack = nn.scan(PeriodBlocks, variable_axes={"params": 0},
-                            split_rngs={"params": True}, in_axes=nn.broadcast, length=repeats,
+            stack = nn.scan(PeriodBlocks, variable_axes={"params": 0, "cache": 0},
+                            split_rngs={"params": True}, in_axes=nn.broadcast,
+                            length=cfg.n_layers // len(cfg.period),
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, aux = stack(cfg, self.period, name="layers")(x, positions)
+            x, aux = stack(cfg, decode, name="layers")(x, positions)
             # [repeats, per-period count, ...] -> [layers with the key, ...], in layer order
             aux = {k: v.reshape(-1, *v.shape[2:]) for k, v in aux.items()}
         else:
             block = _block(cfg, scanned=False)
             auxes = []
             for i in range(cfg.n_layers):
-                mixer, ffn = self.period[i % len(self.period)]
-                x, layer_aux = block(cfg, mixer, ffn, name=f"layer_{i}")(x, positions)
+                mixer, ffn = cfg.period[i % len(cfg.period)]
+                x, layer_aux = block(cfg, mixer, ffn, decode, name=f"layer_{i}")(x, positions)
                 auxes.append(layer_aux)
             aux = stack_aux(auxes)
 

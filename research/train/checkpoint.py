@@ -75,5 +75,4 @@ class Checkpointer:
 
     def close(self) -> None:
         """Wait for any asynchronous save to land, then release the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        self.manager.close()  # waits for saves in flight

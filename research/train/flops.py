@@ -1,9 +1,9 @@
 """Analytic parameter counts and training FLOPs per token, from the config alone (no JAX).
 
 Counts follow research/models exactly (tests compare them with the initialised model). Each
-layer family has its own small function, looked up by the names the decoder's layer period
-uses: a new mixer or feed-forward adds an entry to MIXER_PARAMS / FFN_PARAMS and, if it does
-work that no weight accounts for (attention scores, an SSD scan), to MIXER_EXTRA_FLOPS.
+layer family has its own small function, looked up by the names in the config's layer period
+(`cfg.period`): a new mixer or feed-forward adds an entry to MIXER_PARAMS / FFN_PARAMS and, if
+it does work that no weight accounts for (attention scores, an SSD scan), to MIXER_EXTRA_FLOPS.
 
 FLOPs per token for training (forward + backward = 3 x forward, a multiply-add = 2 FLOPs):
 
@@ -11,7 +11,9 @@ FLOPs per token for training (forward + backward = 3 x forward, a multiply-add =
       + 12 * sum over attention layers of T_eff * n_heads * head_size
 
 The first term is every projection, the output head included even when tied (the input
-embedding is a lookup, not a matmul; norm scales are not matmuls). The second is q k^T and
+embedding is a lookup, not a matmul; norm scales are not matmuls). A MoE layer's active
+parameters are its router, its shared experts and top_k routed experts: the work a token needs,
+not the capacity padding or the dispatch gathers actually executed. The second is q k^T and
 probs @ v: 2 matmuls x 2 FLOPs x T_eff keys x n_heads * head_size per token, times 3, with
 T_eff = min(sliding_window, seq_len). Like PaLM (appendix B) it counts the full T x T square,
 not the causal half that actually matters, so MFU is comparable with the literature.
@@ -31,11 +33,7 @@ state and each step's read of it (4 H P N), and the state passing between chunks
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from research.config import ModelConfig
-
-DENSE: tuple[tuple[str, str], ...] = (("attention", "mlp"),)  # as research.models.decoder.DENSE
 
 
 def attention_params(cfg: ModelConfig) -> tuple[int, int]:
@@ -48,6 +46,15 @@ def mlp_params(cfg: ModelConfig) -> tuple[int, int]:
     """(stored, active per token) weights of the SwiGLU gate, up and down projections."""
     n = 3 * cfg.d_model * cfg.ff_size
     return n, n
+
+
+def moe_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(stored, active per token): router + shared experts + E (stored) or top_k (active)
+    routed SwiGLU experts of width d_expert."""
+    moe = cfg.moe
+    expert = 3 * cfg.d_model * (moe.d_expert or cfg.ff_size)
+    always = cfg.d_model * moe.n_experts + moe.n_shared_experts * expert
+    return always + moe.n_experts * expert, always + moe.top_k * expert
 
 
 def attention_score_flops(cfg: ModelConfig, seq_len: int) -> float:
@@ -80,35 +87,33 @@ def ssd_flops(cfg: ModelConfig, seq_len: int) -> float:
 
 
 MIXER_PARAMS = {"attention": attention_params, "mamba": mamba_params}
-FFN_PARAMS = {"mlp": mlp_params}
+FFN_PARAMS = {"mlp": mlp_params, "moe": moe_params, "none": lambda cfg: (0, 0)}
 MIXER_EXTRA_FLOPS = {"attention": attention_score_flops, "mamba": ssd_flops}
 
 
-def _layers(cfg: ModelConfig, period: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [period[i % len(period)] for i in range(cfg.n_layers)]
+def _layers(cfg: ModelConfig) -> list[tuple[str, str]]:
+    return [cfg.period[i % len(cfg.period)] for i in range(cfg.n_layers)]
 
 
-def param_counts(cfg: ModelConfig, vocab_size: int,
-                 period: Sequence[tuple[str, str]] = DENSE) -> dict[str, int]:
+def param_counts(cfg: ModelConfig, vocab_size: int) -> dict[str, int]:
     """total, embedding (the vocab matrices: embedding, plus the head when untied),
-    non_embedding (= total - embedding) and active (used per token; = total for dense)."""
+    non_embedding (= total - embedding) and active (used per token; = total without MoE)."""
     embedding = vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     total = active = embedding + cfg.d_model  # + final norm
-    for mixer, ffn in _layers(cfg, period):
+    for mixer, ffn in _layers(cfg):
         mixer_n, mixer_active = MIXER_PARAMS[mixer](cfg)
         ffn_n, ffn_active = FFN_PARAMS[ffn](cfg)
-        norms = 2 * cfg.d_model
+        norms = cfg.d_model * (1 if ffn == "none" else 2)  # a layer without ffn has no ffn norm
         total += mixer_n + ffn_n + norms
         active += mixer_active + ffn_active + norms
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding,
             "active": active}
 
 
-def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int,
-                    period: Sequence[tuple[str, str]] = DENSE) -> float:
+def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward); the formula is in the module docstring."""
     forward = 2.0 * cfg.d_model * vocab_size  # output head
-    for mixer, ffn in _layers(cfg, period):
+    for mixer, ffn in _layers(cfg):
         forward += 2.0 * (MIXER_PARAMS[mixer](cfg)[1] + FFN_PARAMS[ffn](cfg)[1])
         if mixer in MIXER_EXTRA_FLOPS:
             forward += MIXER_EXTRA_FLOPS[mixer](cfg, seq_len)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from research import config as config_lib
@@ -32,7 +32,7 @@ from research.parallel.mesh import (AxisRules, axis_rules, batch_sharding, check
                                     make_mesh)
 from research.train import flops, metrics
 from research.train.checkpoint import Checkpointer
-from research.train.optim import learning_rate, make_optimizer
+from research.train.optim import lr_multiplier, make_optimizer
 from research.train.state import StateSpec, init_state, param_specs, state_spec
 from research.train.step import eval_step, train_step
 
@@ -54,7 +54,7 @@ class Setup:
     model: nn.Module
     vocab_size: int
     tx: optax.GradientTransformation
-    schedule: optax.Schedule
+    lr_multiplier: optax.Schedule
     spec: StateSpec
 
     @contextlib.contextmanager
@@ -77,11 +77,11 @@ def prepare(cfg: ExperimentConfig, devices: list[jax.Device] | None = None) -> S
     vocab = padded_vocab(cfg.model, cache.tokenizer.vocab_size)
     model = Decoder(cfg.model, vocab)
     example = jnp.zeros((1, cfg.train.seq_len), jnp.int32)
-    schedule = learning_rate(cfg.optim, cfg.train.steps)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         tx = make_optimizer(cfg.optim, cfg.train.steps, param_specs(model, example))
         spec = state_spec(model, tx, example, mesh, rules)
-    return Setup(cfg, mesh, rules, cache, model, vocab, tx, schedule, spec)
+    return Setup(cfg, mesh, rules, cache, model, vocab, tx,
+                 lr_multiplier(cfg.optim, cfg.train.steps), spec)
 
 
 def evaluate(setup: Setup, params: Any, batches: list[np.ndarray],
@@ -174,10 +174,11 @@ def train(cfg: ExperimentConfig, run_dir: Path,
 
     save_summary()
     with setup.context():
+        replicated = NamedSharding(setup.mesh, PartitionSpec())
         step_fn = jax.jit(
-            functools.partial(train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule,
-                              grad_accum=cfg.train.grad_accum),
-            in_shardings=(setup.spec.shardings, batch_sharding(setup.mesh)),
+            functools.partial(train_step, model=setup.model, tx=setup.tx,
+                              lr_multiplier=setup.lr_multiplier, grad_accum=cfg.train.grad_accum),
+            in_shardings=(setup.spec.shardings, batch_sharding(setup.mesh), replicated),
             out_shardings=(setup.spec.shardings, None),
             donate_argnums=0,
         )
@@ -185,18 +186,21 @@ def train(cfg: ExperimentConfig, run_dir: Path,
         compile_start = time.perf_counter()
         batch_shape = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
                                            sharding=batch_sharding(setup.mesh))
-        step_fn = step_fn.lower(setup.spec.abstract, batch_shape).compile()
+        peak_lr = jnp.asarray(cfg.optim.lr, jnp.float32)
+        step_fn = step_fn.lower(setup.spec.abstract, batch_shape, peak_lr).compile()
         summary["compile_seconds"] = time.perf_counter() - compile_start
         eval_fn = jax.jit(functools.partial(eval_step, model=setup.model),
                           in_shardings=(setup.spec.shardings["params"], batch_sharding(setup.mesh)))
 
     progress = tqdm(total=cfg.train.steps, initial=start, disable=not (is_lead and cfg.logging.progress),
                     unit="step", dynamic_ncols=True, desc=cfg.name)
+    reached = start
     try:
         last_time, last_step = time.perf_counter(), start
         for step in range(start + 1, cfg.train.steps + 1):
             with setup.context():
-                state, step_metrics = step_fn(state, setup.global_array(next(data)["tokens"]))
+                state, step_metrics = step_fn(state, setup.global_array(next(data)["tokens"]), peak_lr)
+            reached = step
             progress.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -224,16 +228,17 @@ def train(cfg: ExperimentConfig, run_dir: Path,
                 last_time = time.perf_counter()  # eval time is not step time
             if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
                 checkpoints.save(step, state, data, {"step": step, "config": cfg.to_dict()})
-        checkpoints.close()
-        save_summary(state="done", step=cfg.train.steps)
     except KeyboardInterrupt:
-        checkpoints.close()  # let a save in flight land
-        save_summary(state="interrupted", step=checkpoints.latest_step() or 0)
+        summary.update(state="interrupted")
         raise
     except Exception as exc:
-        save_summary(state="failed", error=f"{type(exc).__name__}: {exc}")
+        summary.update(state="failed", error=f"{type(exc).__name__}: {exc}")
         raise
+    else:
+        summary.update(state="done")
     finally:
+        checkpoints.close()  # whatever happened, let a save in flight land before exiting
         progress.close()
         log.close()
+        save_summary(step=reached)
     return summary

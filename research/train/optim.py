@@ -14,22 +14,27 @@ from research.config import OptimConfig
 _NOT_MATRIX_AXES = {"layers", None}
 
 
-def learning_rate(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup, then cosine to min_lr, or warmup-stable-decay (WSD), or constant."""
+def lr_multiplier(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """The schedule's shape, peaking at 1: linear warmup, then cosine to min_lr_ratio,
+    warmup-stable-decay (WSD), or constant.
+
+    The peak `optim.lr` multiplies it inside the step as a traced argument, so runs that differ
+    only in learning rate share one compiled program (and a sweep's compilation cache).
+    """
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
-    ramp = optax.linear_schedule(0.0 if warmup else peak, peak, max(warmup, 1))
+    floor = cfg.min_lr_ratio
+    ramp = optax.linear_schedule(0.0 if warmup else 1.0, 1.0, max(warmup, 1))
     rest = max(total_steps - warmup, 1)
     if cfg.schedule == "cosine":
-        after = optax.cosine_decay_schedule(peak, rest, alpha=cfg.min_lr_ratio)
+        after = optax.cosine_decay_schedule(1.0, rest, alpha=floor)
     elif cfg.schedule == "wsd":
         decay = max(int(round(rest * cfg.decay_fraction)), 1)
         after = optax.join_schedules(
-            [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay)],
+            [optax.constant_schedule(1.0), optax.linear_schedule(1.0, floor, decay)],
             [rest - decay],
         )
     else:
-        after = optax.constant_schedule(peak)
+        after = optax.constant_schedule(1.0)
     return optax.join_schedules([ramp, after], [warmup])
 
 
@@ -48,10 +53,11 @@ def decay_mask(param_specs: Any) -> Any:
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int, param_specs: Any) -> optax.GradientTransformation:
+    """Clipping + AdamW with the schedule's shape; the step scales the update by the peak lr."""
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
     parts.append(
         optax.adamw(
-            learning_rate(cfg, total_steps),
+            lr_multiplier(cfg, total_steps),
             b1=cfg.beta1,
             b2=cfg.beta2,
             eps=cfg.eps,

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from research.models.decoder import layer_metrics
 from research.train.state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -23,11 +24,15 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def loss_fn(params: Any, model: nn.Module, tokens: jax.Array) -> tuple[jax.Array, Metrics]:
-    """Mean next-token loss (+ the model's auxiliary losses, which only shape the gradient)."""
+    """Mean next-token loss (+ the model's auxiliary losses, which only shape the gradient).
+
+    The metrics are scalars: the loss, and the layers' aux values named by layer (e.g.
+    "moe/layer3/drop_frac"), so the loop can log every one as a float.
+    """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     logits, aux = model.apply({"params": params}, inputs)
     loss = cross_entropy(logits, targets).mean()
-    metrics = {"loss": loss, **{k: v for k, v in aux.items() if k != "aux_loss"}}
+    metrics = {"loss": loss, **layer_metrics(aux, model.cfg)}
     return loss + aux.get("aux_loss", 0.0), metrics
 
 
@@ -41,10 +46,13 @@ def _micro_batches(tokens: jax.Array, n: int) -> jax.Array:
     return tokens.reshape(batch // n, n, length).swapaxes(0, 1)
 
 
-def train_step(state: TrainState, tokens: jax.Array, *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: optax.Schedule,
+def train_step(state: TrainState, tokens: jax.Array, peak_lr: jax.Array, *, model: nn.Module,
+               tx: optax.GradientTransformation, lr_multiplier: optax.Schedule,
                grad_accum: int) -> tuple[TrainState, Metrics]:
-    """One optimizer update over `grad_accum` micro-batches of the global batch `tokens`."""
+    """One optimizer update over `grad_accum` micro-batches of the global batch `tokens`.
+
+    `tx` applies the schedule's shape; `peak_lr` scales its update (see optim.lr_multiplier).
+    """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def accumulate(carry, micro):
@@ -65,12 +73,12 @@ def train_step(state: TrainState, tokens: jax.Array, *, model: nn.Module,
         metrics = jax.tree.map(lambda m: m / grad_accum, metrics)
 
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    params = optax.apply_updates(state["params"], jax.tree.map(lambda u: peak_lr * u, updates))
     metrics = {
         **metrics,
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(params),
-        "lr": schedule(state["step"]),
+        "lr": peak_lr * lr_multiplier(state["step"]),
     }
     new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
     return new_state, metrics

@@ -1,0 +1,163 @@
+"""Mixture-of-Experts feed-forward: a softmax top-k router over E SwiGLU experts (Mixtral), with
+optional always-on shared experts and fine-grained experts (DeepSeekMoE).
+
+Every token picks its top_k experts by router probability; its output is the sum of those
+experts' outputs weighted by their probabilities renormalised over the top_k (Mixtral), plus the
+shared experts' output. Two dispatch paths compute the same function (`model.moe.dispatch`):
+
+- capacity: each sequence is a group; expert e takes at most C = capacity(T) of its tokens into
+  a padded buffer [E, B, C, D], in token order (so whether a token is dropped depends only on
+  earlier tokens: no information flows backwards through drops). Overflow choices are dropped:
+  they contribute nothing (the residual carries the token on). Buffers are filled by gathering
+  token rows at cumsum-computed slots, not by one-hot dispatch einsums (measured faster on CPU,
+  see docs/moe.md). The fast path on CPU.
+- dropless: all B*T*top_k choices sorted by expert and run through grouped matmuls
+  (`jax.lax.ragged_dot`). Nothing is dropped; the path for GPU/TPU.
+
+Losses (raw values are metrics; their coefficient-weighted sum is "aux_loss"):
+- balance: E * sum_e f_e * p_e (Switch Transformer), f_e = fraction of the T*top_k choices
+  routed to e (before any drop), p_e = mean router probability of e. Perfectly uniform routing
+  gives exactly 1.0, for any E and top_k.
+- z-loss: mean over tokens of logsumexp(router logits)^2 (ST-MoE): keeps logits small.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from research.config import ModelConfig, MoEConfig
+from research.models.layers import MLP, Einsum, matmul, out_std
+
+Aux = dict[str, jax.Array]
+EBCD = ("act_expert", "act_batch", None, "act_embed")  # the capacity buffers
+
+
+def capacity(tokens: int, cfg: MoEConfig) -> int:
+    """Slots per expert for a group of `tokens`: ceil(factor * tokens * top_k / E), at least 1,
+    at most `tokens` (an expert never sees a token twice, so more slots would stay empty)."""
+    return max(1, min(tokens, math.ceil(cfg.capacity_factor * tokens * cfg.top_k / cfg.n_experts)))
+
+
+def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """float32 router logits [..., E] -> (weights [..., k] summing to 1, experts [..., k], probs)."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    return weights / weights.sum(-1, keepdims=True), experts, probs
+
+
+def router_losses(logits: jax.Array, probs: jax.Array, experts: jax.Array) -> Aux:
+    """Switch balancing loss (1.0 when uniform), z-loss, and the per-expert routed fraction f."""
+    n_experts = logits.shape[-1]
+    counts = jax.nn.one_hot(experts, n_experts, dtype=jnp.float32).sum(axis=-2)  # [..., E]
+    frac = counts.reshape(-1, n_experts).mean(0) / experts.shape[-1]
+    mean_prob = probs.reshape(-1, n_experts).mean(0)
+    z = jnp.square(jax.nn.logsumexp(logits, axis=-1)).mean()
+    return {"balance_loss": n_experts * jnp.sum(frac * mean_prob), "z_loss": z,
+            "expert_frac": frac}
+
+
+def swiglu(dot: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
+           gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """down(silu(gate x) * up x) for all experts at once; `dot` applies per-expert weights."""
+    return dot(nn.silu(dot(x, gate)) * dot(x, up), down)
+
+
+def capacity_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, n_experts: int,
+                      slots: int, expert_fn: Callable[[jax.Array], jax.Array]
+                      ) -> tuple[jax.Array, jax.Array]:
+    """x [B, T, D], choices [B, T, k] -> (y [B, T, D], kept [B, T, k]); expert_fn maps the
+    padded buffer [E, B, C, D] to the experts' outputs of the same shape."""
+    b, t, d = x.shape
+    choice = experts.reshape(b, -1)  # [B, T*k], token-major: a token's choices before the next's
+    onehot = jax.nn.one_hot(choice, n_experts, dtype=jnp.int32)
+    slot = (jnp.cumsum(onehot, axis=1) * onehot).sum(-1) - 1  # rank among its expert's choices
+    kept = slot < slots
+    empty = n_experts * slots  # index of an all-zero row, for dropped choices and empty slots
+    dest = jnp.where(kept, choice * slots + slot, empty)  # [B, T*k] row of the flat buffer
+    rows = jnp.arange(b)[:, None]
+    token = jnp.broadcast_to(jnp.repeat(jnp.arange(t), experts.shape[-1]), dest.shape)
+    source = jnp.full((b, empty + 1), t).at[rows, dest].set(token)[:, :empty]  # t: the zero row
+    padded = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
+    buffer = jnp.take_along_axis(padded, source[..., None], axis=1)  # [B, E*C, D]
+    buffer = buffer.reshape(b, n_experts, slots, d).transpose(1, 0, 2, 3)
+    out = nn.with_logical_constraint(expert_fn(nn.with_logical_constraint(buffer, EBCD)), EBCD)
+    out = out.transpose(1, 0, 2, 3).reshape(b, empty, d)
+    out = jnp.pad(out, ((0, 0), (0, 1), (0, 0)))
+    picked = jnp.take_along_axis(out, dest[..., None], axis=1).reshape(*experts.shape, d)
+    return (picked * weights[..., None]).sum(-2), kept.reshape(experts.shape)
+
+
+def dropless_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array,
+                      params: tuple[jax.Array, jax.Array, jax.Array], dtype: jnp.dtype) -> jax.Array:
+    """x [B, T, D], choices [B, T, k] -> y [B, T, D]: every choice, sorted by expert, through
+    grouped matmuls (ragged_dot over contiguous per-expert groups)."""
+    d, n_experts = x.shape[-1], params[0].shape[0]
+    choice = experts.reshape(-1)
+    order = jnp.argsort(choice, stable=True)
+    sizes = jnp.bincount(choice, length=n_experts)
+    rows = x.reshape(-1, d)[order // experts.shape[-1]]
+
+    def dot(a: jax.Array, w: jax.Array) -> jax.Array:
+        return jax.lax.ragged_dot(a.astype(dtype), w.astype(dtype), sizes,
+                                  preferred_element_type=jnp.float32)
+
+    out = jnp.zeros_like(rows).at[order].set(swiglu(dot, rows, *params))
+    return (out.reshape(*experts.shape, d) * weights[..., None]).sum(-2)
+
+
+class MoE(nn.Module):
+    """Routed (+ shared) SwiGLU experts. Returns (y, aux) like every feed-forward.
+
+    In decode mode (the "cache" collection is mutable, see research/generate.py) the capacity
+    path gets C = T slots, so no token is ever dropped: a generated token's output then does not
+    depend on how the prompt was chunked, and equals the dropless result.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, Aux]:
+        cfg, moe = self.cfg, self.cfg.moe
+        d, f, e = cfg.d_model, moe.d_expert or cfg.ff_size, moe.n_experts
+        dtype = jnp.dtype(cfg.compute_dtype)
+
+        def param(name: str, shape: tuple[int, ...], axes: tuple[str, ...], std: float):
+            init = nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+            return self.param(name, init, shape, jnp.dtype(cfg.param_dtype))
+
+        params = (param("gate", (e, d, f), ("expert", "embed", "mlp"), cfg.init_std),
+                  param("up", (e, d, f), ("expert", "embed", "mlp"), cfg.init_std),
+                  param("down", (e, f, d), ("expert", "mlp", "embed"), out_std(cfg)))
+        logits = Einsum("btd,de->bte", (d, e), ("embed", None), cfg.init_std, "float32",
+                        cfg.param_dtype, name="router")(x)
+        weights, experts, probs = route(logits, moe.top_k)
+        aux = router_losses(logits, probs, experts)
+
+        if moe.dispatch == "dropless":
+            y = dropless_dispatch(x, experts, weights, params, dtype)
+            aux["drop_frac"] = jnp.zeros((), jnp.float32)
+        else:
+            def dot(a: jax.Array, w: jax.Array) -> jax.Array:
+                # expert-major [E, rows, in] operands: XLA:CPU refuses bf16 batched dots whose
+                # batch dimension is not the leading one
+                return matmul("egi,eio->ego", a, w, dtype)
+
+            def expert_fn(buffer: jax.Array) -> jax.Array:
+                flat = buffer.reshape(e, -1, d)  # [E, B*C, D]: one matmul per expert
+                return swiglu(dot, flat, *params).reshape(buffer.shape)
+
+            decoding = self.is_mutable_collection("cache") and not self.is_initializing()
+            slots = x.shape[1] if decoding else capacity(x.shape[1], moe)
+            y, kept = capacity_dispatch(x, experts, weights, e, slots, expert_fn)
+            aux["drop_frac"] = 1.0 - kept.astype(jnp.float32).mean()
+
+        if moe.n_shared_experts:
+            shared = cfg.model_copy(update={"d_ff": moe.n_shared_experts * f})
+            y = y + MLP(shared, name="shared")(x)[0]
+        aux["aux_loss"] = moe.balance_coef * aux["balance_loss"] + moe.z_loss_coef * aux["z_loss"]
+        return y, {k if k == "aux_loss" else f"moe/{k}": v for k, v in aux.items()}
