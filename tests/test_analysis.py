@@ -108,7 +108,7 @@ def test_isoflop_needs_two_budgets_with_a_minimum_inside():
 
 
 def write_run(path: Path, *, params: int, tokens_per_step: int, steps: int, eval_loss: float | None,
-              state: str = "done", trial: dict | None = None) -> None:
+              state: str = "done", trial: dict | None = None, active: int | None = None) -> None:
     """A run directory as `research train` leaves it, minus checkpoints and tb/ (no training)."""
     path.mkdir(parents=True)
     entries = [{"step": s, "loss": 6.0 - s / steps, "tokens": s * tokens_per_step,
@@ -118,8 +118,9 @@ def write_run(path: Path, *, params: int, tokens_per_step: int, steps: int, eval
     (path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     rundir.write_json(path / "summary.json", {
         "name": path.name, "state": state, "step": steps, "steps": steps, "params_total": params,
-        "params_active": params, "params_embedding": 0, "params_non_embedding": params,
-        "flops_per_token": 6.0 * params, "tokens_per_step": tokens_per_step, "error": None})
+        "params_active": active or params, "params_embedding": 0, "params_non_embedding": params,
+        "flops_per_token": 6.0 * (active or params), "tokens_per_step": tokens_per_step,
+        "error": None})
     if trial is not None:
         rundir.write_json(path / rundir.RECORD, trial)
 
@@ -140,6 +141,29 @@ def test_analyze_recovers_exponents_from_an_isoflop_sweep_on_disk(tmp_path):
     assert f"N_opt ∝ C^{record['n_opt_exponent']:.3f}" in answer
     assert (out / "isoflop.png").stat().st_size > 10_000
     assert "36 runs: 36 done." in answer and "; the worst, d_model=" in answer
+
+
+def test_moe_runs_get_a_fit_against_active_parameters_and_failures_no_fit(tmp_path):
+    for experts in (2, 4, 8, 16, 32):  # 8 top-2 experts' worth of active params, more in total
+        active = 10_000_000
+        write_run(tmp_path / f"e{experts}", params=active * experts // 2, active=active,
+                  tokens_per_step=512, steps=100, eval_loss=2.0 + 40.0 * (active * experts) ** -0.25)
+    out, answer = analyze(tmp_path)
+    record = json.loads((out / "fits.json").read_text())
+    assert record["loss_vs_params_active"] == {  # all at one size: the best of them is the frontier
+        "error": "too few points to fit: 1 distinct value, need 4", "runs": ["e32"]}
+    assert record["loss_vs_params_total"]["alpha"] == pytest.approx(0.25, abs=0.01)
+    assert (out / "loss_vs_params_active.png").is_file()
+    assert answer.startswith("At 51.2k training tokens per run, e32 reached the lowest")
+
+    for run in tmp_path.glob("e*"):  # all failed: a table and a plain answer, no fits or figures
+        summary = rundir.read_json(run / "summary.json")
+        rundir.write_json(run / "summary.json", {**summary, "state": "failed", "error": "OOM"})
+    out, answer = analyze(tmp_path)
+    assert answer == "No run finished with an eval loss (5 runs: 5 failed); the table shows each run's state."
+    assert json.loads((out / "fits.json").read_text()) == {}
+    assert sorted(p.name for p in out.glob("*.png")) == ["curves.png"]
+    assert (out / "table.csv").read_text().count(",failed,") == 5
 
 
 def _events(tb_dir: Path):

@@ -91,7 +91,8 @@ def fit_power_law(x: np.ndarray, y: np.ndarray, bootstrap: int = BOOTSTRAP,
         raise FitError("a power law needs positive values")
     distinct = len(np.unique(x))
     if distinct < MIN_POINTS:
-        raise FitError(f"too few points to fit: {distinct} distinct values, need {MIN_POINTS}")
+        raise FitError(f"too few points to fit: {distinct} distinct value{'s' * (distinct != 1)}, "
+                       f"need {MIN_POINTS}")
     x_ref = float(np.exp(np.mean(np.log(x))))
     lx, ly = np.log(x / x_ref), np.log(y)
     low, high = float(ly.min()), float(ly.max())

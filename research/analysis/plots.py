@@ -73,9 +73,20 @@ def _figure(panels: int, width: float = 5.0, runs: list[Run] = ()) -> tuple[Figu
     return fig, list(axes[:panels])
 
 
-def _run_legend(fig: Figure, runs: list[Run], colors: dict[str, Any]) -> None:
-    handles = [Line2D([], [], color=colors[r.name], marker="o", lw=1.5,
-                      label=r.label if r.state == "done" else f"{r.label} ({r.state})") for r in runs]
+def _title(fig: Figure, text: str) -> None:
+    fig.suptitle(text, x=0.01, ha="left")  # left: clear of the run legend at the top right
+
+
+def _run_legend(fig: Figure, runs: list[Run], colors: dict[str, Any],
+                shown: set[str] | None = None) -> None:
+    """One entry per run; a run that is not finished says so, and whether it is drawn."""
+    def label(run: Run) -> str:
+        notes = [run.state] if run.state != "done" else []
+        if shown is not None and run.name not in shown:
+            notes.append("not shown")
+        return f"{run.label} ({', '.join(notes)})" if notes else run.label
+
+    handles = [Line2D([], [], color=colors[r.name], marker="o", lw=1.5, label=label(r)) for r in runs]
     columns = _legend_columns(runs)
     fig.legend(handles=handles, loc="outside right upper", title="run", ncols=columns,
                fontsize="small" if columns == 1 else "x-small")
@@ -94,7 +105,7 @@ def _smooth(values: np.ndarray) -> np.ndarray:
 def curves(runs: list[Run], colors: dict[str, Any]) -> Figure:
     """Training and eval loss against tokens seen, every run (unfinished ones dashed)."""
     fig, (train_ax, eval_ax) = _figure(2, runs=runs)
-    fig.suptitle("Loss curves")
+    _title(fig, "Loss curves")
     for run in runs:
         per_step = run.tokens_per_step
         if per_step is None:
@@ -121,19 +132,14 @@ def _finished(runs: list[Run], rows: list[dict[str, Any]], key: str) -> list[tup
     return [(run, r) for run, r in finished(runs, rows) if r.get(key) is not None]
 
 
-def _unfinished_note(runs: list[Run], shown: int) -> str:
-    hidden = len(runs) - shown
-    return f" ({hidden} unfinished or without eval loss not shown)" if hidden else ""
-
-
 def swept(runs: list[Run], rows: list[dict[str, Any]], fields: list[str],
           colors: dict[str, Any]) -> Figure:
     """Final eval loss against each swept field; runs equal in the other fields are joined."""
     fig, axes = _figure(len(fields), width=4.5, runs=runs)
-    shown = 0
+    shown: set[str] = set()
     for ax, key in zip(axes, fields):
         points = _finished(runs, rows, key)
-        shown = max(shown, len(points))
+        shown |= {run.name for run, _ in points}
         values = [r[key] for _, r in points]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         if numeric:
@@ -163,8 +169,8 @@ def swept(runs: list[Run], rows: list[dict[str, Any]], fields: list[str],
             ax.xaxis.set_minor_locator(NullLocator())
         ax.set(xlabel=key, ylabel=LOSS)
         ax.grid(True, alpha=0.3)
-    fig.suptitle("Final eval loss by swept field" + _unfinished_note(runs, shown))
-    _run_legend(fig, runs, colors)
+    _title(fig, "Final eval loss by swept field")
+    _run_legend(fig, runs, colors, shown)
     return fig
 
 
@@ -194,15 +200,15 @@ def scaling(runs: list[Run], rows: list[dict[str, Any]], key: str, xlabel: str, 
     _log(ax)
     ax.set(xlabel=xlabel, ylabel=LOSS)
     ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"Eval loss against {xlabel}" + _unfinished_note(runs, len(points)))
-    _run_legend(fig, runs, colors)
+    _title(fig, f"Eval loss against {xlabel}")
+    _run_legend(fig, runs, colors, {run.name for run, _ in points})
     return fig
 
 
 def isoflop(iso: IsoFlop, params: np.ndarray, loss: np.ndarray, xlabel: str) -> Figure:
     """Left: loss against size per compute budget, parabola and minimum. Right: N_opt, D_opt vs C."""
     fig, (ax, opt_ax) = _figure(2, width=5.5)
-    fig.suptitle("IsoFLOP curves and compute-optimal scaling (Chinchilla approach 2)")
+    _title(fig, "IsoFLOP curves and compute-optimal scaling (Chinchilla approach 2)")
     cmap = colormaps["viridis"]
     for i, budget in enumerate(iso.budgets):
         color = cmap(i / max(1, len(iso.budgets) - 1) * 0.9)

@@ -72,14 +72,15 @@ class ScalingFit:
 
 
 def scaling_fits(runs: list[Run], rows: list[dict[str, Any]]) -> list[ScalingFit]:
-    """Loss against total (and, for MoE, active) parameters and against training FLOPs."""
+    """Loss against total (and, for MoE, active) parameters and against training FLOPs; none
+    without finished runs."""
     done = finished(runs, rows)
     moe = any(r["params_active"] != r["params_total"] for _, r in done)
     out = []
     for key, label, symbol in SCALING_AXES:
-        if key == "params_active" and not moe:
-            continue
         points = [(run.name, r[key], r["final_eval_loss"]) for run, r in done if r[key] is not None]
+        if not points or (key == "params_active" and not moe):
+            continue
         names = np.array([p[0] for p in points], object)
         x, y = np.array([p[1:] for p in points], float).reshape(-1, 2).T
         keep = fits.frontier(x, y)
@@ -134,6 +135,22 @@ def fits_table(scaling: list[ScalingFit]) -> tuple[list[str], list[list[str]]]:
                          str(len(s.fitted))])
         else:
             body.append([s.label, f"no fit: {fit}", "", "", "", str(len(s.fitted))])
+    return header, body
+
+
+def budgets_table(iso: fits.IsoFlop) -> tuple[list[str], list[list[str]]]:
+    header = ["compute C (FLOPs)", "runs", "N_opt", "D_opt", "loss at N_opt", "note"]
+    body = []
+    for b in iso.budgets:
+        optimum = (["–"] * 3 if b.n_opt is None
+                   else [si(b.n_opt), si(b.d_opt), f"{b.loss_opt:.4f}"])
+        body.append([f"{b.flops:.3g}", str(len(b.members)), *optimum, b.note])
+    if iso.params is not None:
+        used = sum(b.n_opt is not None for b in iso.budgets)
+        body.append([f"exponents over {used} budgets", "", f"∝ C^{iso.params.describe()}",
+                     f"∝ C^{iso.tokens.describe()}", "", "± standard error"])
+    else:
+        body.append(["", "", "", "", "", iso.note])
     return header, body
 
 
@@ -218,26 +235,33 @@ def _clear(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def figures(runs: list[Run], rows: list[dict[str, Any]], fields: list[str],
+            scaling: list[ScalingFit], iso: fits.IsoFlop | None, arrays: dict) -> list[Figure]:
+    colors = plots.run_colors(runs)
+    out = []
+    if any(run.series("train/loss") or run.series("eval/loss") for run in runs):
+        out.append(Figure("curves", "Loss curves", plots.curves(runs, colors)))
+    plotted = [k for k in fields if any(r[k] is not None for _, r in finished(runs, rows))]
+    if plotted:
+        out.append(Figure("swept", "Final eval loss by swept field",
+                          plots.swept(runs, rows, plotted, colors)))
+    for s in scaling:
+        out.append(Figure(f"loss_vs_{s.key}", f"Eval loss against {s.label}", plots.scaling(
+            runs, rows, s.key, s.label, s.symbol, s.fit, s.fitted, colors)))
+    if iso is not None:
+        out.append(Figure("isoflop", "IsoFLOP curves", plots.isoflop(
+            iso, arrays["params_active"], arrays["final_eval_loss"], "active parameters")))
+    return out
+
+
 def analyze(root: Path) -> tuple[Path, str]:
     """Write DIR/analysis/ for the runs below `root`; returns that folder and the answer paragraph."""
     root = Path(root)
     runs, fields = load_runs(root)
     rows = [row(run) for run in runs]
-    colors = plots.run_colors(runs)
     scaling = scaling_fits(runs, rows)
     iso, arrays = compute_optimal(runs, rows)
-
-    figures = [Figure("curves", "Loss curves", plots.curves(runs, colors))]
-    plotted = [k for k in fields if any(r[k] is not None for _, r in finished(runs, rows))]
-    if plotted:
-        figures.append(Figure("swept", "Final eval loss by swept field",
-                              plots.swept(runs, rows, plotted, colors)))
-    for s in scaling:
-        figures.append(Figure(f"loss_vs_{s.key}", f"Eval loss against {s.label}", plots.scaling(
-            runs, rows, s.key, s.label, s.symbol, s.fit, s.fitted, colors)))
-    if iso is not None:
-        figures.append(Figure("isoflop", "IsoFLOP curves", plots.isoflop(
-            iso, arrays["params_active"], arrays["final_eval_loss"], "active parameters")))
+    answer = headline(runs, rows, scaling, iso)
 
     out = root / ANALYSIS
     _clear(out)
@@ -246,36 +270,37 @@ def analyze(root: Path) -> tuple[Path, str]:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-    table = (columns, [[cell(c, r[c]) for c in columns] for r in rows])
-    fit_table = fits_table(scaling)
-    (out / "table.md").write_text(_markdown_table(*table) + "\n")
     (out / "fits.json").write_text(json.dumps(fits_record(scaling, iso), indent=1))
-    answer = headline(runs, rows, scaling, iso)
-
     pngs = {}
-    for fig in figures:
+    drawn = figures(runs, rows, fields, scaling, iso, arrays)
+    for fig in drawn:
         buffer = io.BytesIO()
         fig.figure.savefig(buffer, format="png", dpi=110)
         pngs[fig.stem] = buffer.getvalue()
         (out / f"{fig.stem}.png").write_bytes(pngs[fig.stem])
 
+    tables = [("Runs", (columns, [[cell(c, r[c]) for c in columns] for r in rows]))]
+    if scaling:
+        tables.append(("Scaling-law fits", fits_table(scaling)))
+    if iso is not None:
+        tables.append(("IsoFLOP budgets", budgets_table(iso)))
+    (out / "table.md").write_text(_markdown_table(*tables[0][1]) + "\n")
+    text = "\n".join([answer, *(f"\n## {name}\n\n{_markdown_table(*t)}" for name, t in tables)])
     title = f"Analysis of {root.resolve().name}"
-    text = "\n".join([answer, "", "## Runs", "", _markdown_table(*table), "", "## Fits", "",
-                      _markdown_table(*fit_table), ""])
-    images_md = [f"## {fig.title}\n\n![{fig.title}]({fig.stem}.png)\n" for fig in figures]
-    (out / "report.md").write_text("\n".join([f"# {title}", "", text, *images_md]))
+    images_md = [f"\n## {fig.title}\n\n![{fig.title}]({fig.stem}.png)" for fig in drawn]
+    (out / "report.md").write_text("\n".join([f"# {title}\n", text, *images_md]) + "\n")
     page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
-            f"<p class='answer'>{html.escape(answer)}</p>", "<h2>Runs</h2>", _html_table(*table),
-            "<h2>Fits</h2>", _html_table(*fit_table)]
-    page += [f"<h2>{html.escape(fig.title)}</h2><img alt='{html.escape(fig.title)}' "
-             f"src='data:image/png;base64,{base64.b64encode(pngs[fig.stem]).decode()}'>" for fig in figures]
+            f"<p class='answer'>{html.escape(answer)}</p>"]
+    page += [f"<h2>{html.escape(name)}</h2>{_html_table(*t)}" for name, t in tables]
+    page += [f"<h2>{html.escape(fig.title)}</h2><img alt='{html.escape(fig.title)}' src='data:image/"
+             f"png;base64,{base64.b64encode(pngs[fig.stem]).decode()}'>" for fig in drawn]
     (out / "report.html").write_text("\n".join(page) + "</body></html>\n")
 
     from tensorboardX import SummaryWriter
 
     with SummaryWriter(str(out / "tb")) as writer:
-        for fig in figures:
+        for fig in drawn:
             writer.file_writer.add_summary(_image_summary(f"analysis/{fig.stem}", pngs[fig.stem]), 0)
         writer.add_text("analysis/report", text, 0)
     return out, answer

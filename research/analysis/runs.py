@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,14 +96,18 @@ def find_run_dirs(root: Path) -> list[Path]:
                 "config.yaml" in files and _read_config(path / "config.yaml", check=True) is not None):
             found.append(path)
             dirs.clear()
-        else:
-            dirs[:] = sorted(d for d in dirs if not (path == root and d == ANALYSIS))
+        else:  # not our output, nor hidden folders (a sweep's .jax_cache)
+            dirs[:] = sorted(d for d in dirs
+                             if not d.startswith(".") and not (path == root and d == ANALYSIS))
     return sorted(found)
 
 
 def read_run(path: Path, root: Path) -> Run:
-    scalars = (read_scalars(path / "tb") if has_events(path / "tb")
-               else scalars_from_metrics(rundir.read_metrics(path)))
+    """A run's files; scalars from tb/, or metrics.jsonl where tb/ has no training scalars (a run
+    with logging.tensorboard=false holds only what the sweep wrote there)."""
+    scalars = read_scalars(path / "tb") if has_events(path / "tb") else {}
+    if not any(tag.startswith(("train/", "eval/")) for tag in scalars):
+        scalars = scalars_from_metrics(rundir.read_metrics(path))
     config = _read_config(path / "config.yaml")
     name = path.relative_to(root).as_posix() if path != root else path.name
     return Run(path, name, config or {}, rundir.read_json(path / "summary.json") or {},
@@ -145,7 +150,9 @@ def load_runs(root: Path) -> tuple[list[Run], list[str]]:
         raise ConfigError(f"{root}: no run directories below it (looked for summary.json, "
                           "metrics.jsonl, trial.json or an experiment config.yaml)")
     runs = [read_run(path, root) for path in paths]
-    runs.sort(key=lambda r: ((r.trial or {}).get("trial", math.inf), r.name))
+    runs.sort(key=lambda r: ((r.trial or {}).get("trial", math.inf),
+                             [int(part) if part.isdigit() else part  # layers2 before layers10
+                              for part in re.split(r"(\d+)", r.name)]))
     fields = swept_fields(runs)
     for run in runs:
         params = {**(run.trial or {}).get("params", {}), **(run.trial or {}).get("derived", {})}
@@ -179,8 +186,8 @@ def finished(runs: list[Run], rows: list[dict[str, Any]]) -> list[tuple[Run, dic
 
     A failed or pruned run's last eval comes from a shorter run, so it would flatter no setting.
     """
-    return [(run, r) for run, r in zip(runs, rows)
-            if run.state == "done" and r["final_eval_loss"] is not None]
+    return [(run, r) for run, r in zip(runs, rows) if run.state == "done"
+            and r["final_eval_loss"] is not None and math.isfinite(r["final_eval_loss"])]
 
 
 def row(run: Run) -> dict[str, Any]:
@@ -188,12 +195,12 @@ def row(run: Run) -> dict[str, Any]:
 
     tokens/s and MFU are medians over the logged steps, so one slow step does not decide them.
     """
-    summary, train_tokens = run.summary, run.series("train/tokens")
+    summary, train = run.summary, run.series("train/loss")
     steps_done = max([s for points in run.scalars.values() for s, _ in points],
                      default=summary.get("step"))
-    tokens = _last(train_tokens)
-    if tokens is None and steps_done is not None and run.tokens_per_step is not None:
-        tokens = steps_done * run.tokens_per_step
+    # Exact, where events hold train/tokens as float32.
+    tokens = (train[-1][0] * run.tokens_per_step if train and run.tokens_per_step
+              else _last(run.series("train/tokens")))
     fpt = summary.get("flops_per_token")
     return {
         "run": run.name, **run.values, "state": run.state, "step": steps_done,
