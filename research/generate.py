@@ -1,0 +1,138 @@
+"""Sampling from a trained run: `research generate RUN_DIR --prompt TEXT [options]`.
+
+The prompt, after an eos token (the document separator the model saw in training, so the
+continuation starts as a fresh document would), is prefilled in one decode call; then tokens are
+sampled one at a time, each a jitted call that reads and updates the decode cache (attention's
+KV buffers, Mamba's convolution and SSM state; see research/models/decoder.py). Sampling:
+temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to the nucleus, the
+smallest set of most likely tokens whose probability reaches top_p. It stops after
+--max-new-tokens or at eos. Generation runs on one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from research.config import ConfigError, MeshConfig
+
+Cache = Any
+
+
+def init_cache(model: nn.Module, batch: int, max_len: int) -> Cache:
+    """Zeroed decode state for `batch` sequences of up to `max_len` tokens (shapes only: no
+    forward pass runs)."""
+    tokens = jnp.zeros((batch, max_len), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, decode=True))["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def decode(model: nn.Module, params: Any, cache: Cache, tokens: jax.Array,
+           positions: jax.Array) -> tuple[jax.Array, Cache]:
+    """Logits [B, T, V] of `tokens` [B, T] at `positions` continuing the cached sequence, and
+    the updated cache."""
+    (logits, _), state = model.apply({"params": params, "cache": cache}, tokens, positions,
+                                     decode=True, mutable=["cache"])
+    return logits, state["cache"]
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
+    """One token per row of `logits` [B, V]: greedy at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    ranked = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ranked, axis=-1)
+    # a token is in the nucleus if the tokens ranked above it hold less than top_p
+    inside = jnp.cumsum(probs, axis=-1) - probs < top_p
+    cutoff = jnp.min(jnp.where(inside, ranked, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def make_step(model: nn.Module, temperature: float, top_p: float,
+              vocab_limit: int | None = None) -> Callable[..., tuple[jax.Array, Cache]]:
+    """A jitted (params, cache, tokens [B, T], positions, key) -> (next token [B], cache):
+    decode the tokens and sample from the last one's logits (ids >= vocab_limit, the model's
+    padding rows, are never sampled)."""
+
+    def step(params, cache, tokens, positions, key):
+        logits, cache = decode(model, params, cache, tokens, positions)
+        last = logits[:, -1]
+        if vocab_limit is not None:
+            last = jnp.where(jnp.arange(last.shape[-1]) < vocab_limit, last, -jnp.inf)
+        return sample(last, key, temperature, top_p), cache
+
+    return jax.jit(step, donate_argnums=1)
+
+
+def generate(model: nn.Module, params: Any, prompt: Sequence[int], max_new_tokens: int, *,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+             eos_id: int | None = None, vocab_limit: int | None = None) -> list[int]:
+    """Up to `max_new_tokens` sampled after the (non-empty) `prompt`, stopping after eos."""
+    step = make_step(model, temperature, top_p, vocab_limit)
+    cache = init_cache(model, 1, len(prompt) + max_new_tokens)
+    key = jax.random.key(seed)
+    tokens = jnp.asarray(prompt, jnp.int32)[None, :]
+    positions = jnp.arange(len(prompt), dtype=jnp.int32)[None, :]
+    out: list[int] = []
+    for i in range(max_new_tokens):
+        token, cache = step(params, cache, tokens, positions, jax.random.fold_in(key, i))
+        out.append(int(token[0]))
+        if out[-1] == eos_id:
+            break
+        tokens, positions = token[:, None], positions[:, -1:] + 1
+    return out
+
+
+def load(run_dir: Path, step: int | None = None) -> tuple[Any, Any, int]:
+    """(setup, params, step) of a run's checkpoint (default: the latest), on one device."""
+    from research.train.checkpoint import Checkpointer
+    from research.train.loop import load_run_config, prepare
+
+    cfg = load_run_config(run_dir)
+    cfg = cfg.model_copy(update={"mesh": MeshConfig(rules=cfg.mesh.rules)})
+    setup = prepare(cfg, jax.devices()[:1])
+    checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
+    with setup.context():
+        state, meta = checkpoints.restore(step, setup.spec.abstract)
+    return setup, state["params"], meta["step"]
+
+
+def run(args: argparse.Namespace) -> int:
+    """The `research generate` command: print the prompt and its continuation."""
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature={args.temperature}: must be >= 0 (0 is greedy)")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p={args.top_p}: must be in (0, 1]")
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens}: must be >= 0")
+    setup, params, _ = load(Path(args.run_dir), args.step)
+    tokenizer = setup.cache.tokenizer
+    prompt = [tokenizer.eos_id, *tokenizer.encode(args.prompt).tolist()]
+    with setup.context():
+        new = generate(setup.model, params, prompt, args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                       eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size)
+    print(args.prompt + tokenizer.decode(np.asarray(new)))
+    return 0
+
+
+def add_generate_command(subparsers: Any) -> None:
+    """Register `generate` on the `research` command's subparsers."""
+    parser = subparsers.add_parser("generate", help="sample text from a run's checkpoint")
+    parser.add_argument("run_dir")
+    parser.add_argument("--prompt", default="", help="text to continue (default: none)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1: off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    parser.set_defaults(func=run)
