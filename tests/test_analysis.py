@@ -7,7 +7,11 @@ import argparse
 import csv
 import json
 import math
+import os
+import re
 import shutil
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -76,6 +80,14 @@ def test_power_law_fit_says_why_it_cannot_fit():
         fits.fit_power_law(np.logspace(5, 8, 6), [2.0, 2.1, 2.2, 2.3, 2.4, 2.5])  # rising
     with pytest.raises(fits.FitError, match="positive"):
         fits.fit_power_law([1, 2, 3, 4], [1.0, 0.0, 1.0, 1.0])
+
+
+def test_frontier_keeps_the_runs_no_smaller_or_equal_run_beats():
+    x = np.array([1, 2, 2, 3, 4, 5, 5])
+    y = np.array([3.0, 2.5, 2.4, 2.6, 2.0, 2.1, 1.9])
+    naive = [not any(x[j] <= x[i] and (y[j], j) < (y[i], i) for j in range(len(x)) if j != i)
+             for i in range(len(x))]
+    assert fits.frontier(x, y).tolist() == naive == [True, False, True, False, True, False, True]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -315,23 +327,32 @@ def test_empty_missing_or_foreign_folders_are_config_errors(tmp_path):
             pass
 
 
-def test_board_serves_the_runs_over_loopback_and_stops(trained):
-    with serve(trained) as (url, process):
-        assert url.startswith("http://127.0.0.1:")
-        with urllib.request.urlopen(url, timeout=5) as page:
+def test_board_serves_the_runs_over_loopback_until_stopped(trained):
+    command = ("import argparse, sys; from research.analysis import add_analysis_commands; "
+               "p = argparse.ArgumentParser(); add_analysis_commands(p.add_subparsers()); "
+               "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
+    board = subprocess.Popen([sys.executable, "-c", command, "board", str(trained)], cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        line = board.stdout.readline()  # printed once TensorBoard answers (serve gives up at 120 s)
+        url = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert url, line + board.stdout.read()
+        with urllib.request.urlopen(url[0], timeout=5) as page:
             assert page.status == 200 and b"<html" in page.read().lower()
         deadline = time.monotonic() + 30
         while True:
-            with urllib.request.urlopen(url + "data/runs", timeout=5) as response:
+            with urllib.request.urlopen(url[0] + "data/runs", timeout=5) as response:
                 runs = json.loads(response.read())
             if len(runs) >= 2 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert {"layers1/tb", "layers2/tb"} <= set(runs)
-        port = int(url.rsplit(":", 1)[1].strip("/"))
-        with pytest.raises(ConfigError, match=f"--port {port}: already in use"):
-            with serve(trained, port):
+        with pytest.raises(ConfigError, match=f"--port {url[1]}: already in use"):
+            with serve(trained, int(url[1])):
                 pass
-    assert process.poll() is not None
-    with pytest.raises(OSError):
-        urllib.request.urlopen(url, timeout=2)
+    finally:
+        board.terminate()  # SIGTERM: the command stops its TensorBoard as Ctrl-C would
+        assert board.wait(30) == 0
+    with pytest.raises(OSError):  # nothing left listening
+        urllib.request.urlopen(url[0], timeout=2)

@@ -36,11 +36,18 @@ def analyze_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (`kill`, a job manager) stops TensorBoard too, as Ctrl-C does, not orphaning it."""
+    raise KeyboardInterrupt
+
+
 def board_command(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     from research.analysis.board import serve
 
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         with serve(Path(args.dir), args.port) as (url, process):
             print(f"TensorBoard for {args.dir} at {url}  (Ctrl-C to stop)", flush=True)

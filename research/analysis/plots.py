@@ -1,7 +1,7 @@
-"""The analysis figures (matplotlib, no pyplot state): one colour per run across all of them.
+"""The analysis figures (matplotlib's Agg backend, no pyplot state): one colour per run in all.
 
-Each function returns a Figure with constrained layout and its run legend outside the axes, so
-the same object renders whole both as a PNG and as a TensorBoard image.
+Each function returns a Figure with constrained layout, its title on the left and its run legend
+outside the axes on the right, so neither covers data.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from matplotlib.ticker import LogFormatter, NullLocator  # noqa: E402
 
 from research.analysis.fits import FitError, IsoFlop, PowerLaw  # noqa: E402
 from research.analysis.runs import Run, finished, format_value, si  # noqa: E402
-from research.sweep.spec import short_name  # noqa: E402
 
 LOSS = "eval loss (nats/token)"
 
@@ -242,6 +241,7 @@ def isoflop(iso: IsoFlop, params: np.ndarray, loss: np.ndarray, xlabel: str) -> 
     opt_ax.set(xlabel="training compute C (FLOPs)", ylabel="compute-optimal parameters / tokens")
     if iso.note:
         opt_ax.set_title(iso.note, fontsize="small")
-    opt_ax.legend(loc="upper left", fontsize="small")
+    if optimal:
+        opt_ax.legend(loc="upper left", fontsize="small")
     opt_ax.grid(True, which="both", alpha=0.3)
     return fig
