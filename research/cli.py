@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from research.analysis import add_analysis_commands
 from research.config import ConfigError
 from research.sweep import add_sweep_commands
 
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_eval)
 
     add_sweep_commands(commands)
+    add_analysis_commands(commands)
     return parser
 
 
