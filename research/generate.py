@@ -12,7 +12,8 @@ smallest set of most likely tokens whose probability reaches top_p. It stops aft
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,34 +58,32 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) 
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def make_step(model: nn.Module, temperature: float, top_p: float,
-              vocab_limit: int | None = None) -> Callable[..., tuple[jax.Array, Cache]]:
-    """A jitted (params, cache, tokens [B, T], positions, key) -> (next token [B], cache):
-    decode the tokens and sample from the last one's logits (ids >= vocab_limit, the model's
-    padding rows, are never sampled)."""
-
-    def step(params, cache, tokens, positions, key):
-        logits, cache = decode(model, params, cache, tokens, positions)
-        last = logits[:, -1]
-        if vocab_limit is not None:
-            last = jnp.where(jnp.arange(last.shape[-1]) < vocab_limit, last, -jnp.inf)
-        return sample(last, key, temperature, top_p), cache
-
-    return jax.jit(step, donate_argnums=1)
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8), donate_argnums=2)
+def next_token(model: nn.Module, params: Any, cache: Cache, tokens: jax.Array,
+               positions: jax.Array, key: jax.Array, temperature: float, top_p: float,
+               vocab_limit: int | None) -> tuple[jax.Array, Cache]:
+    """Decode `tokens` [B, T] and sample one token [B] from the last one's logits; ids >=
+    vocab_limit (the model's padding rows) are never sampled. Compiled once per model, sampling
+    settings and token shape (a prefill, then single tokens)."""
+    logits, cache = decode(model, params, cache, tokens, positions)
+    last = logits[:, -1]
+    if vocab_limit is not None:
+        last = jnp.where(jnp.arange(last.shape[-1]) < vocab_limit, last, -jnp.inf)
+    return sample(last, key, temperature, top_p), cache
 
 
 def generate(model: nn.Module, params: Any, prompt: Sequence[int], max_new_tokens: int, *,
              temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              eos_id: int | None = None, vocab_limit: int | None = None) -> list[int]:
     """Up to `max_new_tokens` sampled after the (non-empty) `prompt`, stopping after eos."""
-    step = make_step(model, temperature, top_p, vocab_limit)
     cache = init_cache(model, 1, len(prompt) + max_new_tokens)
     key = jax.random.key(seed)
     tokens = jnp.asarray(prompt, jnp.int32)[None, :]
     positions = jnp.arange(len(prompt), dtype=jnp.int32)[None, :]
     out: list[int] = []
     for i in range(max_new_tokens):
-        token, cache = step(params, cache, tokens, positions, jax.random.fold_in(key, i))
+        token, cache = next_token(model, params, cache, tokens, positions,
+                                  jax.random.fold_in(key, i), temperature, top_p, vocab_limit)
         out.append(int(token[0]))
         if out[-1] == eos_id:
             break
