@@ -91,10 +91,12 @@ def test_ssd_chunked_gradients_equal_the_recurrence():
 
 
 def dot_flops(jaxpr) -> int:
-    """FLOPs (2 per multiply-add) of every dot_general in a jaxpr, nested jaxprs included."""
+    """FLOPs (2 per multiply-add) of the matmuls in a jaxpr, nested jaxprs included: the
+    dot_generals that contract something (ssd_chunked also writes elementwise products as
+    einsums)."""
     total = 0
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
+        if eqn.primitive.name == "dot_general" and eqn.params["dimension_numbers"][0][0]:
             (contract, _), _ = eqn.params["dimension_numbers"]
             k = math.prod(eqn.invars[0].aval.shape[d] for d in contract)
             total += 2 * k * math.prod(eqn.outvars[0].aval.shape)
