@@ -4,7 +4,9 @@ init, parameter count, weight-decay mask, sharding invariance of training."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -16,6 +18,7 @@ import pytest
 from research.config import ModelConfig
 from research.models.mamba import Mamba2, ssd_chunked, ssd_sequential
 from research.train.flops import mamba_params, ssd_flops
+from research.train.loop import train
 from research.train.optim import decay_mask
 
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, init_std=0.3, layer_pattern=("mamba:mlp",),
@@ -180,3 +183,24 @@ def test_no_weight_decay_on_A_log_D_dt_bias_biases_norm():
         "conv_x": {"kernel": True, "bias": False}, "conv_bc": {"kernel": True, "bias": False},
         "in_zxdt": {"kernel": True}, "in_bc": {"kernel": True}, "out": {"kernel": True},
     }
+
+
+def logged(run_dir: Path, key: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row[key] for row in rows if key in row}
+
+
+@pytest.mark.parametrize("layout", [("mesh.data=8",), ("mesh.data=2", "mesh.tensor=4")])
+def test_mamba_model_same_losses_on_one_and_eight_devices(tiny, tmp_path, layout):
+    """Data parallel, and Mamba heads split over 4 tensor shards (float32, 1e-5 relative);
+    chunk 12 leaves a padded last chunk in the 32-token sequences."""
+    mamba = ("model.layer_pattern=[mamba:mlp]", "model.mamba.head_dim=8", "model.mamba.d_state=8",
+             "model.mamba.n_groups=2", "model.mamba.chunk_size=12", "train.steps=3",
+             "checkpoint.every=100")
+    one = train(tiny(*mamba, "mesh.data=1"), tmp_path / "one", devices=jax.devices()[:1])
+    eight = train(tiny(*mamba, *layout), tmp_path / "eight")
+    assert one["step"] == eight["step"] == 3
+    for key in ("loss", "eval_loss"):
+        a, b = logged(tmp_path / "one", key), logged(tmp_path / "eight", key)
+        assert a.keys() == b.keys() and a
+        np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=1e-5)
