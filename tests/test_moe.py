@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from research.config import ModelConfig
-from research.models.decoder import Decoder
+from research.models.decoder import Decoder, layer_metrics
 from research.models.moe import MoE, capacity, router_losses
 from research.train.flops import flops_per_token, param_counts
 from research.train.loop import train
@@ -213,6 +213,19 @@ def test_total_and_active_parameter_counts(moe):
     assert flops_per_token(cfg, 64, 32) - flops_per_token(dense, 64, 32) == 6 * extra_active
 
 
+def test_layer_metrics_are_scalars_named_by_layer_of_the_whole_stack():
+    cfg = ModelConfig(d_model=D, n_layers=6, n_heads=2,
+                      layer_pattern=("mamba:moe", "attention:mlp", "attention:moe"))
+    aux = {"aux_loss": jnp.float32(0.5), "moe/drop_frac": jnp.array([0.1, 0.2, 0.3, 0.4]),
+           "moe/expert_frac": jnp.arange(8.0).reshape(4, 2)}
+    named = {k: float(v) for k, v in layer_metrics(aux, cfg).items()}
+    assert named == pytest.approx({
+        "moe/layer0/drop_frac": 0.1, "moe/layer2/drop_frac": 0.2,
+        "moe/layer3/drop_frac": 0.3, "moe/layer5/drop_frac": 0.4,
+        **{f"moe/layer{i}/expert_frac/{e}": 2.0 * j + e
+           for j, i in enumerate((0, 2, 3, 5)) for e in (0, 1)}})
+
+
 def losses(run_dir, prefix="") -> dict[str, dict[int, float]]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     keys = {k for row in rows for k in row if k.startswith(prefix)}
@@ -221,13 +234,12 @@ def losses(run_dir, prefix="") -> dict[str, dict[int, float]]:
 
 def test_same_losses_and_router_metrics_on_one_and_eight_devices(tiny, tmp_path):
     """Expert parallelism moves tokens, not numbers (float32, 1e-5 relative)."""
-    moe = ("model.n_layers=4", "model.layer_pattern=[attention:mlp,attention:moe]",
-           "model.moe.n_experts=8", "train.steps=3", "checkpoint.every=100")
+    moe = ("model.layer_pattern=[attention:mlp,attention:moe]", "model.moe.n_experts=8",
+           "train.steps=3", "checkpoint.every=100")
     reference = train(tiny(*moe, "mesh.data=1"), tmp_path / "one", devices=jax.devices()[:1])
     one = losses(tmp_path / "one")
     names = {k for k in one if k.startswith("moe/")}
-    assert names == {f"moe/layer{i}/{m}" for i in (1, 3)
-                     for m in ("balance_loss", "z_loss", "drop_frac",
+    assert names == {f"moe/layer1/{m}" for m in ("balance_loss", "z_loss", "drop_frac",
                                *(f"expert_frac/{e}" for e in range(8)))}
     assert reference["params_active"] < reference["params_total"]
     for layout in (("mesh.data=1", "mesh.expert=8"), ("mesh.data=2", "mesh.expert=4")):
