@@ -42,21 +42,46 @@ def model_and_params(kw: dict) -> tuple[Decoder, dict]:
     return model, params["params"]
 
 
+def decode_all(model, params, tokens, prefill):
+    """Logits of `tokens` [B, T] decoded with the cache: a `prefill` chunk, then one at a time."""
+    step = jax.jit(lambda cache, t, pos: decode(model, params, cache, t, pos))
+    cache = init_cache(model, tokens.shape[0], tokens.shape[1])
+    logits, cache = step(cache, tokens[:, :prefill], jnp.arange(prefill)[None])
+    got = [logits]
+    for t in range(prefill, tokens.shape[1]):
+        logits, cache = step(cache, tokens[:, t:t + 1], jnp.full((1, 1), t))
+        got.append(logits)
+    return jnp.concatenate(got, axis=1)
+
+
+def random_tokens(b=2, t=11):
+    return jax.random.randint(jax.random.key(0), (b, t), 0, VOCAB, dtype=jnp.int32)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_decoding_reproduces_the_parallel_forward(family):
     model, params = model_and_params(FAMILIES[family])
-    tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, VOCAB, dtype=jnp.int32)
+    tokens = random_tokens()
     want, _ = jax.jit(model.apply)({"params": params}, tokens)
-    step = jax.jit(lambda cache, t, pos: decode(model, params, cache, t, pos))
     for prefill in (1, 6):  # one token at a time; a 6-token chunk, then one at a time
-        cache = init_cache(model, 2, 11)
-        logits, cache = step(cache, tokens[:, :prefill], jnp.arange(prefill)[None])
-        got = [logits]
-        for t in range(prefill, 11):
-            logits, cache = step(cache, tokens[:, t:t + 1], jnp.full((1, 1), t))
-            got.append(logits)
-        np.testing.assert_allclose(jnp.concatenate(got, axis=1), want, rtol=1e-4, atol=1e-4,
-                                   err_msg=f"prefill {prefill}")
+        np.testing.assert_allclose(decode_all(model, params, tokens, prefill), want,
+                                   rtol=1e-4, atol=1e-4, err_msg=f"prefill {prefill}")
+
+
+def test_moe_layers_never_drop_while_decoding():
+    """Scarce capacity drops tokens in the parallel forward, but decoding (here under scan and
+    remat) routes like the dropless path."""
+    scarce = dict(n_experts=4, capacity_factor=0.5)
+    model, params = model_and_params(dict(layer_pattern=("attention:moe",), moe=scarce,
+                                          remat="full"))
+    dropless = Decoder(model.cfg.model_copy(update={"moe": model.cfg.moe.model_copy(
+        update={"dispatch": "dropless"})}), VOCAB)
+    tokens = random_tokens()
+    want, _ = jax.jit(dropless.apply)({"params": params}, tokens)
+    dropping, aux = jax.jit(model.apply)({"params": params}, tokens)
+    assert float(aux["moe/drop_frac"].min()) > 0
+    assert not np.allclose(dropping, want, atol=1e-3)
+    np.testing.assert_allclose(decode_all(model, params, tokens, 6), want, rtol=1e-4, atol=1e-4)
 
 
 def greedy_by_full_forward(model, params, prompt, n):
