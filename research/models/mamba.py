@@ -138,8 +138,8 @@ class CausalConv(nn.Module):
             return jax.random.uniform(key, shape, dtype, -1 / w**0.5, 1 / w**0.5)
 
         dtype = jnp.dtype(self.param_dtype)
-        kernel = self.param("kernel", nn.with_logical_partitioning(init, ("mamba_conv", *self.axes)),
-                            (w, *channels), dtype)
+        kernel_init = nn.with_logical_partitioning(init, ("mamba_conv", *self.axes))
+        kernel = self.param("kernel", kernel_init, (w, *channels), dtype)
         bias = self.param("bias", nn.with_logical_partitioning(init, self.axes), channels, dtype)
         history = jnp.zeros((x.shape[0], w - 1, *channels), x.dtype)
         if decode:
@@ -177,7 +177,8 @@ class Mamba2(nn.Module):
                     cfg.init_std, name="in_bc", **proj)(u)
         z = nn.with_logical_constraint(zxdt[..., :P], BTHP)
         x = nn.with_logical_constraint(zxdt[..., P:2 * P], BTHP)
-        x = CausalConv(m.conv_width, ("mamba_heads", None), cfg.param_dtype, name="conv_x")(x, decode)
+        x = CausalConv(m.conv_width, ("mamba_heads", None), cfg.param_dtype, name="conv_x")(
+            x, decode)
         bc = CausalConv(m.conv_width, ("mamba_groups", None), cfg.param_dtype, name="conv_bc")(
             nn.with_logical_constraint(bc, BTGN), decode)
         B, C = bc[..., :N], bc[..., N:]
@@ -200,7 +201,7 @@ class Mamba2(nn.Module):
 
         # gated RMSNorm over each group's H/G heads: norm(y * silu(z)) * scale
         y = (y * nn.silu(z)).reshape(*y.shape[:2], G, H // G * P)
-        y = (y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + cfg.norm_eps))
+        y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + cfg.norm_eps)
         scale = self.param("norm", nn.with_logical_partitioning(nn.initializers.ones,
                                                                 ("mamba_heads", "norm")),
                            (H, P), param_dtype)
