@@ -94,6 +94,17 @@ class MambaConfig(_Section):
     a_init_min: float = Field(1.0, gt=0, description="A = -U(a_init_min, a_init_max)")
     a_init_max: float = Field(16.0, gt=0)
 
+    @model_validator(mode="after")
+    def _ranges(self) -> MambaConfig:
+        for low, high in (("dt_min", "dt_max"), ("a_init_min", "a_init_max")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"model.mamba.{low}={getattr(self, low)} must be <= "
+                                 f"model.mamba.{high}={getattr(self, high)}")
+        return self
+
+    def n_heads(self, d_model: int) -> int:
+        return self.expand * d_model // self.head_dim
+
 
 class ModelConfig(_Section):
     """Decoder shape and numerics."""
@@ -165,9 +176,10 @@ class ModelConfig(_Section):
             if inner % self.mamba.head_dim:
                 raise ValueError(f"model.mamba.head_dim={self.mamba.head_dim} must divide "
                                  f"expand*d_model={inner}")
-            if (inner // self.mamba.head_dim) % self.mamba.n_groups:
+            heads = self.mamba.n_heads(self.d_model)
+            if heads % self.mamba.n_groups:
                 raise ValueError(f"model.mamba.n_groups={self.mamba.n_groups} must divide the "
-                                 f"{inner // self.mamba.head_dim} Mamba heads")
+                                 f"{heads} Mamba heads")
         return self
 
 

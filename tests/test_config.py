@@ -26,6 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
     (["train.grad_accum=3"], "train.grad_accum=3 must divide train.batch_size=16"),
     (["mesh.rules=[[act_batch, [dat]]]"], "maps to unknown mesh axis 'dat'"),
     (["steps"], "override 'steps': expected key=value"),
+    (["model.mamba.dt_min=0.5"], "model.mamba.dt_min=0.5 must be <= model.mamba.dt_max=0.1"),
+    (["model.layer_pattern=[mamba:mlp]", "model.mamba.head_dim=48"],
+     "model.mamba.head_dim=48 must divide expand*d_model=512"),
+    (["model.layer_pattern=[attention:mlp, mamba:moe]", "model.n_layers=3"],
+     "model.n_layers=3 must be a multiple of the 2 entries of model.layer_pattern"),
 ])
 def test_bad_values_name_the_field(overrides, expected):
     with pytest.raises(ConfigError) as err:

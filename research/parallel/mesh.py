@@ -79,6 +79,10 @@ def check_divisibility(cfg: ExperimentConfig, mesh: Mesh) -> None:
         )
     check_process_rows(mesh, cfg.train.batch_size)
     tensor = mesh.shape["tensor"]
-    for field, value in (("model.n_heads", cfg.model.n_heads), ("model.n_kv_heads", cfg.model.kv_heads)):
+    heads = [("model.n_heads", cfg.model.n_heads), ("model.n_kv_heads", cfg.model.kv_heads)]
+    if any(mixer == "mamba" for mixer, _ in cfg.model.period):
+        heads.append(("Mamba heads (model.mamba.expand*d_model/head_dim)",
+                      cfg.model.mamba.n_heads(cfg.model.d_model)))
+    for field, value in heads:
         if value % tensor:
             raise ConfigError(f"{field}={value} must be divisible by mesh.tensor={tensor}")

@@ -69,7 +69,7 @@ def mamba_params(cfg: ModelConfig) -> tuple[int, int]:
     x, B, C, dt_bias, A_log and D per head, the gated norm's scale, the out-projection."""
     m = cfg.mamba
     inner = m.expand * cfg.d_model
-    heads, bc = inner // m.head_dim, 2 * m.n_groups * m.d_state
+    heads, bc = m.n_heads(cfg.d_model), 2 * m.n_groups * m.d_state
     n = (cfg.d_model * (2 * inner + bc + heads) + (m.conv_width + 1) * (inner + bc) + 3 * heads
          + inner + inner * cfg.d_model)
     return n, n
@@ -78,7 +78,7 @@ def mamba_params(cfg: ModelConfig) -> tuple[int, int]:
 def ssd_flops(cfg: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs per token of the chunked SSD's matmuls (see the module docstring)."""
     m = cfg.mamba
-    heads = m.expand * cfg.d_model // m.head_dim
+    heads = m.n_heads(cfg.d_model)
     q = min(m.chunk_size, seq_len)
     chunks = -(-seq_len // q)
     hpn = heads * m.head_dim * m.d_state
