@@ -36,6 +36,9 @@ FAMILIES = {
 }
 
 
+DECODE = jax.jit(decode, static_argnums=0)  # compiled once per model and token shape
+
+
 def model_and_params(kw: dict) -> tuple[Decoder, dict]:
     model = Decoder(ModelConfig(**{**TINY, **kw}), VOCAB)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 8), jnp.int32)))
@@ -44,12 +47,11 @@ def model_and_params(kw: dict) -> tuple[Decoder, dict]:
 
 def decode_all(model, params, tokens, prefill):
     """Logits of `tokens` [B, T] decoded with the cache: a `prefill` chunk, then one at a time."""
-    step = jax.jit(lambda cache, t, pos: decode(model, params, cache, t, pos))
     cache = init_cache(model, tokens.shape[0], tokens.shape[1])
-    logits, cache = step(cache, tokens[:, :prefill], jnp.arange(prefill)[None])
+    logits, cache = DECODE(model, params, cache, tokens[:, :prefill], jnp.arange(prefill)[None])
     got = [logits]
     for t in range(prefill, tokens.shape[1]):
-        logits, cache = step(cache, tokens[:, t:t + 1], jnp.full((1, 1), t))
+        logits, cache = DECODE(model, params, cache, tokens[:, t:t + 1], jnp.full((1, 1), t))
         got.append(logits)
     return jnp.concatenate(got, axis=1)
 
