@@ -53,7 +53,8 @@ def main() -> None:
     }
     vocab = padded_vocab(cfg.model, load_tokenizer(cfg.data.tokenizer).vocab_size)
 
-    print(f"| {experiment.stem} | params | active | step ms | tokens/s | MFU | step time vs dense |")
+    print(f"| {experiment.stem} | params | active | step ms | tokens/s | MFU | "
+          "step time vs dense |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     dense_time = None
     for name, extra in rows.items():

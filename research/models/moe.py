@@ -44,7 +44,8 @@ def capacity(tokens: int, cfg: MoEConfig) -> int:
 
 
 def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """float32 router logits [..., E] -> (weights [..., k] summing to 1, experts [..., k], probs)."""
+    """float32 router logits [..., E] -> (weights [..., k] summing to 1, experts [..., k],
+    probs [..., E])."""
     probs = jax.nn.softmax(logits, axis=-1)
     weights, experts = jax.lax.top_k(probs, top_k)
     return weights / weights.sum(-1, keepdims=True), experts, probs
@@ -93,7 +94,8 @@ def capacity_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, n_ex
 
 
 def dropless_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array,
-                      params: tuple[jax.Array, jax.Array, jax.Array], dtype: jnp.dtype) -> jax.Array:
+                      params: tuple[jax.Array, jax.Array, jax.Array], dtype: jnp.dtype
+                      ) -> jax.Array:
     """x [B, T, D], choices [B, T, k] -> y [B, T, D]: every choice, sorted by expert, through
     grouped matmuls (ragged_dot over contiguous per-expert groups)."""
     d, n_experts = x.shape[-1], params[0].shape[0]
