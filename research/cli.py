@@ -8,6 +8,7 @@ from pathlib import Path
 
 from research.analysis import add_analysis_commands
 from research.config import ConfigError
+from research.generate import add_generate_command
 from research.sweep import add_sweep_commands
 
 
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batches", type=int, help="held-out batches (default: train.eval_batches)")
     evaluate.set_defaults(func=_eval)
 
+    add_generate_command(commands)
     add_sweep_commands(commands)
     add_analysis_commands(commands)
     return parser

@@ -26,16 +26,19 @@ class _Section(BaseModel):
 
 # Default logical-axis -> mesh-axis rules. Parameters and activations carry logical names
 # (see research/models); these rules say which mesh axes shard each name.
+# Rules apply in order and a mesh axis is used once per array: in MoE buffers [expert, ...] the
+# expert dimension takes the expert axis first, and the batch then falls back to data x fsdp.
 DEFAULT_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # activations
+    ("act_expert", ("expert",)),
     ("act_batch", ("data", "fsdp", "expert")),
+    ("act_batch", ("data", "fsdp")),
     ("act_seq", ()),
     ("act_embed", ()),
     ("act_heads", ("tensor",)),
     ("act_kv_heads", ("tensor",)),
     ("act_mlp", ("tensor",)),
     ("act_vocab", ("tensor",)),
-    ("act_expert", ("expert",)),
     ("act_mamba_heads", ("tensor",)),
     # parameters
     ("embed", ("fsdp",)),

@@ -219,10 +219,10 @@ class ToyAuxFFN(nn.Module):
 
 def test_period_seam_mixes_ffns_and_stacks_aux_in_layer_order(monkeypatch):
     monkeypatch.setitem(decoder.FFNS, "toy", ToyAuxFFN)
-    period = (("attention", "mlp"), ("attention", "toy"))
+    pattern = {"layer_pattern": ("attention:mlp", "attention:toy")}  # past the config's checks
     toks = tokens()
-    scanned = Decoder(tiny(n_layers=4), VOCAB, period)
-    looped = Decoder(tiny(n_layers=4, scan_layers=False), VOCAB, period)
+    scanned = Decoder(tiny(n_layers=4).model_copy(update=pattern), VOCAB)
+    looped = Decoder(tiny(n_layers=4, scan_layers=False).model_copy(update=pattern), VOCAB)
     params = init(scanned, toks)
     assert "toy" in params["params"]["layers"]["block_1"]
     assert params["params"]["layers"]["block_1"]["toy"]["mlp"]["up"]["kernel"].shape[0] == 2
@@ -241,12 +241,12 @@ def test_period_seam_mixes_ffns_and_stacks_aux_in_layer_order(monkeypatch):
     assert scores[0] > 0 and scores[1] == 0
 
 
-def test_bad_period_is_a_config_error():
-    toks = tokens()
-    with pytest.raises(ConfigError, match="model.n_layers=3 must be a multiple"):
-        Decoder(tiny(n_layers=3), VOCAB, (("attention", "mlp"),) * 2).init(jax.random.key(0), toks)
-    with pytest.raises(ConfigError, match="unknown feed-forward 'moe'; allowed: mlp"):
-        Decoder(tiny(), VOCAB, (("attention", "moe"),)).init(jax.random.key(0), toks)
+def test_every_configurable_sublayer_is_registered():
+    """The config validates layer_pattern names; the decoder must know all of them."""
+    from research import config
+
+    assert set(decoder.MIXERS) == set(config.MIXERS)
+    assert set(decoder.FFNS) | {"none"} == set(config.FFNS)
 
 
 def test_remat_policies_give_the_same_loss_and_gradients():
