@@ -73,7 +73,17 @@ def test_run_directory_layout_and_eval_command(tiny, tmp_path):
         assert all(np.isfinite(r[key]) for r in train_rows), key
     assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6]
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    assert {"train/loss", "train/mfu", "train/lr", "eval/loss", "eval/bpb"} <= set(events.Tags()["scalars"])
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(
+        [r["loss"] for r in train_rows], rel=1e-6)
+    texts = {tag: events.Tensors(tag)[0].tensor_proto.string_val[0].decode()
+             for tag in events.Tags()["tensors"]}
+    assert "n_layers: 2" in texts["config/text_summary"]
+    assert f"{summary['params_non_embedding']:,}" in texts["parameters/text_summary"]
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["state"] == "done" and saved["params_total"] == summary["params_total"] > 0
 

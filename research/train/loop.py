@@ -166,6 +166,7 @@ def train(cfg: ExperimentConfig, run_dir: Path,
                          enabled=is_lead)
     if start == 0:
         log.text("config", cfg.to_yaml())
+        log.text("parameters", "\n".join(f"{k:>14}: {v:,}" for k, v in counts.items()))
 
     def save_summary(**changes: Any) -> None:
         summary.update(changes)
