@@ -16,8 +16,8 @@ import orbax.checkpoint as ocp
 
 from research.config import CheckpointConfig, ConfigError
 
-# Orbax logs every save at INFO; a run's own log line is enough.
-logging.getLogger("absl").setLevel(logging.WARNING)
+# Orbax logs every save (INFO) and read-only restores (WARNING); a run's own lines are enough.
+logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 class Checkpointer:
