@@ -141,3 +141,11 @@ def test_resume_refuses_a_changed_config(tiny, tmp_path):
     straight = train(tiny(*flat_lr, "train.steps=4"), tmp_path / "straight")
     assert extended["step"] == straight["step"] == 4
     np.testing.assert_allclose(extended["final"]["loss"], straight["final"]["loss"], rtol=1e-5)
+
+
+def test_retention_keeps_the_latest_and_every_nth_step(tiny, tmp_path):
+    """keep_last=2 and keep_every=3 over saves at every step 1..7: {3, 6} forever, plus 6, 7."""
+    train(tiny("train.steps=7", "checkpoint.every=1", "checkpoint.keep_last=2",
+               "checkpoint.keep_every=3", "train.eval_every=100"), tmp_path / "run")
+    kept = Checkpointer(tmp_path / "run" / "checkpoints", tiny().checkpoint, read_only=True).all_steps()
+    assert sorted(kept) == [3, 6, 7]
