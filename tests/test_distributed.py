@@ -16,6 +16,7 @@ import pytest
 
 from research.parallel.distributed import initialize
 from research.config import ConfigError
+from research.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,14 +50,10 @@ def finish(procs: list[subprocess.Popen]) -> None:
         assert proc.returncode == 0, err[-2000:]
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def trajectory(run_dir: Path) -> list[dict]:
     """Every logged number except timings, which differ between any two runs."""
     exact = ("step", "loss", "grad_norm", "param_norm", "eval_loss", "eval_bpb")
-    return [{k: r[k] for k in exact if k in r} for r in metrics(run_dir)]
+    return [{k: r[k] for k in exact if k in r} for r in read_metrics(run_dir)]
 
 
 @pytest.fixture
@@ -70,7 +67,7 @@ def test_two_processes_match_one_and_resume_bit_exactly(tmp_path, overrides):
     2-process run killed after a checkpoint and restarted ends as the uninterrupted run."""
     finish(launch(tmp_path / "one", overrides, processes=1, devices=8))
     finish(launch(tmp_path / "two", overrides, processes=2, devices=4))
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two]
     for key in ("loss", "eval_loss"):
         np.testing.assert_allclose([r[key] for r in two if key in r], [r[key] for r in one if key in r],

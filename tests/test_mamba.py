@@ -4,7 +4,6 @@ init, parameter count, weight-decay mask, sharding invariance of training."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from research.config import ModelConfig
 from research.models.mamba import Mamba2, ssd_chunked, ssd_sequential
 from research.train.flops import mamba_params, ssd_flops
 from research.train.loop import train
+from research.train.metrics import read_metrics
 from research.train.optim import decay_mask
 
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, init_std=0.3, layer_pattern=("mamba:mlp",),
@@ -186,8 +186,7 @@ def test_no_weight_decay_on_A_log_D_dt_bias_biases_norm():
 
 
 def logged(run_dir: Path, key: str) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row[key] for row in rows if key in row}
+    return {row["step"]: row[key] for row in read_metrics(run_dir) if key in row}
 
 
 def test_mamba_model_same_losses_on_one_and_eight_devices(tiny, tmp_path):

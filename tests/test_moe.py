@@ -4,7 +4,6 @@ Tolerances: float32 outputs against float64 references at 1e-5; two float32 path
 compute the same numbers (capacity vs dropless, 1 vs 8 devices) at 1e-5 relative.
 """
 
-import json
 import math
 
 import flax.linen as nn
@@ -16,6 +15,7 @@ import pytest
 from research.config import ModelConfig
 from research.models.decoder import Decoder, layer_metrics
 from research.models.moe import MoE, capacity, router_losses
+from research.train.metrics import read_metrics
 from research.train.flops import flops_per_token, param_counts
 from research.train.loop import train
 
@@ -227,7 +227,7 @@ def test_layer_metrics_are_scalars_named_by_layer_of_the_whole_stack():
 
 
 def losses(run_dir, prefix="") -> dict[str, dict[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     keys = {k for row in rows for k in row if k.startswith(prefix)}
     return {k: {row["step"]: row[k] for row in rows if k in row} for k in keys}
 

@@ -338,7 +338,7 @@ def test_two_workers_run_each_grid_point_exactly_once(tmp_path, tiny_overrides):
     names = ["t000-n_layers=1", "t001-n_layers=2", "t002-n_layers=3"]
     started = [line.split("]")[0][1:] for log in logs for line in log.splitlines()
                if line.endswith("] started")]
-    assert sorted(started) == names and all(f"] started" in log for log in logs)  # both worked
+    assert sorted(started) == names and all("] started" in log for log in logs)  # both worked
     for name in names:
         steps = [json.loads(line)["step"] for line in _lines(out / name / "metrics.jsonl")
                  if "loss" in json.loads(line)]

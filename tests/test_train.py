@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 
 from research.train.checkpoint import Checkpointer
+from research.train.metrics import read_metrics
 from research.train.loop import load_run_config, prepare, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row[key] for row in rows if key in row}
+    return {row["step"]: row[key] for row in read_metrics(run_dir) if key in row}
 
 
 def final_params(run_dir: Path):
@@ -66,7 +66,7 @@ def test_run_directory_layout_and_eval_command(tiny, tmp_path):
     summary = train(tiny(), run_dir)
     assert (run_dir / "config.yaml").is_file()
     assert load_run_config(run_dir) == tiny()
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
     for key in ("lr", "grad_norm", "param_norm", "step_time", "tokens_per_sec", "mfu", "tokens"):

@@ -8,11 +8,11 @@ objective, error; read by the analysis tools) and an HParams session in tb/.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from research.sweep.spec import Objective
+from research.train.metrics import parse_metrics, read_metrics, write_json  # noqa: F401 (used by sweep and analysis)
 
 LOG = "trial.log"
 RECORD = "trial.json"
@@ -24,30 +24,6 @@ def read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
 
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic replace: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
-def parse_metrics(text: str) -> list[dict[str, Any]]:
-    """Complete JSON lines; a line cut short by a kill is skipped."""
-    entries = []
-    for line in text.splitlines():
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return entries
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    try:
-        return parse_metrics((run_dir / "metrics.jsonl").read_text())
-    except OSError:
-        return []
 
 
 class MetricsTail:

@@ -171,7 +171,7 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     def save_summary(**changes: Any) -> None:
         summary.update(changes)
         if is_lead:
-            metrics.write_summary(run_dir, summary)
+            metrics.write_json(run_dir / "summary.json", summary)
 
     save_summary()
     with setup.context():

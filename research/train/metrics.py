@@ -75,10 +75,27 @@ def peak_flops(dtype: str, override: float | None = None,
     if key not in cache:
         cache[key] = measure_cpu_peak(dtype)
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, cache_file)
+        write_json(cache_file, cache)
     return cache[key]
+
+
+def parse_metrics(text: str) -> list[dict[str, Any]]:
+    """metrics.jsonl entries; a line cut short by a kill is skipped."""
+    entries = []
+    for line in text.splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """A run directory's metrics.jsonl entries ([] when it has none yet)."""
+    try:
+        return parse_metrics((run_dir / "metrics.jsonl").read_text())
+    except OSError:
+        return []
 
 
 class RunLog:
@@ -98,18 +115,12 @@ class RunLog:
             self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
     def _truncate_after(self, step: int) -> None:
+        """Drop what an interrupted run logged past the checkpoint it resumes from."""
         if not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = []
-        for line in lines:
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut short by a kill
+        kept = [e for e in parse_metrics(self.path.read_text()) if e.get("step", 0) <= step]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
         os.replace(tmp, self.path)
 
     def text(self, tag: str, text: str) -> None:
@@ -132,8 +143,8 @@ class RunLog:
             self.tb.close()
 
 
-def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    """Atomically replace summary.json, so a reader never sees half a file."""
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, run_dir / "summary.json")
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomic replace (summary.json, trial.json): a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
