@@ -86,6 +86,9 @@ def test_run_directory_layout_and_eval_command(tiny, tmp_path):
     assert f"{summary['params_non_embedding']:,}" in texts["parameters/text_summary"]
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["state"] == "done" and saved["params_total"] == summary["params_total"] > 0
+    again = train(tiny(), run_dir)  # a finished run: nothing to do, same report
+    assert again["step"] == 6 and again["final"] == summary["final"]
+    assert [r["step"] for r in read_metrics(run_dir)] == [r["step"] for r in rows]
 
     result = subprocess.run([sys.executable, "-m", "research", "eval", str(run_dir), "--step", "3"],
                             capture_output=True, text=True, cwd=ROOT)

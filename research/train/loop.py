@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -116,6 +117,12 @@ def _check_resumable(saved: ExperimentConfig, new: ExperimentConfig, path: Path)
                           "may change): use a new --run-dir")
 
 
+def _previous_final(run_dir: Path) -> dict[str, float]:
+    """The last metrics a resumed run had reported (what a rerun of a finished run shows)."""
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text()).get("final", {}) if path.is_file() else {}
+
+
 def load_run_config(run_dir: Path) -> ExperimentConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
@@ -160,7 +167,7 @@ def train(cfg: ExperimentConfig, run_dir: Path,
         "name": cfg.name, "state": "running", "step": start, "steps": cfg.train.steps,
         **{f"params_{k}": v for k, v in counts.items()},
         "flops_per_token": flops_per_token, "tokens_per_step": tokens_per_step,
-        "peak_flops": peak, "error": None, "final": {},
+        "peak_flops": peak, "error": None, "final": _previous_final(run_dir) if start else {},
     }
     log = metrics.RunLog(run_dir, resume_step=start, tensorboard=cfg.logging.tensorboard,
                          enabled=is_lead)
