@@ -43,7 +43,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("args", nargs="*", help="experiment YAML files and key=value overrides")
     args = parser.parse_args()
-    experiments = [Path(a) for a in args.args if a.endswith(".yaml")] or [ROOT / "experiments/dense_tiny.yaml"]
+    experiments = [Path(a) for a in args.args if a.endswith(".yaml")] or [
+        ROOT / "experiments/dense_tiny.yaml", ROOT / "experiments/dense_small.yaml"]
     overrides = [a for a in args.args if "=" in a]
 
     print(f"| experiment | variant | params | tokens/s | MFU | tokens/s vs {next(iter(VARIANTS))} |")
