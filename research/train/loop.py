@@ -90,13 +90,10 @@ def evaluate(setup: Setup, params: Any, batches: list[np.ndarray],
     """Held-out loss (nats/token) and bits per byte over fixed batches."""
     if step_fn is None:
         step_fn = jax.jit(functools.partial(eval_step, model=setup.model))
-    loss_sum, tokens = 0.0, 0.0
     with setup.context():
-        for rows in batches:
-            out = step_fn(params, setup.global_array(rows))
-            loss_sum += float(out["loss_sum"])
-            tokens += float(out["tokens"])
-    loss = loss_sum / tokens
+        outs = [step_fn(params, setup.global_array(rows)) for rows in batches]
+    totals = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *outs))  # one host sync
+    loss = float(totals["loss_sum"]) / float(totals["tokens"])
     return {"eval_loss": loss, "eval_bpb": loss / math.log(2) / setup.cache.heldout_bytes_per_token}
 
 
