@@ -152,3 +152,23 @@ def test_retention_keeps_the_latest_and_every_nth_step(tiny, tmp_path):
                "checkpoint.keep_every=3", "train.eval_every=100"), tmp_path / "run")
     kept = Checkpointer(tmp_path / "run" / "checkpoints", tiny().checkpoint, read_only=True).all_steps()
     assert sorted(kept) == [3, 6, 7]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_run_between_steps(tmp_path, tiny_overrides, sig):
+    """SIGTERM/SIGINT: the step in flight finishes, saves in flight land, and the run is recorded
+    as interrupted (exit 130); resuming is the same as after a kill (tested above)."""
+    run_dir = tmp_path / "run"
+    overrides = ["experiments/dense_tiny.yaml", *tiny_overrides, "train.steps=400",
+                 "checkpoint.every=5"]
+    proc = _start(run_dir, overrides)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "5").exists():
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["state"] == "interrupted" and 5 <= summary["step"] < 400
+    assert not list((run_dir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))  # no half save

@@ -12,6 +12,8 @@ import contextlib
 import functools
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +116,29 @@ def _check_resumable(saved: ExperimentConfig, new: ExperimentConfig, path: Path)
                           "may change): use a new --run-dir")
 
 
+@contextlib.contextmanager
+def _stop_between_steps() -> Iterator[list[int]]:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (a second signal stops at
+    once), so an interrupt never lands inside a checkpoint save or a collective, and the run is
+    recorded as interrupted. Signal handlers exist only in the main thread."""
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def request(signum: int, frame: Any) -> None:
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _previous_final(run_dir: Path) -> dict[str, float]:
     """The last metrics a resumed run had reported (what a rerun of a finished run shows)."""
     path = run_dir / "summary.json"
@@ -177,73 +202,76 @@ def train(cfg: ExperimentConfig, run_dir: Path,
         if is_lead:
             metrics.write_json(run_dir / "summary.json", summary)
 
-    save_summary()
-    with setup.context():
-        replicated = NamedSharding(setup.mesh, PartitionSpec())
-        step_fn = jax.jit(
-            functools.partial(train_step, model=setup.model, tx=setup.tx,
-                              lr_multiplier=setup.lr_multiplier, grad_accum=cfg.train.grad_accum),
-            in_shardings=(setup.spec.shardings, batch_sharding(setup.mesh), replicated),
-            out_shardings=(setup.spec.shardings, None),
-            donate_argnums=0,
-        )
-        # Compile ahead of the loop, so step times (and MFU) never include compilation.
-        compile_start = time.perf_counter()
-        batch_shape = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
-                                           sharding=batch_sharding(setup.mesh))
-        peak_lr = jnp.asarray(cfg.optim.lr, jnp.float32)
-        step_fn = step_fn.lower(setup.spec.abstract, batch_shape, peak_lr).compile()
-        summary["compile_seconds"] = time.perf_counter() - compile_start
-        eval_fn = jax.jit(functools.partial(eval_step, model=setup.model),
-                          in_shardings=(setup.spec.shardings["params"], batch_sharding(setup.mesh)))
+    with _stop_between_steps() as stop_requested:
+        save_summary()
+        with setup.context():
+            replicated = NamedSharding(setup.mesh, PartitionSpec())
+            step_fn = jax.jit(
+                functools.partial(train_step, model=setup.model, tx=setup.tx,
+                                  lr_multiplier=setup.lr_multiplier, grad_accum=cfg.train.grad_accum),
+                in_shardings=(setup.spec.shardings, batch_sharding(setup.mesh), replicated),
+                out_shardings=(setup.spec.shardings, None),
+                donate_argnums=0,
+            )
+            # Compile ahead of the loop, so step times (and MFU) never include compilation.
+            compile_start = time.perf_counter()
+            batch_shape = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
+                                               sharding=batch_sharding(setup.mesh))
+            peak_lr = jnp.asarray(cfg.optim.lr, jnp.float32)
+            step_fn = step_fn.lower(setup.spec.abstract, batch_shape, peak_lr).compile()
+            summary["compile_seconds"] = time.perf_counter() - compile_start
+            eval_fn = jax.jit(functools.partial(eval_step, model=setup.model),
+                              in_shardings=(setup.spec.shardings["params"], batch_sharding(setup.mesh)))
 
-    progress = tqdm(total=cfg.train.steps, initial=start, disable=not (is_lead and cfg.logging.progress),
-                    unit="step", dynamic_ncols=True, desc=cfg.name)
-    reached = start
-    try:
-        last_time, last_step = time.perf_counter(), start
-        for step in range(start + 1, cfg.train.steps + 1):
-            with setup.context():
-                state, step_metrics = step_fn(state, setup.global_array(next(data)["tokens"]), peak_lr)
-            reached = step
-            progress.update(1)
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                if not math.isfinite(values["loss"]):
-                    raise FloatingPointError(f"non-finite loss at step {step}")
-                now = time.perf_counter()
-                step_time = (now - last_time) / (step - last_step)
-                tokens_per_sec = tokens_per_step / step_time
-                values.update(step_time=step_time, tokens_per_sec=tokens_per_sec,
-                              mfu=flops_per_token * tokens_per_sec / peak,
-                              tokens=step * tokens_per_step)
-                log.write(step, values, "train")
-                progress.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
-                                     mfu=f"{values['mfu']:.1%}")
-                summary["final"].update(values)
-                last_time, last_step = time.perf_counter(), step
-            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                scores = evaluate(setup, state["params"], heldout, eval_fn)
-                log.write(step, scores, "eval")
-                summary["final"].update(scores)
-                if is_lead:
-                    tqdm.write(f"step {step}: eval loss {scores['eval_loss']:.4f}, "
-                               f"{scores['eval_bpb']:.4f} bits/byte")
-                save_summary(step=step)
-                last_time = time.perf_counter()  # eval time is not step time
-            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
-                checkpoints.save(step, state, data, {"step": step, "config": cfg.to_dict()})
-    except KeyboardInterrupt:
-        summary.update(state="interrupted")
-        raise
-    except Exception as exc:
-        summary.update(state="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-    else:
-        summary.update(state="done")
-    finally:
-        checkpoints.close()  # whatever happened, let a save in flight land before exiting
-        progress.close()
-        log.close()
-        save_summary(step=reached)
+        progress = tqdm(total=cfg.train.steps, initial=start, disable=not (is_lead and cfg.logging.progress),
+                        unit="step", dynamic_ncols=True, desc=cfg.name)
+        reached = start
+        try:
+            last_time, last_step = time.perf_counter(), start
+            for step in range(start + 1, cfg.train.steps + 1):
+                if stop_requested:
+                    raise KeyboardInterrupt
+                with setup.context():
+                    state, step_metrics = step_fn(state, setup.global_array(next(data)["tokens"]), peak_lr)
+                reached = step
+                progress.update(1)
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    if not math.isfinite(values["loss"]):
+                        raise FloatingPointError(f"non-finite loss at step {step}")
+                    now = time.perf_counter()
+                    step_time = (now - last_time) / (step - last_step)
+                    tokens_per_sec = tokens_per_step / step_time
+                    values.update(step_time=step_time, tokens_per_sec=tokens_per_sec,
+                                  mfu=flops_per_token * tokens_per_sec / peak,
+                                  tokens=step * tokens_per_step)
+                    log.write(step, values, "train")
+                    progress.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
+                                         mfu=f"{values['mfu']:.1%}")
+                    summary["final"].update(values)
+                    last_time, last_step = time.perf_counter(), step
+                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                    scores = evaluate(setup, state["params"], heldout, eval_fn)
+                    log.write(step, scores, "eval")
+                    summary["final"].update(scores)
+                    if is_lead:
+                        tqdm.write(f"step {step}: eval loss {scores['eval_loss']:.4f}, "
+                                   f"{scores['eval_bpb']:.4f} bits/byte")
+                    save_summary(step=step)
+                    last_time = time.perf_counter()  # eval time is not step time
+                if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
+                    checkpoints.save(step, state, data, {"step": step, "config": cfg.to_dict()})
+        except KeyboardInterrupt:
+            summary.update(state="interrupted")
+            raise
+        except Exception as exc:
+            summary.update(state="failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        else:
+            summary.update(state="done")
+        finally:
+            checkpoints.close()  # whatever happened, let a save in flight land before exiting
+            progress.close()
+            log.close()
+            save_summary(step=reached)
     return summary
