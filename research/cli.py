@@ -9,6 +9,7 @@ from pathlib import Path
 from research.analysis import add_analysis_commands
 from research.config import ConfigError
 from research.generate import add_generate_command
+from research.interop.cli import add_interop_commands
 from research.sweep import add_sweep_commands
 
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_eval)
 
     add_generate_command(commands)
+    add_interop_commands(commands)
     add_sweep_commands(commands)
     add_analysis_commands(commands)
     return parser

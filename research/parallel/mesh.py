@@ -79,8 +79,11 @@ def check_divisibility(cfg: ExperimentConfig, mesh: Mesh) -> None:
         )
     check_process_rows(mesh, cfg.train.batch_size)
     tensor = mesh.shape["tensor"]
-    heads = [("model.n_heads", cfg.model.n_heads), ("model.n_kv_heads", cfg.model.kv_heads)]
-    if any(mixer == "mamba" for mixer, _ in cfg.model.period):
+    mixers = {mixer for mixer, _ in cfg.model.period}
+    heads = []  # attention heads matter only where there is attention (not in pure Mamba)
+    if "attention" in mixers:
+        heads += [("model.n_heads", cfg.model.n_heads), ("model.n_kv_heads", cfg.model.kv_heads)]
+    if "mamba" in mixers:
         heads.append(("Mamba heads (model.mamba.expand*d_model/head_dim)",
                       cfg.model.mamba.n_heads(cfg.model.d_model)))
     for field, value in heads:

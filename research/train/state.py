@@ -29,16 +29,20 @@ class StateSpec:
     param_specs: Any  # logical PartitionSpecs of the params
 
 
+def _fresh(params: Any, tx: optax.GradientTransformation, state_rng: jax.Array) -> TrainState:
+    """Step 0 around `params`: a new optimizer state and the step's RNG."""
+    return {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": state_rng,
+    }
+
+
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example: jax.Array):
     def init(rng: jax.Array) -> TrainState:
         init_rng, state_rng = jax.random.split(rng)
-        params = model.init(init_rng, example)["params"]
-        return {
-            "params": params,
-            "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32),
-            "rng": state_rng,
-        }
+        return _fresh(model.init(init_rng, example)["params"], tx, state_rng)
 
     return init
 
@@ -75,3 +79,11 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, example: jax.
     return jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=spec.shardings)(
         jax.random.PRNGKey(seed)
     )
+
+
+def state_from_params(params: Any, tx: optax.GradientTransformation, spec: StateSpec,
+                      seed: int) -> TrainState:
+    """A step-0 state around given (already sharded) params, e.g. imported weights: the same
+    optimizer state and RNG as `init_state` would give, in the target shardings."""
+    state_rng = jax.random.split(jax.random.PRNGKey(seed))[1]
+    return jax.jit(lambda p: _fresh(p, tx, state_rng), out_shardings=spec.shardings)(params)
