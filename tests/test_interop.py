@@ -22,7 +22,7 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from research.cli import main  # noqa: E402
 from research.generate import generate  # noqa: E402
-from research.interop.cli import export_hf, import_hf  # noqa: E402
+from research.interop import hf  # noqa: E402
 from research.train.checkpoint import Checkpointer  # noqa: E402
 from research.train.loop import load_run_config, prepare, train  # noqa: E402
 
@@ -82,38 +82,64 @@ def hf_dirs(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def imported(hf_dirs, tmp_path_factory):
-    """family -> {scanned: run dir}; scanned runs on a sharded 8-device mesh."""
-    cache = str(tmp_path_factory.mktemp("token_cache"))
-    runs = {}
-    for family, hf_dir in hf_dirs.items():
-        for scanned in (True, False):
-            run_dir = tmp_path_factory.mktemp("runs") / f"{family}_{scanned}"
-            extra = SHARDED if scanned else []
-            import_hf(hf_dir, run_dir, [f"data.cache_dir={cache}", f"model.scan_layers={scanned}",
-                                        *extra, *EXTRA.get(family, [])])
-            runs[family, scanned] = run_dir
-    return runs
+def load_imported(family: str, hf_dir, overrides: list[str]):
+    """(setup, params) of an HF folder, loaded straight into the mesh's shardings."""
+    from research import config
 
-
-@pytest.mark.parametrize("scanned", [True, False], ids=["scanned-8dev", "unscanned"])
-@pytest.mark.parametrize("family", list(HF_CONFIGS))
-def test_imported_logits_match_transformers(family, scanned, hf_dirs, imported):
-    assert_close(our_logits(imported[family, scanned]), hf_logits(hf_dirs[family]))
+    raw = {"model": hf.model_from_hf(hf.read_config(hf_dir))}
+    cfg = config.validate(config.apply_overrides(raw, [*overrides, *EXTRA.get(family, [])]))
+    setup = prepare(cfg)
+    with setup.context():
+        return setup, hf.load_params(hf_dir, cfg.model, setup.spec.abstract["params"])
 
 
 @pytest.mark.parametrize("family", list(HF_CONFIGS))
-def test_import_then_export_reproduces_every_tensor(family, hf_dirs, imported, tmp_path):
-    export_hf(imported[family, False], tmp_path / "out", None, False, False)
+def test_imported_logits_match_transformers(family, hf_dirs, token_cache_dir):
+    theirs = hf_logits(hf_dirs[family])
+    for overrides in (["model.scan_layers=true", *SHARDED], ["model.scan_layers=false"]):
+        setup, params = load_imported(family, hf_dirs[family],
+                                      [f"data.cache_dir={token_cache_dir}", *overrides])
+        if "mesh.tensor=2" in overrides:  # really spread over the 8 devices
+            assert len(params["layers"]["block_0"]["mixer_norm"]["scale"].sharding.device_set) == 8
+        with setup.context():
+            logits, _ = jax.jit(setup.model.apply)({"params": params}, jnp.asarray(TOKENS))
+        assert_close(np.asarray(logits), theirs)
+
+
+@pytest.mark.parametrize("scanned", [True, False], ids=["scanned", "unscanned"])
+@pytest.mark.parametrize("family", list(HF_CONFIGS))
+def test_mapping_round_trip_is_exact(family, scanned, hf_dirs):
+    """HF tensors -> our tree -> HF tensors, bit for bit (pure numpy, no model)."""
+    from research import config
+
     original = load_file(str(hf_dirs[family] / "model.safetensors"))
-    exported = load_file(str(tmp_path / "out" / "model.safetensors"))
+    raw = {"model": hf.model_from_hf(hf.read_config(hf_dirs[family]))}
+    cfg = config.validate(config.apply_overrides(raw, [f"model.scan_layers={scanned}"])).model
+    ours = dict(hf.hf_to_params(cfg, 300, original.__getitem__))
+    back = dict(hf.params_to_hf(cfg, 300, ours.__getitem__))
+    expected = {k: v for k, v in original.items() if k != "lm_head.weight" or not cfg.tie_embeddings}
+    assert back.keys() == expected.keys()
+    for name, array in expected.items():
+        np.testing.assert_array_equal(back[name], array, err_msg=name)
+
+
+def test_import_export_commands_round_trip(hf_dirs, token_cache_dir, tmp_path):
+    """The commands end to end (Mixtral: the most tensors): config.yaml + a step-0 checkpoint
+    that `export-hf` turns back into the same tensors and config."""
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    assert main(["import-hf", str(hf_dirs["mixtral"]), "--run-dir", str(run_dir),
+                 f"data.cache_dir={token_cache_dir}", "model.scan_layers=false"]) == 0
+    assert load_run_config(run_dir).model.moe.n_experts == 4
+    assert main(["export-hf", str(run_dir), "--out", str(out)]) == 0
+    original = load_file(str(hf_dirs["mixtral"] / "model.safetensors"))
+    exported = load_file(str(out / "model.safetensors"))
     assert exported.keys() == original.keys()
     for name, array in original.items():
         np.testing.assert_array_equal(exported[name], array, err_msg=name)
-    theirs = json.loads((hf_dirs[family] / "config.json").read_text())
-    ours = json.loads((tmp_path / "out" / "config.json").read_text())
-    shared = {k for k in ours if k in theirs and not k.endswith("token_id")} - {"torch_dtype"}
+    theirs = json.loads((hf_dirs["mixtral"] / "config.json").read_text())
+    ours = json.loads((out / "config.json").read_text())
+    shared = {k for k in ours if theirs.get(k) is not None and not k.endswith("token_id")} - {
+        "torch_dtype", "max_position_embeddings"}
     assert {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}
 
 

@@ -377,6 +377,10 @@ def load_params(hf_dir: str | Path, cfg: ModelConfig, abstract: Any) -> Any:
         array = array.astype(target.dtype)
         out[path] = jax.make_array_from_callback(array.shape, target.sharding,
                                                  lambda index, a=array: a[index])
+    missing = sorted(targets.keys() - out.keys())
+    if missing:
+        raise ConfigError(f"model: no HF tensor maps to {'/'.join(missing[0])} (a layout the "
+                          "conversion does not know)")
     unused = read.unused()
     if unused:
         raise ConfigError(f"{read.folder}: tensor {unused[0]} has no counterpart in the model "
