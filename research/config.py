@@ -124,6 +124,9 @@ class ModelConfig(_Section):
     sliding_window: int | None = Field(None, gt=0, description="None: full causal attention")
     tie_embeddings: bool = True
     init_std: float = Field(0.02, gt=0)
+    init_from: str | None = Field(None, description="start a new run from these weights: a "
+                                  "Hugging Face model folder (config.json + *.safetensors) whose "
+                                  "architecture equals this section (docs/interop.md)")
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"

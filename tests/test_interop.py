@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file  # noqa: E402
 
 from research.cli import main  # noqa: E402
+from research.config import ConfigError  # noqa: E402
 from research.generate import generate  # noqa: E402
 from research.interop import hf  # noqa: E402
 from research.train.checkpoint import Checkpointer  # noqa: E402
@@ -229,3 +230,28 @@ def test_import_refuses_unsupported_hf_configs(change, field, hf_dirs, tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and f" {field}=" in err and "\n" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_init_from_hf_folder_starts_a_run_from_its_weights(hf_dirs, tiny, tmp_path):
+    """model.init_from: the first step starts from the HF weights (a 1e-9 learning rate moves
+    them by ~1e-9), and a model section that differs is refused naming the field."""
+    from flax.traverse_util import flatten_dict
+
+    hf_dir = hf_dirs["llama"]
+    model = hf.model_from_hf(hf.read_config(hf_dir))
+    arch = [f"model.{k}={json.dumps(v)}" for k, v in flatten_dict(model, sep=".").items()]
+    cfg = tiny(*arch, f"model.init_from={hf_dir}", "train.steps=1", "optim.lr=1e-9",
+               "optim.warmup_steps=0", "logging.tensorboard=false")
+    with pytest.raises(ConfigError, match=r"^model.d_ff=48 differs from 64 in model.init_from="):
+        train(cfg.model_copy(update={"model": cfg.model.model_copy(update={"d_ff": 48})}),
+              tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    train(cfg, tmp_path / "run")
+    setup = prepare(cfg)
+    with setup.context():
+        state, _ = Checkpointer(tmp_path / "run" / "checkpoints", cfg.checkpoint,
+                                read_only=True).restore(1, setup.spec.abstract)
+    original = load_file(str(hf_dir / "model.safetensors"))
+    trained = dict(hf.params_to_hf(cfg.model, 300, flatten_dict(jax.device_get(state["params"])).__getitem__))
+    for name, array in original.items():
+        np.testing.assert_allclose(trained[name], array, rtol=0, atol=1e-6, err_msg=name)

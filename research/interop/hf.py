@@ -80,7 +80,7 @@ def model_from_hf(hf: dict[str, Any], where: str = "config.json") -> dict[str, A
         heads = hf["expand"] * hf["hidden_size"] // hf["head_dim"]
         if hf.get("num_heads", heads) != heads:
             raise _refuse(where, "num_heads", hf["num_heads"], f"expand*hidden_size/head_dim={heads}")
-        return {**common, "n_heads": 1, "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
+        return {**common, "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
                 "mamba": {"d_state": hf["state_size"], "head_dim": hf["head_dim"],
                           "expand": hf["expand"], "n_groups": hf["n_groups"],
                           "chunk_size": hf["chunk_size"], "conv_width": hf["conv_kernel"],
@@ -99,6 +99,26 @@ def model_from_hf(hf: dict[str, Any], where: str = "config.json") -> dict[str, A
         out["moe"] = {"n_experts": hf["num_local_experts"], "top_k": hf["num_experts_per_tok"],
                       "balance_coef": hf.get("router_aux_loss_coef", 0.001)}
     return out
+
+
+# Fields model_from_hf fills that are training choices, not the architecture: an experiment
+# starting from HF weights (model.init_from) may set them freely.
+TRAINING_CHOICES = ("moe.balance_coef", "mamba.dt_min", "mamba.dt_max")
+
+
+def check_init_from(cfg: ModelConfig) -> None:
+    """model.init_from names an HF folder whose architecture is `cfg`'s; else a ConfigError
+    naming the first field that differs."""
+    from flax.traverse_util import flatten_dict
+
+    hf_dir = Path(cfg.init_from).expanduser()
+    theirs = flatten_dict(model_from_hf(read_config(hf_dir), f"{hf_dir}/config.json"), sep=".")
+    mine = {**flatten_dict(cfg.model_dump(mode="json"), sep="."), "head_dim": cfg.head_size,
+            "n_kv_heads": cfg.kv_heads, "d_ff": cfg.ff_size}  # None means the derived value
+    for key, value in theirs.items():
+        if key not in TRAINING_CHOICES and mine[key] != value:
+            raise ConfigError(f"model.{key}={mine[key]!r} differs from {value!r} in "
+                              f"model.init_from={cfg.init_from}")
 
 
 def family_of(cfg: ModelConfig) -> str:

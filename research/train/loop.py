@@ -30,13 +30,15 @@ from tqdm import tqdm
 from research import config as config_lib
 from research.config import ConfigError, ExperimentConfig
 from research.data.pipeline import TokenCache, build_token_cache, eval_batches, train_iterator
+from research.interop import hf
 from research.models.decoder import Decoder, padded_vocab
 from research.parallel.mesh import (AxisRules, axis_rules, batch_sharding, check_divisibility,
                                     make_mesh)
 from research.train import flops, metrics
 from research.train.checkpoint import Checkpointer
 from research.train.optim import lr_multiplier, make_optimizer
-from research.train.state import StateSpec, init_state, param_specs, state_spec
+from research.train.state import (StateSpec, init_state, param_specs, state_from_params,
+                                  state_spec)
 from research.train.step import eval_step, train_step
 
 # Fields that may change when a run is resumed: they do not alter the training trajectory
@@ -161,6 +163,8 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     if config_path.exists():
         _check_resumable(load_run_config(run_dir), cfg, config_path)
     setup = prepare(cfg, devices)  # fails on bad shapes before anything is written
+    if cfg.model.init_from:
+        hf.check_init_from(cfg.model)
     if is_lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path.write_text(cfg.to_yaml())
@@ -175,8 +179,13 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     start = checkpoints.latest_step()
     with setup.context():
         if start is None:
-            state = init_state(setup.model, setup.tx, jnp.zeros((1, cfg.train.seq_len), jnp.int32),
-                               setup.spec, cfg.train.seed)
+            if cfg.model.init_from:
+                params = hf.load_params(cfg.model.init_from, cfg.model, setup.spec.abstract["params"])
+                state = state_from_params(params, setup.tx, setup.spec, cfg.train.seed)
+            else:
+                state = init_state(setup.model, setup.tx,
+                                   jnp.zeros((1, cfg.train.seq_len), jnp.int32), setup.spec,
+                                   cfg.train.seed)
             start = 0
         else:
             state, _ = checkpoints.restore(start, setup.spec.abstract, data)
