@@ -144,15 +144,26 @@ def test_import_export_commands_round_trip(hf_dirs, token_cache_dir, tmp_path):
     assert {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}
 
 
+def architecture(hf_dir) -> list[str]:
+    """The model overrides an experiment needs to start from `hf_dir` (model.init_from)."""
+    from flax.traverse_util import flatten_dict
+
+    model = hf.model_from_hf(hf.read_config(hf_dir))
+    return [f"model.{k}={json.dumps(v)}" for k, v in flatten_dict(model, sep=".").items()]
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, token_cache_dir):
-    """A tiny dense run (tied embeddings, byte tokenizer) trained for 6 steps, 2 checkpoints."""
+def trained(hf_dirs, tmp_path_factory, token_cache_dir):
+    """A tiny tied-embedding Llama run (byte tokenizer) started with model.init_from from the
+    HF folder and trained for 6 steps (checkpoints 3 and 6) at a 1e-9 learning rate, so its
+    weights stay within ~1e-8 of the folder's."""
     from research import config
     from tests.conftest import TINY
 
     run_dir = tmp_path_factory.mktemp("trained")
-    cfg = config.load(None, [*TINY, f"data.cache_dir={token_cache_dir}", "model.vocab_size=260",
-                             "checkpoint.keep_last=3"])
+    cfg = config.load(None, [*TINY, f"data.cache_dir={token_cache_dir}",
+                             *architecture(hf_dirs["llama_tied"]), "checkpoint.keep_last=3",
+                             f"model.init_from={hf_dirs['llama_tied']}", "optim.lr=1e-9"])
     train(cfg, run_dir)
     return run_dir
 
@@ -232,26 +243,23 @@ def test_import_refuses_unsupported_hf_configs(change, field, hf_dirs, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
-def test_init_from_hf_folder_starts_a_run_from_its_weights(hf_dirs, tiny, tmp_path):
-    """model.init_from: the first step starts from the HF weights (a 1e-9 learning rate moves
-    them by ~1e-9), and a model section that differs is refused naming the field."""
+def test_init_from_hf_folder_starts_a_run_from_its_weights(trained, hf_dirs, tmp_path):
+    """model.init_from: the run starts from the HF weights; a model section that differs is
+    refused naming the field, before anything is written."""
     from flax.traverse_util import flatten_dict
 
-    hf_dir = hf_dirs["llama"]
-    model = hf.model_from_hf(hf.read_config(hf_dir))
-    arch = [f"model.{k}={json.dumps(v)}" for k, v in flatten_dict(model, sep=".").items()]
-    cfg = tiny(*arch, f"model.init_from={hf_dir}", "train.steps=1", "optim.lr=1e-9",
-               "optim.warmup_steps=0", "logging.tensorboard=false")
+    cfg = load_run_config(trained)
     with pytest.raises(ConfigError, match=r"^model.d_ff=48 differs from 64 in model.init_from="):
         train(cfg.model_copy(update={"model": cfg.model.model_copy(update={"d_ff": 48})}),
               tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
-    train(cfg, tmp_path / "run")
     setup = prepare(cfg)
     with setup.context():
-        state, _ = Checkpointer(tmp_path / "run" / "checkpoints", cfg.checkpoint,
-                                read_only=True).restore(1, setup.spec.abstract)
-    original = load_file(str(hf_dir / "model.safetensors"))
-    trained = dict(hf.params_to_hf(cfg.model, 300, flatten_dict(jax.device_get(state["params"])).__getitem__))
+        state, _ = Checkpointer(trained / "checkpoints", cfg.checkpoint,
+                                read_only=True).restore(6, setup.spec.abstract)
+    leaves = flatten_dict(jax.device_get(state["params"]))
+    ours = dict(hf.params_to_hf(cfg.model, 300, leaves.__getitem__))
+    original = load_file(str(hf_dirs["llama_tied"] / "model.safetensors"))
+    assert ours.keys() == original.keys()
     for name, array in original.items():
-        np.testing.assert_allclose(trained[name], array, rtol=0, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(ours[name], array, rtol=0, atol=1e-6, err_msg=name)

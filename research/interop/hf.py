@@ -62,6 +62,13 @@ def _rope_theta(hf: dict[str, Any], family: str, where: str) -> float:
 def model_from_hf(hf: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     """An HF config.json -> our `model:` section (raw dict), or a ConfigError naming the field
     that no ModelConfig expresses."""
+    try:
+        return _model_from_hf(hf, where)
+    except KeyError as exc:
+        raise ConfigError(f"{where}: missing field {exc.args[0]}") from None
+
+
+def _model_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     family = hf.get("model_type")
     if family not in ARCHITECTURES:
         raise _refuse(where, "model_type", family, ", ".join(ARCHITECTURES))
@@ -101,9 +108,9 @@ def model_from_hf(hf: dict[str, Any], where: str = "config.json") -> dict[str, A
     return out
 
 
-# Fields model_from_hf fills that are training choices, not the architecture: an experiment
-# starting from HF weights (model.init_from) may set them freely.
-TRAINING_CHOICES = ("moe.balance_coef", "mamba.dt_min", "mamba.dt_max")
+# Fields model_from_hf fills that do not change the function (training and compute choices): an
+# experiment starting from HF weights (model.init_from) may set them freely.
+TRAINING_CHOICES = ("moe.balance_coef", "mamba.dt_min", "mamba.dt_max", "mamba.chunk_size")
 
 
 def check_init_from(cfg: ModelConfig) -> None:
