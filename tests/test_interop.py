@@ -24,6 +24,7 @@ from research.cli import main  # noqa: E402
 from research.config import ConfigError  # noqa: E402
 from research.generate import generate  # noqa: E402
 from research.interop import hf  # noqa: E402
+from research.interop.cli import export_hf  # noqa: E402
 from research.train.checkpoint import Checkpointer  # noqa: E402
 from research.train.loop import load_run_config, prepare, train  # noqa: E402
 
@@ -134,6 +135,11 @@ def test_import_export_commands_round_trip(hf_dirs, token_cache_dir, tmp_path):
     assert main(["export-hf", str(run_dir), "--out", str(out)]) == 0
     original = load_file(str(hf_dirs["mixtral"] / "model.safetensors"))
     exported = load_file(str(out / "model.safetensors"))
+    (tmp_path / "sharded").mkdir()
+    hf.write_safetensors(exported, tmp_path / "sharded", max_shard_bytes=10_000)
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 1
+    read = hf.SafetensorsReader(tmp_path / "sharded")  # what import-hf reads sharded folders with
+    assert all(np.array_equal(read(name), array) for name, array in exported.items())
     assert exported.keys() == original.keys()
     for name, array in original.items():
         np.testing.assert_array_equal(exported[name], array, err_msg=name)
@@ -170,9 +176,11 @@ def trained(hf_dirs, tmp_path_factory, token_cache_dir):
 
 def test_exported_trained_run_loads_in_transformers(trained, tmp_path):
     out = tmp_path / "trajectory"
-    assert main(["export-hf", str(trained), "--all-steps", "--out", str(out)]) == 0
+    assert export_hf(trained, out, None, True, False, max_shard_bytes=40_000) == [3, 6]
     assert sorted(p.name for p in out.iterdir()) == ["step_0000003", "step_0000006"]
     final = out / "step_0000006"
+    index = json.loads((final / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # transformers reads the sharded form
     assert_close(our_logits(trained), hf_logits(final))
     card = (final / "README.md").read_text()
     assert "| step | 6 |" in card and "tokens seen | 1,536 |" in card  # 6 steps x 8 x 32
