@@ -15,7 +15,7 @@ import numpy as np
 
 from research.config import ConfigError
 
-EOS_TOKENS = ("</s>", "<|endoftext|>", "<eos>")
+EOS_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")  # Llama 2, GPT-2, Llama 3, Gemma
 
 
 class Tokenizer(Protocol):

@@ -56,8 +56,8 @@ def import_hf(hf_dir: Path, run_dir: Path, overrides: list[str]) -> ExperimentCo
 
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"--run-dir: {run_dir} is not empty; import into a new directory")
-    raw: dict[str, Any] = {"name": hf_dir.resolve().name,
-                           "model": hf.model_from_hf(hf.read_config(hf_dir), f"{hf_dir}/config.json")}
+    model = hf.model_from_hf(hf.read_config(hf_dir), f"{hf_dir}/config.json")
+    raw: dict[str, Any] = {"name": hf_dir.resolve().name, "model": model}
     tokenizer = hf_dir / "tokenizer.json"
     if tokenizer.is_file():
         raw["data"] = {"tokenizer": str(tokenizer.resolve())}
@@ -75,8 +75,8 @@ def import_hf(hf_dir: Path, run_dir: Path, overrides: list[str]) -> ExperimentCo
     with _staged(run_dir) as tmp:
         if cfg.data.tokenizer == str(tokenizer.resolve()):
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-            data_cfg = cfg.data.model_copy(update={"tokenizer": str(run_dir.resolve() / "tokenizer.json")})
-            cfg = cfg.model_copy(update={"data": data_cfg})
+            copied = str(run_dir.resolve() / "tokenizer.json")
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"tokenizer": copied})})
         (tmp / "config.yaml").write_text(cfg.to_yaml())
         checkpoints = Checkpointer(tmp / "checkpoints", cfg.checkpoint)
         checkpoints.save(0, state, data, {"step": 0, "config": cfg.to_dict(),
@@ -161,8 +161,8 @@ def export_hf(run_dir: Path, out: Path, step: int | None, all_steps: bool, force
     available = checkpoints.all_steps()
     steps = available if all_steps else [step if step is not None else checkpoints.latest_step()]
     if not steps or steps[0] is None or any(s not in available for s in steps):
-        raise ConfigError(f"--step: {run_dir} has no checkpoint at step {steps[0] if steps else None} "
-                          f"(available: {available or 'none'})")
+        raise ConfigError(f"--step: {run_dir} has no checkpoint at step "
+                          f"{steps[0] if steps else None} (available: {available or 'none'})")
     setup = prepare(cfg)
     with _staged(out, force) as tmp:
         for s in steps:

@@ -86,7 +86,8 @@ def _model_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
             raise _refuse(where, "time_step_limit", limit, "[0.0, inf]")
         heads = hf["expand"] * hf["hidden_size"] // hf["head_dim"]
         if hf.get("num_heads", heads) != heads:
-            raise _refuse(where, "num_heads", hf["num_heads"], f"expand*hidden_size/head_dim={heads}")
+            raise _refuse(where, "num_heads", hf["num_heads"],
+                          f"expand*hidden_size/head_dim={heads}")
         return {**common, "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
                 "mamba": {"d_state": hf["state_size"], "head_dim": hf["head_dim"],
                           "expand": hf["expand"], "n_groups": hf["n_groups"],
@@ -146,7 +147,8 @@ def family_of(cfg: ModelConfig) -> str:
     return "mistral" if cfg.sliding_window else "llama"
 
 
-def model_to_hf(cfg: ModelConfig, vocab_size: int, eos_id: int, max_positions: int) -> dict[str, Any]:
+def model_to_hf(cfg: ModelConfig, vocab_size: int, eos_id: int,
+                max_positions: int) -> dict[str, Any]:
     """Our model section -> an HF config.json dict (ConfigError if no HF class expresses it)."""
     family = family_of(cfg)
     common = {"architectures": [ARCHITECTURES[family]], "model_type": family,
@@ -256,8 +258,9 @@ def _mamba_rules(cfg: ModelConfig) -> list[Rule]:
 
     def conv_to_ours(w: np.ndarray, bias: np.ndarray) -> Arrays:
         (wx, wb, wc), (bx, bb, bc) = _split(rows[1:4], 0, w[:, 0]), _split(rows[1:4], 0, bias)
-        return (wx.T.reshape(W, H, P), np.concatenate([wb.T.reshape(W, G, N), wc.T.reshape(W, G, N)], -1),
-                bx.reshape(H, P), np.concatenate([bb.reshape(G, N), bc.reshape(G, N)], -1))
+        kbc = np.concatenate([wb.T.reshape(W, G, N), wc.T.reshape(W, G, N)], -1)
+        bbc = np.concatenate([bb.reshape(G, N), bc.reshape(G, N)], -1)
+        return wx.T.reshape(W, H, P), kbc, bx.reshape(H, P), bbc
 
     def conv_to_hf(kx: np.ndarray, kbc: np.ndarray, bx: np.ndarray, bbc: np.ndarray) -> Arrays:
         kb, kc = _split([N, N], -1, kbc)
@@ -286,7 +289,8 @@ LAYER_RULES = {"attention": _attention_rules, "mamba": _mamba_rules, "mlp": _mlp
 def _global_rules(cfg: ModelConfig, vocab: int) -> tuple[str, list[Rule]]:
     """(HF prefix of layer i, the rules outside the layers)."""
     if family_of(cfg) == "mamba2":
-        prefix, embed, norm = "backbone.layers.{}.", "backbone.embeddings.weight", "backbone.norm_f.weight"
+        prefix, embed, norm = ("backbone.layers.{}.", "backbone.embeddings.weight",
+                               "backbone.norm_f.weight")
     else:
         prefix, embed, norm = "model.layers.{}.", "model.embed_tokens.weight", "model.norm.weight"
     rules = [_same(("embed", "embedding"), embed), _same(("final_norm", "scale"), norm)]
@@ -318,7 +322,8 @@ def hf_to_params(cfg: ModelConfig, vocab: int, read: Callable[[str], np.ndarray]
         yield from zip(rule.ours, rule.to_ours(*map(read, rule.hf)), strict=True)
     for path, layers, layer_rules in _layer_plan(cfg):
         for rule in layer_rules:
-            per_layer = [rule.to_ours(*(read(prefix.format(i) + n) for n in rule.hf)) for i in layers]
+            per_layer = [rule.to_ours(*(read(prefix.format(i) + n) for n in rule.hf))
+                         for i in layers]
             for k, ours in enumerate(rule.ours):
                 arrays = [out[k] for out in per_layer]
                 yield (*path, *ours), np.stack(arrays) if cfg.scan_layers else arrays[0]
@@ -455,6 +460,7 @@ def byte_tokenizer_json() -> str:
 
 def _gpt2_bytes() -> dict[int, str]:
     """GPT-2's printable stand-in character for each byte (what ByteLevel pre-tokenizes into)."""
-    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)}
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), 256)}
     moved = [b for b in range(256) if b not in keep]
     return {b: chr(b) if b in keep else chr(256 + moved.index(b)) for b in range(256)}
