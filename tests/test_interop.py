@@ -127,12 +127,21 @@ def test_mapping_round_trip_is_exact(family, scanned, hf_dirs):
         np.testing.assert_array_equal(back[name], array, err_msg=name)
 
 
-def test_import_export_commands_round_trip(hf_dirs, token_cache_dir, tmp_path):
-    """The commands end to end (Mixtral: the most tensors): config.yaml + a step-0 checkpoint
-    that `export-hf` turns back into the same tensors and config."""
-    run_dir, out = tmp_path / "run", tmp_path / "out"
-    assert main(["import-hf", str(hf_dirs["mixtral"]), "--run-dir", str(run_dir),
-                 f"data.cache_dir={token_cache_dir}", "model.scan_layers=false"]) == 0
+def test_import_export_commands_round_trip(hf_dirs, tmp_path):
+    """The commands end to end (Mixtral: the most tensors, plus a tokenizer.json): config.yaml,
+    the copied tokenizer and a step-0 checkpoint that `export-hf` turns back into the same
+    tensors, config and tokenizer."""
+    hf_dir, run_dir, out = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
+    hf_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (hf_dir / name).symlink_to(hf_dirs["mixtral"] / name)
+    (hf_dir / "tokenizer.json").write_text(hf.byte_tokenizer_json())
+    docs = tmp_path / "docs.jsonl"  # a small corpus, so the new tokenizer's cache builds fast
+    docs.write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(200)))
+    assert main(["import-hf", str(hf_dir), "--run-dir", str(run_dir), f"data.source={docs}",
+                 "data.heldout_percent=10", f"data.cache_dir={tmp_path / 'cache'}",
+                 "train.batch_size=8", "train.seq_len=32", "model.scan_layers=false"]) == 0
+    assert load_run_config(run_dir).data.tokenizer == str(run_dir.resolve() / "tokenizer.json")
     assert load_run_config(run_dir).model.moe.n_experts == 4
     assert main(["export-hf", str(run_dir), "--out", str(out)]) == 0
     original = load_file(str(hf_dirs["mixtral"] / "model.safetensors"))
@@ -150,6 +159,7 @@ def test_import_export_commands_round_trip(hf_dirs, token_cache_dir, tmp_path):
     shared = {k for k in ours if theirs.get(k) is not None and not k.endswith("token_id")} - {
         "torch_dtype", "max_position_embeddings"}
     assert {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}
+    assert (out / "tokenizer.json").read_text() == (hf_dir / "tokenizer.json").read_text()
 
 
 def architecture(hf_dir) -> list[str]:
