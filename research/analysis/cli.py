@@ -5,17 +5,41 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from research.analysis import joint, points
+from research.config import ConfigError
+
 
 def add_analysis_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add `research analyze DIR` and `research board DIR [--port P]`."""
+    """Add `research analyze DIR`, `research analyze --points FILE.csv --out DIR`,
+    `research predict DIR --flops C` and `research board DIR [--port P]`."""
     analyze = subparsers.add_parser(
         "analyze", help="table, plots, scaling-law fits and a report for a folder of runs",
         description="Read every run below DIR (a sweep dir, or any folder of run directories) and "
                     "write DIR/analysis/: table.csv/.md, PNG figures, fits.json, report.md and a "
                     "self-contained report.html, and the figures as TensorBoard images. "
                     "See docs/analysis.md.")
-    analyze.add_argument("dir", metavar="DIR", help="sweep directory or folder of run directories")
+    analyze.add_argument("dir", metavar="DIR", nargs="?",
+                         help="sweep directory or folder of run directories")
+    analyze.add_argument("--points", metavar="FILE.csv",
+                         help="fit a table of points instead (columns params, tokens or flops, loss)")
+    analyze.add_argument("--out", metavar="DIR", help="with --points: where to write the report")
+    analyze.add_argument("--columns", metavar="FIELD=COLUMN,...",
+                         help="with --points: CSV column names, e.g. 'params=Model Size,flops=Training FLOP'")
+    analyze.add_argument("--drop-highest", type=int, default=0, metavar="K",
+                         help="with --points: leave out the K highest losses (outliers)")
+    analyze.add_argument("--holdout", choices=joint.HOLDOUT_CHOICES,
+                         help="fit L(N, D) without the largest compute budget and check its prediction")
     analyze.set_defaults(func=analyze_command)
+
+    predict = subparsers.add_parser(
+        "predict", help="compute-optimal size, tokens and loss at a budget, from a fitted L(N, D)",
+        description="Read the Approach 3 fit that `research analyze` wrote (DIR/analysis/fits.json, "
+                    "or DIR/fits.json for --points) and print N_opt, D_opt and the loss at each "
+                    "budget C with 95% intervals. See docs/analysis.md.")
+    predict.add_argument("dir", metavar="DIR", help="an analysed folder, or an analyze --out folder")
+    predict.add_argument("--flops", type=float, nargs="+", required=True, metavar="C",
+                         help="training compute budgets in FLOPs, e.g. 1e18")
+    predict.set_defaults(func=predict_command)
 
     board = subparsers.add_parser(
         "board", help="serve TensorBoard on 127.0.0.1 for a folder of runs (Ctrl-C stops it)",
@@ -28,11 +52,63 @@ def add_analysis_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def analyze_command(args: argparse.Namespace) -> int:
     """Returns the exit code; a ConfigError is left to the caller (one line, exit 2)."""
-    from research.analysis.report import analyze
+    from research.analysis.report import analyze, analyze_points
 
-    out, answer = analyze(Path(args.dir))
+    if args.points is None:
+        for flag, value in (("--out", args.out), ("--columns", args.columns),
+                            ("--drop-highest", args.drop_highest)):
+            if value:
+                raise ConfigError(f"{flag} goes with --points FILE.csv")
+        if args.dir is None:
+            raise ConfigError("analyze needs DIR, or --points FILE.csv --out DIR")
+        out, answer = analyze(Path(args.dir), args.holdout)
+    else:
+        if args.dir is not None or args.out is None:
+            raise ConfigError("--points FILE.csv takes --out DIR (where the report goes), not DIR")
+        if args.drop_highest < 0:
+            raise ConfigError(f"--drop-highest: must be 0 or more, got {args.drop_highest}")
+        table = points.read_csv(Path(args.points), points.parse_columns(args.columns),
+                                args.drop_highest)
+        out, answer = analyze_points(table, Path(args.points), Path(args.out), args.holdout)
     print(answer)
-    print(f"wrote {out}/: report.html, report.md, table.csv, fits.json, figures (also in {out / 'tb'})")
+    table = "" if args.points else " table.csv,"
+    print(f"wrote {out}/: report.html, report.md,{table} fits.json, figures (also in {out / 'tb'})")
+    return 0
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    import json
+    import math
+
+    from research.analysis.approach3 import JointLaw
+    from research.analysis.runs import ANALYSIS, si
+
+    where = Path(args.dir)
+    path = next((p for p in (where / ANALYSIS / "fits.json", where / "fits.json") if p.is_file()),
+                None)
+    if path is None:
+        raise ConfigError(f"{where}: no fits.json (in DIR/{ANALYSIS}/ or DIR/); run `research "
+                          "analyze` first")
+    try:
+        record = json.loads(path.read_text()).get("approach3")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{path}: unreadable fits.json ({exc})") from None
+    if not record or "error" in record:
+        raise ConfigError(f"{path}: no L(N, D) fit" + (f" ({record['error']})" if record else ""))
+    bad = [c for c in args.flops if not (math.isfinite(c) and c > 0)]
+    if bad:
+        raise ConfigError(f"--flops: budgets must be positive FLOPs, got {bad[0]}")
+    law = JointLaw.from_record(record)
+    largest = record["flops_range"][1]
+    print(f"{law.formula()}  (fitted to {law.n_points} points up to C = {largest:.3g}; C = "
+          f"{law.k:.3g}·N·D; 95% intervals)")
+    for c in args.flops:
+        opt = law.optimal(c)
+        n, d, loss = opt["n_opt"], opt["d_opt"], opt["loss"]
+        note = f"  extrapolating {c / largest:.3g}x past the largest fitted C" if c > largest else ""
+        print(f"C = {c:.3g}: N_opt {si(n[0])} [{si(n[1])}, {si(n[2])}], D_opt {si(d[0])} "
+              f"[{si(d[1])}, {si(d[2])}], D/N {d[0] / n[0]:.3g}, loss {loss[0]:.4f} "
+              f"[{loss[1]:.4f}, {loss[2]:.4f}]{note}")
     return 0
 
 

@@ -14,12 +14,16 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import LogFormatter, NullLocator  # noqa: E402
 
-from research.analysis.fits import FitError, IsoFlop, PowerLaw  # noqa: E402
+from research.analysis.approach3 import JointLaw  # noqa: E402
+from research.analysis.fits import FitError, IsoFlop, PowerLaw, group_budgets  # noqa: E402
+from research.analysis.points import Points  # noqa: E402
 from research.analysis.runs import Run, finished, format_value, si  # noqa: E402
 
 LOSS = "eval loss (nats/token)"
@@ -244,4 +248,88 @@ def isoflop(iso: IsoFlop, params: np.ndarray, loss: np.ndarray, xlabel: str) -> 
     if optimal:
         opt_ax.legend(loc="upper left", fontsize="small")
     opt_ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+MAX_SLICES = 8  # IsoFLOP slices drawn; more budgets than this are thinned evenly
+
+
+def joint_fit(law: JointLaw, fitted: Points, held: Points | None) -> Figure:
+    """Left: loss against N along IsoFLOP slices of L(N, D) through the points' budgets, with
+    the points. Right: contours of L over (N, D), the points and the compute-optimal path.
+    Colour is log compute; held-out points are hollow diamonds."""
+    fig, (ax, contour_ax) = _figure(2, width=5.5)
+    _title(fig, f"Approach 3: {law.formula()}")
+    parts = [(fitted, "o", True)] + ([(held, "D", False)] if held is not None and len(held) else [])
+    flops = np.concatenate([p.flops for p, _, _ in parts])
+    n_all = np.concatenate([p.params for p, _, _ in parts])
+    d_all = np.concatenate([p.tokens for p, _, _ in parts])
+    norm = LogNorm(flops.min(), max(flops.max(), flops.min() * 1.01))
+    cmap = colormaps["viridis"]
+    groups = group_budgets(flops)
+    for group in [groups[int(i)] for i in np.unique(np.linspace(0, len(groups) - 1, MAX_SLICES)
+                                                    .round())]:
+        c = float(np.exp(np.mean(np.log(flops[group]))))
+        grid = np.geomspace(n_all[group].min() / 2, n_all[group].max() * 2, 100)
+        ax.plot(grid, law(grid, c / (law.k * grid)), color=cmap(norm(c)), lw=1.2)
+        n_opt = law.optimal(c)["n_opt"][0]
+        ax.scatter(n_opt, float(law(n_opt, c / (law.k * n_opt))), marker="*", s=140,
+                   color=cmap(norm(c)), edgecolor="k", zorder=4)
+    for points, marker, filled in parts:
+        colors = cmap(norm(points.flops))
+        face = colors if filled else "none"
+        ax.scatter(points.params, points.loss, marker=marker, s=25, zorder=3, edgecolors=colors,
+                   facecolors=face, label="held out" if not filled else None)
+        contour_ax.scatter(points.params, points.tokens, marker=marker, s=20, zorder=3,
+                           edgecolors=colors, facecolors=face)
+    _log(ax)
+    ax.set(xlabel="parameters N", ylabel=LOSS,
+           title=f"IsoFLOP slices of L(N, D) (★ predicted optimum; {min(len(groups), MAX_SLICES)}"
+                 f" of {len(groups)} budgets)")
+    ax.title.set_fontsize("small")
+    if len(parts) > 1:
+        ax.legend(loc="best", fontsize="small")
+    ax.grid(True, which="both", alpha=0.3)
+
+    ns = np.geomspace(n_all.min() / 3, n_all.max() * 3, 120)
+    ds = np.geomspace(d_all.min() / 3, d_all.max() * 3, 120)
+    grid_n, grid_d = np.meshgrid(ns, ds)
+    lines = contour_ax.contour(grid_n, grid_d, law(grid_n, grid_d), levels=12, cmap="Greys",
+                               linewidths=0.8)
+    contour_ax.clabel(lines, fontsize="x-small", fmt="%.2f")
+    path_c = np.geomspace(law.k * ns.min() * ds.min(), law.k * ns.max() * ds.max(), 50)
+    opt = [law.optimal(c) for c in path_c]
+    contour_ax.plot([o["n_opt"][0] for o in opt], [o["d_opt"][0] for o in opt], color="tab:red",
+                    lw=1.5, label=f"compute-optimal: N ∝ C^{law.a:.2f}, D ∝ C^{law.b:.2f}")
+    contour_ax.set_xlim(ns.min(), ns.max())
+    contour_ax.set_ylim(ds.min(), ds.max())
+    _log(contour_ax, y=True)
+    contour_ax.set(xlabel="parameters N", ylabel="training tokens D")
+    contour_ax.set_title("contours of L(N, D)", fontsize="small")
+    contour_ax.legend(loc="upper left", fontsize="small")
+    fig.colorbar(ScalarMappable(norm, cmap), ax=contour_ax, label="training compute C (FLOPs)")
+    return fig
+
+
+def extrapolation(law: JointLaw, fitted: Points, held: Points | None) -> Figure:
+    """Predicted against measured loss: the fitted points, and held-out ones with their 95%
+    prediction intervals; the diagonal is a perfect prediction."""
+    fig, (ax,) = _figure(1, width=6.0)
+    _title(fig, "Predicted against measured loss")
+    ax.scatter(fitted.loss, law(fitted.params, fitted.tokens), s=20, color="tab:blue",
+               label=f"fitted ({len(fitted)})", zorder=3)
+    measured = [fitted.loss]
+    if held is not None and len(held):
+        predicted = np.array([law.predict(n, d) for n, d in zip(held.params, held.tokens)])
+        ax.errorbar(held.loss, predicted[:, 0], yerr=[predicted[:, 0] - predicted[:, 1],
+                                                      predicted[:, 2] - predicted[:, 0]],
+                    fmt="D", color="tab:red", mfc="none", capsize=3, zorder=4,
+                    label=f"held out ({len(held)}), 95% prediction interval")
+        measured.append(held.loss)
+    values = np.concatenate(measured)
+    span = np.array([values.min(), values.max()])
+    ax.plot(span, span, color="0.4", lw=1, ls="--", label="prediction = measurement")
+    ax.set(xlabel=f"measured {LOSS}", ylabel="predicted by L(N, D)")
+    ax.legend(loc="upper left", fontsize="small")
+    ax.grid(True, alpha=0.3)
     return fig

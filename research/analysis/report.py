@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from research.analysis import fits, plots
+from research.analysis import fits, joint, plots, points
 from research.analysis.runs import (ANALYSIS, COLUMNS, Run, finished, format_value, load_runs, row,
                                    si)
 
@@ -254,13 +254,15 @@ def figures(runs: list[Run], rows: list[dict[str, Any]], fields: list[str],
     return out
 
 
-def analyze(root: Path) -> tuple[Path, str]:
-    """Write DIR/analysis/ for the runs below `root`; returns that folder and the answer paragraph."""
+def analyze(root: Path, holdout: str | None = None) -> tuple[Path, str]:
+    """Write DIR/analysis/ for the runs below `root`; returns that folder and the answer paragraph.
+    `holdout="largest"` fits L(N, D) without the largest compute budget and checks its prediction."""
     root = Path(root)
     runs, fields = load_runs(root)
     rows = [row(run) for run in runs]
     scaling = scaling_fits(runs, rows)
     iso, arrays = compute_optimal(runs, rows)
+    law = joint.section(points.from_rows([r for _, r in finished(runs, rows)]), iso, holdout)
     answer = headline(runs, rows, scaling, iso)
 
     out = root / ANALYSIS
@@ -270,28 +272,59 @@ def analyze(root: Path) -> tuple[Path, str]:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-    (out / "fits.json").write_text(json.dumps(fits_record(scaling, iso), indent=1))
-    pngs = {}
     drawn = figures(runs, rows, fields, scaling, iso, arrays)
-    for fig in drawn:
-        buffer = io.BytesIO()
-        fig.figure.savefig(buffer, format="png", dpi=110)
-        pngs[fig.stem] = buffer.getvalue()
-        (out / f"{fig.stem}.png").write_bytes(pngs[fig.stem])
-
     tables = [("Runs", (columns, [[cell(c, r[c]) for c in columns] for r in rows]))]
     if scaling:
         tables.append(("Scaling-law fits", fits_table(scaling)))
     if iso is not None:
         tables.append(("IsoFLOP budgets", budgets_table(iso)))
     (out / "table.md").write_text(_markdown_table(*tables[0][1]) + "\n")
+    write_report(out, f"Analysis of {root.resolve().name}", answer,
+                 {**fits_record(scaling, iso), **law.record}, tables, drawn, law)
+    return out, answer
+
+
+def analyze_points(table: points.Points, source: Path, out: Path,
+                   holdout: str | None = None) -> tuple[Path, str]:
+    """Write fits.json, the report and its figures to `out` for a table of points (`--points`)."""
+    iso = fits.isoflop(table.flops, table.params, table.tokens, table.loss)
+    law = joint.section(table, iso, holdout)
+    drawn = []
+    if iso is not None:
+        drawn.append(Figure("isoflop", "IsoFLOP curves", plots.isoflop(
+            iso, table.params, table.loss, "parameters")))
+    tables = [("IsoFLOP budgets", budgets_table(iso))] if iso is not None else []
+    answer = f"{len(table)} points from {source}."
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "tb", ignore_errors=True)  # not _clear: `out` may hold the user's PNGs
+    record = {**fits_record([], iso), **law.record}
+    write_report(out, f"Scaling laws of {source.name}", answer, record, tables, drawn, law)
+    return out, answer
+
+
+def write_report(out: Path, title: str, answer: str, record: dict[str, Any],
+                 tables: list[tuple[str, tuple[list[str], list[list[str]]]]],
+                 drawn: list[Figure], law: joint.Section) -> None:
+    """fits.json, the figures as PNGs, report.md, report.html and TensorBoard images in `out`;
+    the joint-law section (its paragraph, tables and figures) follows the others."""
+    (out / "fits.json").write_text(json.dumps(record, indent=1))
+    tables = [*tables, *law.tables]
+    drawn = [*drawn, *(Figure(*f) for f in law.figures)]
+    if law.text:
+        answer = f"{answer}\n\n{law.text}"
+    pngs = {}
+    for fig in drawn:
+        buffer = io.BytesIO()
+        fig.figure.savefig(buffer, format="png", dpi=110)
+        pngs[fig.stem] = buffer.getvalue()
+        (out / f"{fig.stem}.png").write_bytes(pngs[fig.stem])
+
     text = "\n".join([answer, *(f"\n## {name}\n\n{_markdown_table(*t)}" for name, t in tables)])
-    title = f"Analysis of {root.resolve().name}"
     images_md = [f"\n## {fig.title}\n\n![{fig.title}]({fig.stem}.png)" for fig in drawn]
     (out / "report.md").write_text("\n".join([f"# {title}\n", text, *images_md]) + "\n")
     page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
-            f"<p class='answer'>{html.escape(answer)}</p>"]
+            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    page += [f"<p class='answer'>{html.escape(part)}</p>" for part in answer.split("\n\n")]
     page += [f"<h2>{html.escape(name)}</h2>{_html_table(*t)}" for name, t in tables]
     page += [f"<h2>{html.escape(fig.title)}</h2><img alt='{html.escape(fig.title)}' src='data:image/"
              f"png;base64,{base64.b64encode(pngs[fig.stem]).decode()}'>" for fig in drawn]
@@ -303,4 +336,3 @@ def analyze(root: Path) -> tuple[Path, str]:
         for fig in drawn:
             writer.file_writer.add_summary(_image_summary(f"analysis/{fig.stem}", pngs[fig.stem]), 0)
         writer.add_text("analysis/report", text, 0)
-    return out, answer
