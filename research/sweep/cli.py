@@ -9,14 +9,17 @@ from research.config import ConfigError
 
 
 def add_sweep_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add `research sweep SWEEP.yaml [--sweep-dir DIR] [--worker] [--storage URL] [key=value ...]`
-    and `research sweep status DIR`."""
+    """Add `research sweep SWEEP.yaml [--sweep-dir DIR] [--worker] [--storage URL] [key=value ...]`,
+    `research sweep status DIR` and `research sweep plan SWEEP.yaml [--no-time]`."""
     parser = subparsers.add_parser(
         "sweep", help="run a hyper-parameter sweep (or join one as a worker), or show its status",
         description="Run the trials of a sweep file, each a `research train` process in its own "
-                    "run directory; `research sweep status DIR` prints a sweep's table. "
+                    "run directory; `research sweep status DIR` prints a sweep's table; "
+                    "`research sweep plan SWEEP.yaml` prints the trials it would run (size, "
+                    "tokens, steps, FLOPs, a measured time estimate) and runs nothing. "
                     "See docs/sweeps.md.")
-    parser.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file (or the word `status`)")
+    parser.add_argument("sweep", metavar="SWEEP.yaml",
+                        help="sweep file (or the word `status` or `plan`)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="overrides for every trial, e.g. train.steps=50 (after `status`: DIR)")
     parser.add_argument("--sweep-dir", help="where trials run (default: sweeps_out/<sweep name>)")
@@ -24,6 +27,8 @@ def add_sweep_commands(subparsers: argparse._SubParsersAction) -> None:
                         help="join the sweep's shared store and leave when nothing is left to start")
     parser.add_argument("--storage", help="database URL of the shared store, e.g. postgresql://... "
                         "(default: the sweep file's storage, else SQLite in the sweep dir)")
+    parser.add_argument("--no-time", action="store_true",
+                        help="plan: skip measuring a step of each shape (no time estimate)")
     parser.set_defaults(func=sweep_command)
 
 
@@ -37,6 +42,13 @@ def sweep_command(args: argparse.Namespace) -> int:
         if len(args.overrides) != 1:
             raise ConfigError("usage: research sweep status SWEEP_DIR")
         print_status(Path(args.overrides[0]), args.storage)
+        return 0
+    if args.sweep == "plan":
+        from research.sweep.plan import print_plan
+
+        if not args.overrides:
+            raise ConfigError("usage: research sweep plan SWEEP.yaml [key=value ...]")
+        print_plan(spec.load(args.overrides[0], args.overrides[1:]), measure=not args.no_time)
         return 0
     sweep = spec.load(args.sweep, args.overrides)
     sweep_dir = Path(args.sweep_dir) if args.sweep_dir else default_sweep_dir(sweep.spec.name)

@@ -19,7 +19,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
@@ -96,11 +96,14 @@ class Dimension(_Strict):
 
 
 class Search(_Strict):
-    """What is swept and how points are chosen."""
+    """What is swept and how points are chosen. `isoflop`: the grid of `params` at each compute
+    budget, `train.steps` set so that steps x tokens/step x FLOPs/token is the budget."""
 
-    method: Literal["grid", "random", "tpe"] = "grid"
+    method: Literal["grid", "random", "tpe", "isoflop"] = "grid"
     params: dict[str, Dimension] = Field(min_length=1, description="dotted config field -> values")
     startup_trials: int = Field(5, ge=1, description="tpe: random trials before the model kicks in")
+    budgets: tuple[Annotated[float, Field(gt=0)], ...] = Field(
+        (), description="isoflop: training compute budgets in FLOPs")
 
 
 class Objective(_Strict):
@@ -146,15 +149,21 @@ class SweepSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> SweepSpec:
-        params = self.search.params
-        if self.search.method == "grid":
+        params, method = self.search.params, self.search.method
+        if method in ("grid", "isoflop"):
             for key, dim in params.items():
                 if dim.kind != "values":
-                    raise ValueError(f"search.params.{key}: grid search needs a list of values, "
+                    raise ValueError(f"search.params.{key}: {method} search needs a list of values, "
                                      f"not a {dim.kind} distribution (use method: random or tpe)")
-        elif self.trials is None:
+        if (method == "isoflop") != bool(self.search.budgets):
+            raise ValueError("search.budgets: an isoflop search needs compute budgets (FLOPs), "
+                             "and only an isoflop search takes them")
+        if method == "isoflop" and STEPS in {*params, *self.derived, *self.overrides}:
+            raise ValueError(f"{STEPS}: an isoflop search sets it from each budget; do not sweep, "
+                             "derive or override it")
+        if method not in ("grid", "isoflop") and self.trials is None:
             raise ValueError(f"trials: a {self.search.method} search needs a trial budget")
-        short: dict[str, str] = {}
+        short: dict[str, str] = {name: "a name of the expression language" for name in MODEL_NAMES}
         for key in [*params, *self.derived]:
             name = short_name(key)
             if name in short:
@@ -167,7 +176,7 @@ class SweepSpec(_Strict):
         for key in self.overrides:
             if key in params or key in self.derived:
                 raise ValueError(f"overrides.{key}: also swept or derived; set it in one place")
-        known = {short_name(k) for k in params}
+        known = {short_name(k) for k in params} | set(MODEL_NAMES)
         for key, expr in self.derived.items():
             check_expression(expr, known, f"derived.{key}")
             known.add(short_name(key))
@@ -175,6 +184,26 @@ class SweepSpec(_Strict):
 
 
 # ----------------------------------------------------------------------------- derived fields
+
+STEPS = "train.steps"
+# Names every derived expression may use besides the swept ones: the trial's model as
+# `research train` counts it (research/train/flops.py), and an isoflop trial's budget (else 0).
+MODEL_NAMES = ("params", "params_active", "flops_per_token", "tokens_per_step", "budget")
+BUDGET_TOLERANCE = 0.01  # an isoflop trial's FLOPs may miss its budget by this fraction
+
+
+def model_numbers(cfg: config_lib.ExperimentConfig) -> dict[str, float]:
+    """params (total), params_active, flops_per_token (the MFU formula) and tokens_per_step."""
+    from research.data.tokenizer import load_tokenizer
+    from research.models.decoder import padded_vocab
+    from research.train import flops
+
+    vocab = padded_vocab(cfg.model, load_tokenizer(cfg.data.tokenizer).vocab_size)
+    counts = flops.param_counts(cfg.model, vocab)
+    return {"params": counts["total"], "params_active": counts["active"],
+            "flops_per_token": flops.flops_per_token(cfg.model, vocab, cfg.train.seq_len),
+            "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len}
+
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
@@ -258,9 +287,10 @@ def _short_value(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]", "_", text)
 
 
-def trial_name(number: int, params: dict[str, Any]) -> str:
-    """A readable, unique run-directory name, e.g. `t003-n_layers=8-lr=0.001`."""
-    parts = [f"t{number:03d}", *(f"{short_name(k)}={_short_value(v)}" for k, v in params.items())]
+def trial_name(number: int, params: dict[str, Any], budget: float | None = None) -> str:
+    """A readable, unique run-directory name, e.g. `t003-n_layers=8-lr=0.001`, `t004-C=1e+14-...`."""
+    parts = [f"t{number:03d}", *([f"C={budget:.3g}"] if budget is not None else []),
+             *(f"{short_name(k)}={_short_value(v)}" for k, v in params.items())]
     return "-".join(parts)[:120]
 
 
@@ -273,10 +303,12 @@ class Trial:
     params: dict[str, Any]
     derived: dict[str, Any]
     overrides: tuple[str, ...]
+    budget: float | None = None  # isoflop: the training FLOPs its steps were chosen for
 
     def record(self) -> dict[str, Any]:
+        budget = {} if self.budget is None else {"budget": self.budget}
         return {"number": self.number, "name": self.name, "params": self.params,
-                "derived": self.derived, "overrides": list(self.overrides)}
+                "derived": self.derived, "overrides": list(self.overrides), **budget}
 
 
 @dataclass(frozen=True)
@@ -292,29 +324,61 @@ class Sweep:
     def fixed_overrides(self) -> list[str]:
         return [*(render(k, v) for k, v in self.spec.overrides.items()), *self.cli_overrides]
 
-    def make_trial(self, number: int, params: dict[str, Any]) -> Trial:
-        names = {short_name(k): v for k, v in params.items()}
-        derived = {}
+    def _numbers(self, values: dict[str, Any], where: str) -> dict[str, float]:
+        """MODEL_NAMES' values for a trial's swept and derived values so far."""
+        try:
+            cfg = config_lib.load(self.base, [*self.fixed_overrides,
+                                              *(render(k, v) for k, v in values.items())])
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        return model_numbers(cfg)
+
+    def make_trial(self, number: int, params: dict[str, Any], budget: float | None = None) -> Trial:
+        name = trial_name(number, params, budget)
+        names: dict[str, Any] = {short_name(k): v for k, v in params.items()}
+        names["budget"] = budget or 0
+        derived: dict[str, Any] = {}
         for key, expr in self.spec.derived.items():
-            derived[key] = evaluate(expr, names, f"{self.path}: derived.{key}")
+            where = f"{self.path}: derived.{key}"
+            if set(MODEL_NAMES[:-1]) & {n.id for n in ast.walk(_parse(expr, where))
+                                        if isinstance(n, ast.Name)}:
+                names.update(self._numbers({**params, **derived}, f"{self.path}: trial {name}"))
+            derived[key] = evaluate(expr, names, where)
             names[short_name(key)] = derived[key]
+        if budget is not None:
+            derived[STEPS] = self._steps(budget, self._numbers({**params, **derived},
+                                                               f"{self.path}: trial {name}"), name)
         swept = [render(k, v) for k, v in {**params, **derived}.items()]
-        return Trial(number, trial_name(number, params), dict(params), derived,
-                     (*self.fixed_overrides, *swept))
+        return Trial(number, name, dict(params), derived, (*self.fixed_overrides, *swept), budget)
+
+    def _steps(self, budget: float, numbers: dict[str, float], name: str) -> int:
+        """round(budget / FLOPs per step); refused when that misses the budget by over 1%."""
+        per_step = numbers["flops_per_token"] * numbers["tokens_per_step"]
+        steps = round(budget / per_step)
+        miss = abs(steps * per_step - budget) / budget
+        if miss > BUDGET_TOLERANCE:
+            raise ConfigError(
+                f"{self.path}: trial {name}: budget {budget:.3g} FLOPs is {budget / per_step:.3g} "
+                f"steps of {per_step:.3g} FLOPs; {steps} steps miss it by {miss:.1%} (over "
+                f"{BUDGET_TOLERANCE:.0%}): raise the budget or make the model or batch smaller")
+        return steps
 
     def planned_trials(self) -> list[Trial]:
-        """The fixed trial list of a grid or random sweep (TPE trials are asked one at a time)."""
-        params = self.spec.search.params
-        if self.spec.search.method == "grid":
-            points = [dict(zip(params, values))
-                      for values in itertools.product(*(d.values for d in params.values()))]
-            points = points[: self.spec.trials]
-        elif self.spec.search.method == "random":
+        """The fixed trial list of a grid, isoflop (the grid at each budget, budgets outermost) or
+        random sweep (TPE trials are asked one at a time)."""
+        params, method = self.spec.search.params, self.spec.search.method
+        if method in ("grid", "isoflop"):
+            grid = [dict(zip(params, values))
+                    for values in itertools.product(*(d.values for d in params.values()))]
+            budgets: list[float | None] = [*self.spec.search.budgets] or [None]
+            points = [(c, p) for c in budgets for p in grid][: self.spec.trials]
+        elif method == "random":
             rng = random.Random(self.spec.seed)
-            points = [{k: d.sample(rng) for k, d in params.items()} for _ in range(self.spec.trials)]
+            points = [(None, {k: d.sample(rng) for k, d in params.items()})
+                      for _ in range(self.spec.trials)]
         else:
             return []
-        return [self.make_trial(n, p) for n, p in enumerate(points)]
+        return [self.make_trial(n, p, c) for n, (c, p) in enumerate(points)]
 
     @property
     def budget(self) -> int:

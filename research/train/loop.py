@@ -89,6 +89,45 @@ def prepare(cfg: ExperimentConfig, devices: list[jax.Device] | None = None) -> S
                  lr_multiplier(cfg.optim, cfg.train.steps), spec)
 
 
+def compile_train_step(setup: Setup) -> tuple[Any, jax.Array]:
+    """The jitted, compiled training step (state donated) and the peak lr it takes; call inside
+    `setup.context()`."""
+    cfg = setup.cfg
+    replicated = NamedSharding(setup.mesh, PartitionSpec())
+    step_fn = jax.jit(
+        functools.partial(train_step, model=setup.model, tx=setup.tx,
+                          lr_multiplier=setup.lr_multiplier, grad_accum=cfg.train.grad_accum),
+        in_shardings=(setup.spec.shardings, batch_sharding(setup.mesh), replicated),
+        out_shardings=(setup.spec.shardings, None),
+        donate_argnums=0,
+    )
+    batch_shape = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
+                                       sharding=batch_sharding(setup.mesh))
+    peak_lr = jnp.asarray(cfg.optim.lr, jnp.float32)
+    return step_fn.lower(setup.spec.abstract, batch_shape, peak_lr).compile(), peak_lr
+
+
+def step_seconds(cfg: ExperimentConfig, steps: int = 3) -> float:
+    """Seconds per training step of `cfg` on this machine: compile, one step to warm up, then the
+    mean of `steps` more on real batches (for planning; nothing is written)."""
+    setup = prepare(cfg)
+    data = train_iterator(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
+                          seed=cfg.train.seed, process_index=jax.process_index(),
+                          process_count=jax.process_count())
+    with setup.context():
+        state = init_state(setup.model, setup.tx, jnp.zeros((1, cfg.train.seq_len), jnp.int32),
+                           setup.spec, cfg.train.seed)
+        step_fn, peak_lr = compile_train_step(setup)
+        batches = [setup.global_array(next(data)["tokens"]) for _ in range(steps + 1)]
+        state, out = step_fn(state, batches[0], peak_lr)
+        jax.block_until_ready(out)
+        start = time.perf_counter()
+        for batch in batches[1:]:
+            state, out = step_fn(state, batch, peak_lr)
+        jax.block_until_ready(out)
+    return (time.perf_counter() - start) / steps
+
+
 def evaluate(setup: Setup, params: Any, batches: list[np.ndarray],
              step_fn: Any | None = None) -> dict[str, float]:
     """Held-out loss (nats/token) and bits per byte over fixed batches."""
@@ -214,20 +253,9 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     with _stop_between_steps() as stop_requested:
         save_summary()
         with setup.context():
-            replicated = NamedSharding(setup.mesh, PartitionSpec())
-            step_fn = jax.jit(
-                functools.partial(train_step, model=setup.model, tx=setup.tx,
-                                  lr_multiplier=setup.lr_multiplier, grad_accum=cfg.train.grad_accum),
-                in_shardings=(setup.spec.shardings, batch_sharding(setup.mesh), replicated),
-                out_shardings=(setup.spec.shardings, None),
-                donate_argnums=0,
-            )
             # Compile ahead of the loop, so step times (and MFU) never include compilation.
             compile_start = time.perf_counter()
-            batch_shape = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
-                                               sharding=batch_sharding(setup.mesh))
-            peak_lr = jnp.asarray(cfg.optim.lr, jnp.float32)
-            step_fn = step_fn.lower(setup.spec.abstract, batch_shape, peak_lr).compile()
+            step_fn, peak_lr = compile_train_step(setup)
             summary["compile_seconds"] = time.perf_counter() - compile_start
             eval_fn = jax.jit(functools.partial(eval_step, model=setup.model),
                               in_shardings=(setup.spec.shardings["params"], batch_sharding(setup.mesh)))
