@@ -101,8 +101,10 @@ def trust(law: approach3.JointLaw, fitted: Points, iso: fits.IsoFlop | None,
     if iso is not None:
         edge = [b for b in iso.budgets if b.n_opt is None]
         if edge:
-            words.append(f"{len(edge)} of {len(iso.budgets)} IsoFLOP budgets have no minimum inside "
-                         "the sizes tried (" + "; ".join(f"C = {b.flops:.3g}: {b.note}" for b in edge)
+            verb = "has" if len(edge) == 1 else "have"
+            words.append(f"{len(edge)} of {len(iso.budgets)} IsoFLOP budgets {verb} no minimum "
+                         "inside the sizes tried (" + "; ".join(f"C = {b.flops:.3g}: {b.note}"
+                                                                for b in edge)
                          + "): widen the sizes on that side before trusting Approach 2.")
         if iso.params is not None and "a" in bands:
             low, high = bands["a"]
