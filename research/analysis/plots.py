@@ -270,9 +270,10 @@ def joint_fit(law: JointLaw, fitted: Points, held: Points | None) -> Figure:
     for group in [groups[int(i)] for i in np.unique(np.linspace(0, len(groups) - 1, MAX_SLICES)
                                                     .round())]:
         c = float(np.exp(np.mean(np.log(flops[group]))))
-        grid = np.geomspace(n_all[group].min() / 2, n_all[group].max() * 2, 100)
-        ax.plot(grid, law(grid, c / (law.k * grid)), color=cmap(norm(c)), lw=1.2)
         n_opt = law.optimal(c)["n_opt"][0]
+        grid = np.geomspace(min(n_all[group].min() / 2, n_opt / 1.5),
+                            max(n_all[group].max() * 2, n_opt * 1.5), 100)
+        ax.plot(grid, law(grid, c / (law.k * grid)), color=cmap(norm(c)), lw=1.2)
         ax.scatter(n_opt, float(law(n_opt, c / (law.k * n_opt))), marker="*", s=140,
                    color=cmap(norm(c)), edgecolor="k", zorder=4)
     for points, marker, filled in parts:
