@@ -73,8 +73,8 @@ class PostgresServer:
         try:
             if self.as_user:
                 shutil.chown(self.dir, "nobody")
-            self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                      "--no-sync")
+            self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                      "-E", "UTF8", "--no-sync")
             self.start()
         except BaseException:
             self.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sqlite3
 import subprocess
 import sys
@@ -16,17 +15,14 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-import yaml
 
 from research.config import ConfigError
 from research.sweep import store as store_module
 from research.sweep.status import trial_rows
 from research.sweep.store import Store
+from test_sweep import CLI, REPO, _env, _lines, _wait_for, write_sweep
 
-REPO = Path(__file__).resolve().parents[1]
-BASE = REPO / "experiments" / "dense_tiny.yaml"
 FAKE_TRIAL = Path(__file__).resolve().parent / "sweep_fake_trial.py"
-CLI = [sys.executable, "-m", "research"]
 WORKER = ("import sys; from pathlib import Path; from research.sweep import spec; "
           "from research.sweep.runner import Runner; "
           "sys.exit(Runner(spec.load(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], worker=True, "
@@ -34,21 +30,15 @@ WORKER = ("import sys; from pathlib import Path; from research.sweep import spec
 LRS = [round(0.001 * (n + 1), 3) for n in range(12)]
 
 
-def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "250", **extra}
-
-
 def _grid(tmp_path: Path, points: int = 12) -> Path:
-    path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump({"base": str(BASE), "search": {"params": {"optim.lr": LRS[:points]}}}))
-    return path
+    return write_sweep(tmp_path / "grid.yaml", search={"params": {"optim.lr": LRS[:points]}})
 
 
 def _worker(sweep: Path, out: Path, url: str, trial_s: float = 0.3) -> subprocess.Popen:
     """A `research sweep --worker` whose trials are the fake trial."""
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(sweep), str(out), url, str(FAKE_TRIAL)],
-                            cwd=REPO, env=_env(FAKE_TRIAL_S=str(trial_s)), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    command = [sys.executable, "-c", WORKER, str(sweep), str(out), url, str(FAKE_TRIAL)]
+    return subprocess.Popen(command, cwd=REPO, env={**_env(), "FAKE_TRIAL_S": str(trial_s)},
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _finish(workers: list[subprocess.Popen]) -> list[str]:
@@ -59,15 +49,8 @@ def _finish(workers: list[subprocess.Popen]) -> list[str]:
 
 def _calls(out: Path) -> dict[str, list[tuple[int, int]]]:
     """Per trial run dir: (worker pid, trial pid) of every time the trial was started."""
-    return {d.name: [tuple(map(int, line.split())) for line in (d / "calls").read_text().splitlines()]
+    return {d.name: [tuple(map(int, line.split())) for line in _lines(d / "calls")]
             for d in sorted(out.iterdir()) if (d / "calls").exists()}
-
-
-def _wait_for(condition, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def _done(out: Path) -> int:
@@ -87,8 +70,8 @@ def _assert_ran_once(out: Path, url: str, points: int = 12) -> dict[str, list[tu
 
 
 def test_bad_storage_url_is_one_line_and_creates_nothing(tmp_path):
-    for url, message in [("not a url", "not a database URL"), ("nosuchdb://x/y", "not a database URL"),
-                         ("sqlite://", "in-memory SQLite"),
+    for url, message in [("not a url", "not a database URL"), ("sqlite://", "in-memory SQLite"),
+                         ("nosuchdb://x/y", "not a database URL"),
                          ("postgresql+nosuchdriver://u@h/db", "not a database URL"),
                          ("mysql://u:secret@h/db", "its driver MySQLdb is not installed")]:
         with pytest.raises(ConfigError, match=message) as err:
@@ -169,6 +152,8 @@ def test_a_write_whose_commit_was_lost_is_not_applied_twice(store_url, caplog):
     assert store.finish(claim, "done", 0.5, None)  # its retry changes nothing, yet it counts
     assert [(r["state"], r["attempt"], r["objective"]) for r in store.rows()] == [
         ("done", 1, 0.5), ("pending", 0, None), ("pending", 0, None)]
+    explicit = store_url.replace("postgresql://", "postgresql+psycopg://", 1)  # the same driver
+    assert Store(explicit, "s").rows() == store.rows()
     tpe = Store(store_url, "tpe")
     tpe.create("g", {}, [])
     tpe.engine = _LosesNextCommit(tpe.engine)
@@ -215,7 +200,8 @@ def test_a_sigkilled_workers_trial_is_taken_over(store_url, tmp_path):
     [log] = _finish([_worker(sweep, out, store_url)])
     assert "[t000-lr=0.001] started, attempt 2" in log
     calls = _calls(out)
-    assert [len(c) for c in calls.values()] == [2, 1, 1, 1] and calls["t000-lr=0.001"][0][0] == doomed.pid
+    assert [len(c) for c in calls.values()] == [2, 1, 1, 1]
+    assert calls["t000-lr=0.001"][0][0] == doomed.pid  # the first attempt was the killed worker's
     rows = Store(store_url, "grid").rows()
     assert [(r["state"], r["attempt"]) for r in rows] == [("done", 2)] + [("done", 1)] * 3
 

@@ -1,6 +1,6 @@
 """The shared sweep store: which trials exist, who runs them, how they ended.
 
-Two tables in any SQLAlchemy database (SQLite file by default; PostgreSQL etc. for many machines),
+Three tables in any SQLAlchemy database (SQLite file by default; PostgreSQL etc. for many machines),
 next to optuna's own tables when TPE or pruning needs a study. Every state change is one
 compare-and-set UPDATE keyed on the row's `attempt` counter, so two workers can never both claim a
 trial, on SQLite (writes are serialised) or PostgreSQL (the second UPDATE re-checks its WHERE
@@ -79,7 +79,7 @@ T = TypeVar("T")
 
 
 def retry(fn: Callable[[], T], tries: int = 8) -> T:
-    """Run `fn`, retrying the errors of workers creating the same tables at once (and busy SQLite)."""
+    """Run `fn`, retrying the errors of workers creating the same tables at once."""
     for attempt in range(tries):
         try:
             return fn()
@@ -111,7 +111,7 @@ def owner_alive(owner: str | None) -> bool:
 
 
 def parse_url(url: str) -> sa.URL:
-    """The storage URL, checked without connecting: a database SQLAlchemy knows, driver installed."""
+    """The storage URL, checked without connecting: a known database whose driver is installed."""
     example = "e.g. sqlite:///PATH/sweep.db or postgresql://USER@HOST[:PORT]/DB"
     try:
         parsed = sa.make_url(url)
@@ -125,8 +125,9 @@ def parse_url(url: str) -> sa.URL:
     try:
         dialect.import_dbapi()
     except ImportError as exc:
-        extra = " (pip install 'research[postgres]')" if parsed.get_backend_name() == "postgresql" else ""
-        raise ConfigError(f"storage {shown!r}: its driver {exc.name} is not installed{extra}") from None
+        hint = " (pip install 'research[postgres]')" if dialect.name == "postgresql" else ""
+        raise ConfigError(f"storage {shown!r}: its driver {exc.name} is not installed"
+                          f"{hint}") from None
     return parsed
 
 
@@ -136,8 +137,8 @@ def transient(exc: DBAPIError) -> bool:
         return True
     if not isinstance(exc, (OperationalError, InterfaceError)):
         return False
-    if busy := getattr(exc.orig, "sqlite_errorname", None):
-        return busy in ("SQLITE_BUSY", "SQLITE_LOCKED")
+    if sqlite_error := getattr(exc.orig, "sqlite_errorname", None):
+        return sqlite_error in ("SQLITE_BUSY", "SQLITE_LOCKED")
     code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
     return code is None or code.startswith(_TRANSIENT_SQLSTATES)  # None: no server answered
 
@@ -153,7 +154,8 @@ def engine_for(url: str) -> sa.Engine:
             dbapi_connection.execute("PRAGMA journal_mode=WAL")
 
         return engine
-    connect_args = {"connect_timeout": 10} if parsed.get_backend_name() == "postgresql" else {}
+    # libpq's own limit, so an unreachable host fails (and is retried) rather than hanging
+    connect_args = {"connect_timeout": 10} if parsed.get_driver_name().startswith("psycopg") else {}
     return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
 
 
@@ -197,7 +199,7 @@ class Store:
             except DBAPIError as exc:
                 if not transient(exc):
                     raise
-                reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else repr(exc)
+                reason = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
                 if time.monotonic() + delay > deadline:
                     raise ConfigError(f"{self.label}: database unreachable for {self.retry_s:.0f}s "
                                       f"({reason})") from None
@@ -207,7 +209,7 @@ class Store:
                 delay = min(2 * delay, _MAX_BACKOFF_S)
 
     def _prepare(self, create: bool) -> bool:
-        """Bring the tables to SCHEMA_VERSION (making them only if `create`); False: there are none."""
+        """Bring the tables to SCHEMA_VERSION, making them only if `create`; False: none exist."""
         if self._ready:
             return True
 
@@ -224,8 +226,9 @@ class Store:
                     version = 1 if existed else SCHEMA_VERSION
                     conn.execute(_schema.insert().values(id=1, version=version))
                 if version > SCHEMA_VERSION:
-                    raise ConfigError(f"{self.label}: the sweep store has schema version {version}, "
-                                      f"this research reads up to {SCHEMA_VERSION}; upgrade research")
+                    raise ConfigError(f"{self.label}: the sweep store has schema version "
+                                      f"{version}, this research reads up to {SCHEMA_VERSION}; "
+                                      "upgrade research")
                 for step in range(version, SCHEMA_VERSION):
                     MIGRATIONS[step](conn)
                 if version != SCHEMA_VERSION:
