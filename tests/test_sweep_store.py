@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import sqlalchemy as sa
 
@@ -30,8 +31,9 @@ WORKER = ("import sys; from pathlib import Path; from research.sweep import spec
 LRS = [round(0.001 * (n + 1), 3) for n in range(12)]
 
 
-def _grid(tmp_path: Path, points: int = 12) -> Path:
-    return write_sweep(tmp_path / "grid.yaml", search={"params": {"optim.lr": LRS[:points]}})
+def _grid(tmp_path: Path, points: int = 12, **fields) -> Path:
+    return write_sweep(tmp_path / "grid.yaml", search={"params": {"optim.lr": LRS[:points]}},
+                       **fields)
 
 
 def _worker(sweep: Path, out: Path, url: str, trial_s: float = 0.3) -> subprocess.Popen:
@@ -207,7 +209,8 @@ def test_a_sigkilled_workers_trial_is_taken_over(store_url, tmp_path):
 
 
 def test_a_sweep_survives_a_database_outage(store_url, tmp_path, request):
-    sweep, out = _grid(tmp_path), tmp_path / "out"
+    # A pruner that never prunes: every trial also asks, reports to and tells optuna's tables.
+    sweep, out = _grid(tmp_path, pruner={"type": "median", "startup_trials": 100}), tmp_path / "out"
     workers = [_worker(sweep, out, store_url, trial_s=0.5) for _ in range(2)]
     _wait_for(lambda: _done(out) >= 2)
     if store_url.startswith("postgresql"):  # the server goes away: connections drop, then refused
@@ -226,3 +229,6 @@ def test_a_sweep_survives_a_database_outage(store_url, tmp_path, request):
     _assert_ran_once(out, store_url)
     if store_url.startswith("postgresql"):
         assert any("retrying in" in log for log in logs), logs
+    trials = optuna.load_study(study_name="grid", storage=store_url).trials
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted((t.value, t.intermediate_values) for t in complete) == [(lr, {1: lr}) for lr in LRS]

@@ -143,6 +143,39 @@ def transient(exc: DBAPIError) -> bool:
     return code is None or code.startswith(_TRANSIENT_SQLSTATES)  # None: no server answered
 
 
+def _database_error(exc: BaseException | None) -> DBAPIError | None:
+    """The database error behind `exc` (optuna re-raises them as its own)."""
+    while exc is not None and not isinstance(exc, DBAPIError):
+        exc = exc.__cause__
+    return exc
+
+
+def patiently(fn: Callable[[], T], label: str, retry_s: float = RETRY_S,
+              landed: Callable[[], bool] | None = None) -> T:
+    """Run `fn`, waiting out a lost database (`label` names it) with exponential backoff.
+
+    A write whose connection broke may still have committed: when its retry reports no change
+    (False), `landed` says whether that earlier try went through.
+    """
+    deadline, delay, broke = time.monotonic() + retry_s, 0.5, False
+    while True:
+        try:
+            result = fn()
+            return landed() if broke and landed is not None and result is False else result
+        except Exception as exc:
+            error = _database_error(exc)
+            if error is None or not transient(error):
+                raise
+            reason = (str(error.orig).strip().splitlines() or [type(error.orig).__name__])[0]
+            if time.monotonic() + delay > deadline:
+                raise ConfigError(f"{label}: database unreachable for {retry_s:.0f}s ({reason})"
+                                  ) from None
+            broke = True
+            log.warning("%s: %s; retrying in %.1fs", label, reason, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, _MAX_BACKOFF_S)
+
+
 def engine_for(url: str) -> sa.Engine:
     """An engine for a checked URL; it connects only when first used."""
     parsed = parse_url(url)
@@ -186,27 +219,7 @@ class Store:
     # ------------------------------------------------------------------ connection and schema
 
     def _patiently(self, fn: Callable[[], T], landed: Callable[[], bool] | None = None) -> T:
-        """Run `fn`, waiting out a lost database with exponential backoff for up to `retry_s`.
-
-        A write whose connection broke may still have committed: when its retry reports no change
-        (False), `landed` says whether that earlier try went through.
-        """
-        deadline, delay, broke = time.monotonic() + self.retry_s, 0.5, False
-        while True:
-            try:
-                result = fn()
-                return landed() if broke and landed is not None and result is False else result
-            except DBAPIError as exc:
-                if not transient(exc):
-                    raise
-                reason = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
-                if time.monotonic() + delay > deadline:
-                    raise ConfigError(f"{self.label}: database unreachable for {self.retry_s:.0f}s "
-                                      f"({reason})") from None
-                broke = True
-                log.warning("%s: %s; retrying in %.1fs", self.label, reason, delay)
-                time.sleep(delay)
-                delay = min(2 * delay, _MAX_BACKOFF_S)
+        return patiently(fn, self.label, self.retry_s, landed)
 
     def _prepare(self, create: bool) -> bool:
         """Bring the tables to SCHEMA_VERSION, making them only if `create`; False: none exist."""
