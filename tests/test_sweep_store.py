@@ -24,10 +24,10 @@ from research.sweep.store import Store
 from test_sweep import CLI, REPO, _env, _lines, _wait_for, write_sweep
 
 FAKE_TRIAL = Path(__file__).resolve().parent / "sweep_fake_trial.py"
-WORKER = ("import sys; from pathlib import Path; from research.sweep import spec; "
-          "from research.sweep.runner import Runner; "
-          "sys.exit(Runner(spec.load(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], worker=True, "
-          "trial_command=(sys.executable, sys.argv[4])).run())")
+WORKER = ("import sys; from pathlib import Path; from research.sweep import runner, spec; "
+          "runner.POLL_S = 0.1; "  # a fast poll loop: trials of a fraction of a second
+          "sys.exit(runner.Runner(spec.load(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], "
+          "worker=True, trial_command=(sys.executable, sys.argv[4])).run())")
 LRS = [round(0.001 * (n + 1), 3) for n in range(12)]
 
 
@@ -163,12 +163,24 @@ def test_a_write_whose_commit_was_lost_is_not_applied_twice(store_url, caplog):
     assert (added.number, added.attempt) == (0, 1) and len(tpe.rows()) == 1
 
 
+def test_workers_opening_a_new_study_at_once_all_succeed(store_url, tmp_path):
+    """Each worker of a pruned (or TPE) sweep makes optuna's tables if missing: they race."""
+    sweep = _grid(tmp_path, 1, pruner={"type": "median"})
+    code = ("import sys; from research.sweep import spec, study; "
+            "study.open_study(spec.load(sys.argv[1]), sys.argv[2])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(sweep), store_url], cwd=REPO,
+                              env=_env(), text=True, stderr=subprocess.PIPE) for _ in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    assert [s.study_name for s in optuna.get_all_study_summaries(store_url)] == ["grid"]
+
+
 # ----------------------------------------------------------------------------- workers
 
 
 def test_workers_run_each_grid_point_exactly_once_while_status_is_read(store_url, tmp_path):
     sweep, out = _grid(tmp_path), tmp_path / "out"
-    workers = [_worker(sweep, out, store_url) for _ in range(3)]
+    workers = [_worker(sweep, out, store_url, trial_s=0.5) for _ in range(3)]
     _wait_for(lambda: (out / "sweep.json").exists())
     status = subprocess.Popen([*CLI, "sweep", "status", str(out), "--storage", store_url],
                               cwd=REPO, env=_env(), text=True, stdout=subprocess.PIPE,
@@ -211,7 +223,7 @@ def test_a_sigkilled_workers_trial_is_taken_over(store_url, tmp_path):
 def test_a_sweep_survives_a_database_outage(store_url, tmp_path, request):
     # A pruner that never prunes: every trial also asks, reports to and tells optuna's tables.
     sweep, out = _grid(tmp_path, pruner={"type": "median", "startup_trials": 100}), tmp_path / "out"
-    workers = [_worker(sweep, out, store_url, trial_s=0.5) for _ in range(2)]
+    workers = [_worker(sweep, out, store_url, trial_s=0.4) for _ in range(2)]
     _wait_for(lambda: _done(out) >= 2)
     if store_url.startswith("postgresql"):  # the server goes away: connections drop, then refused
         server = request.getfixturevalue("postgres_server")

@@ -50,13 +50,13 @@ def open_study(sweep: Sweep, url: str, number: int = 0) -> optuna.Study:
     engine = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite")
               else {"pool_pre_ping": True})  # a restarted server's dead connections are replaced
 
-    def load() -> optuna.Study:
+    def load() -> optuna.Study:  # the storage makes optuna's tables: workers may race on them
         storage = optuna.storages.RDBStorage(url, engine_kwargs=engine)
-        return retry(lambda: optuna.create_study(
+        return optuna.create_study(
             study_name=sweep.spec.name, storage=storage, sampler=sampler, pruner=_pruner(sweep),
-            direction=sweep.spec.objective.direction, load_if_exists=True))
+            direction=sweep.spec.objective.direction, load_if_exists=True)
 
-    return patiently(load, _label(sweep.spec.name))
+    return patiently(lambda: retry(load), _label(sweep.spec.name))
 
 
 def _label(name: str) -> str:
