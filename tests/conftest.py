@@ -1,6 +1,14 @@
-"""Suite-wide set-up: 8 virtual CPU devices (before jax is imported) and a private token cache."""
+"""Suite-wide set-up: 8 virtual CPU devices (before jax is imported), a private token cache, and a
+throwaway PostgreSQL server for the sweep store's tests."""
 
+import glob
+import itertools
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -34,3 +42,95 @@ def tiny(tiny_overrides):
     from research import config
 
     return lambda *overrides: config.load(None, [*tiny_overrides, *overrides])
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+
+def postgres_bin() -> Path | None:
+    """The folder of initdb and pg_ctl: on PATH, else Debian's /usr/lib/postgresql/N/bin."""
+    if found := shutil.which("initdb"):
+        return Path(found).resolve().parent
+    found = glob.glob("/usr/lib/postgresql/[0-9]*/bin/initdb")
+    return Path(max(found, key=lambda path: int(Path(path).parts[-3]))).parent if found else None
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of our own: a temp dir, a free loopback port, trust auth, no fsync.
+
+    initdb refuses to run as root, so under root the server runs as `nobody`, owner of the dir.
+    """
+
+    def __init__(self, bindir: Path):
+        self.bindir = bindir
+        self.dir = Path(tempfile.mkdtemp(prefix="research-pg-"))
+        self.data = self.dir / "data"
+        self.as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+        self.databases = itertools.count()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        try:
+            if self.as_user:
+                shutil.chown(self.dir, "nobody")
+            self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                      "-E", "UTF8", "--no-sync")
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, program: str, *args: str) -> None:
+        subprocess.run([*self.as_user, str(self.bindir / program), *args], check=True,
+                       capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "server.log"), "-w", "-o",
+                  f"-h 127.0.0.1 -p {self.port} -k {self.dir} -F", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """The URL of a new, empty database (one per test, so tests never see each other's rows)."""
+        import sqlalchemy as sa
+
+        name = f"test{next(self.databases)}"
+        engine = sa.create_engine(self.url(), isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE {name}"))
+        engine.dispose()
+        return self.url(name)
+
+    def close(self) -> None:
+        """Stop the server (if it runs) and remove its directory."""
+        if (self.data / "postmaster.pid").exists():
+            subprocess.run([*self.as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m",
+                            "immediate", "-w", "stop"], capture_output=True, timeout=120)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One server for the session, stopped and removed at its end, also after failures."""
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed; .ci/run "
+                    "installs them (apt-get install postgresql)")
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver: pip install 'research[postgres]'")
+    server = PostgresServer(bindir)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """A sweep store URL: a SQLite file, or a fresh database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/sweep.db"
+    return request.getfixturevalue("postgres_server").new_database()

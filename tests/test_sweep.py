@@ -159,8 +159,8 @@ def _claim_all(url: str, budget: int, seen: multiprocessing.Queue) -> None:
 
 
 @pytest.mark.parametrize("planned", [True, False], ids=["grid", "tpe"])
-def test_concurrent_workers_claim_every_trial_exactly_once(tmp_path, planned):
-    url, budget, workers = f"sqlite:///{tmp_path}/s.db", 24, 4
+def test_concurrent_workers_claim_every_trial_exactly_once(store_url, planned):
+    url, budget, workers = store_url, 24, 4
     trials = [{"number": n, "name": f"t{n:03d}"} for n in range(budget)] if planned else []
     Store(url, "s").create("f", {}, trials)
     ctx = multiprocessing.get_context("spawn")
@@ -182,8 +182,8 @@ def test_concurrent_workers_claim_every_trial_exactly_once(tmp_path, planned):
         (n, "done", 1) for n in range(budget)]
 
 
-def test_dead_or_silent_owners_lose_their_claims(tmp_path):
-    url = f"sqlite:///{tmp_path}/s.db"
+def test_dead_or_silent_owners_lose_their_claims(store_url):
+    url = store_url
     Store(url, "s").create("f", {}, [{"number": n} for n in range(3)])
     dead = subprocess.Popen(["true"])
     dead.wait()

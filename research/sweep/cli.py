@@ -40,7 +40,7 @@ def sweep_command(args: argparse.Namespace) -> int:
 
     if args.sweep == "status":
         if len(args.overrides) != 1:
-            raise ConfigError("usage: research sweep status SWEEP_DIR")
+            raise ConfigError("usage: research sweep status SWEEP_DIR [--storage URL]")
         print_status(Path(args.overrides[0]), args.storage)
         return 0
     if args.sweep == "plan":

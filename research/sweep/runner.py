@@ -175,8 +175,8 @@ class Runner:
         if info and info.get("storage") != self.storage:
             raise ConfigError(f"{self.sweep_dir}: its sweep store is {info.get('storage')}, not "
                               f"{self.storage}; pass --storage {info.get('storage')}")
+        store = Store(self.storage, self.spec.name, self.spec.lease_s)  # checks the URL first
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(self.storage, self.spec.name, self.spec.lease_s)
         planned = [t.record() for t in self.sweep.planned_trials()]
         store.create(self.sweep.fingerprint(), self.spec.model_dump(mode="json"), planned)
         if self.uses_study:

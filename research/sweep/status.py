@@ -28,6 +28,8 @@ def trial_rows(sweep_dir: Path, storage: str | None = None) -> tuple[dict[str, A
     if info is None:
         raise ConfigError(f"{sweep_dir}: not a sweep dir (no {SWEEP_FILE})")
     store = Store(storage or info["storage"], info["name"])
+    if not store.exists():
+        raise ConfigError(f"{store.label}: holds no sweep named {info['name']!r}")
     now = time.time()
     rows = []
     for row in store.rows():

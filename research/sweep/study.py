@@ -1,7 +1,9 @@
 """The optuna side of a sweep: TPE suggestions and pruning decisions, in the sweep's database.
 
 Optuna only decides; which trial runs where is the sweep store's job (optuna's GridSampler can run
-a point twice under concurrent workers). A study exists when the sweep is TPE or prunes.
+a point twice under concurrent workers). A study exists when the sweep is TPE or prunes. Every call
+waits out a lost database like the store does; one whose commit was lost may be repeated, which
+optuna tolerates (a repeated report or tell is ignored, a repeated ask leaves an unused trial).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 import optuna
 
 from research.sweep.spec import Dimension, Sweep
-from research.sweep.store import retry
+from research.sweep.store import patiently, retry
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -45,20 +47,28 @@ def open_study(sweep: Sweep, url: str, number: int = 0) -> optuna.Study:
     seed = zlib.crc32(f"{sweep.spec.seed}:{number}".encode())
     sampler = optuna.samplers.TPESampler(n_startup_trials=sweep.spec.search.startup_trials,
                                          seed=seed)
-    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}
-                                         if url.startswith("sqlite") else None)
-    return retry(lambda: optuna.create_study(
-        study_name=sweep.spec.name, storage=storage, sampler=sampler, pruner=_pruner(sweep),
-        direction=sweep.spec.objective.direction, load_if_exists=True))
+    engine = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite")
+              else {"pool_pre_ping": True})  # a restarted server's dead connections are replaced
+
+    def load() -> optuna.Study:  # the storage makes optuna's tables: workers may race on them
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        return optuna.create_study(
+            study_name=sweep.spec.name, storage=storage, sampler=sampler, pruner=_pruner(sweep),
+            direction=sweep.spec.objective.direction, load_if_exists=True)
+
+    return patiently(lambda: retry(load), _label(sweep.spec.name))
+
+
+def _label(name: str) -> str:
+    return f"optuna study {name!r}"
 
 
 def ask(sweep: Sweep, url: str, number: int) -> tuple[int, dict[str, Any]]:
     """A new optuna trial for sweep trial `number`: its id and (TPE) suggested params."""
     study = open_study(sweep, url, number)
-    if sweep.spec.search.method != "tpe":
-        return study.ask()._trial_id, {}
-    dists = {key: _distribution(dim) for key, dim in sweep.spec.search.params.items()}
-    trial = study.ask(dists)
+    dists = ({key: _distribution(dim) for key, dim in sweep.spec.search.params.items()}
+             if sweep.spec.search.method == "tpe" else None)
+    trial = patiently(lambda: study.ask(dists), _label(study.study_name))
     return trial._trial_id, dict(trial.params)
 
 
@@ -69,12 +79,14 @@ def attach(sweep: Sweep, url: str, trial_id: int) -> optuna.Trial:
 
 def report(trial: optuna.Trial, step: int, value: float) -> bool:
     """Report an eval value; True if the pruner says stop. Repeated steps are ignored by optuna."""
-    trial.report(value, step)
-    return trial.should_prune()
+    label = _label(trial.study.study_name)
+    patiently(lambda: trial.report(value, step), label)
+    return patiently(trial.should_prune, label)
 
 
 def tell(trial: optuna.Trial, state: str, objective: float | None) -> None:
     states = {"done": optuna.trial.TrialState.COMPLETE, "failed": optuna.trial.TrialState.FAIL,
               "pruned": optuna.trial.TrialState.PRUNED}
-    trial.study.tell(trial, objective if state == "done" else None, states[state],
-                     skip_if_finished=True)
+    patiently(lambda: trial.study.tell(trial, objective if state == "done" else None,
+                                       states[state], skip_if_finished=True),
+              _label(trial.study.study_name))
