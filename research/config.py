@@ -136,6 +136,17 @@ class ModelConfig(_Section):
         "attention, mamba; ffns: mlp, moe, none. n_layers must be a multiple of its length")
     moe: MoEConfig = MoEConfig()
     mamba: MambaConfig = MambaConfig()
+    parameterization: Literal["standard", "mup", "depth_mup", "completep"] = Field(
+        "standard", description="how init, lr, wd, Adam eps and forward multipliers follow width "
+        "and depth relative to the base shape (docs/transfer.md); standard: no scaling")
+    base_d_model: int | None = Field(None, gt=0, description="the tuned proxy's width; None: d_model")
+    base_n_layers: int | None = Field(None, gt=0, description="the proxy's depth; None: n_layers")
+    base_d_ff: int | None = Field(None, gt=0, description="the proxy's MLP width; None: d_ff "
+                                  "scaled by base_d_model/d_model (the 8/3 rule if d_ff is null)")
+    base_d_expert: int | None = Field(None, gt=0, description="the proxy's expert width; None: "
+                                      "moe.d_expert scaled by base_d_model/d_model")
+    output_multiplier: float = Field(1.0, gt=0, description="alpha_out: logits x alpha_out/m_N "
+                                     "(non-standard parameterizations)")
 
     @property
     def period(self) -> tuple[tuple[str, str], ...]:
@@ -186,6 +197,10 @@ class ModelConfig(_Section):
             if heads % self.mamba.n_groups:
                 raise ValueError(f"model.mamba.n_groups={self.mamba.n_groups} must divide the "
                                  f"{heads} Mamba heads")
+        if self.parameterization != "standard":
+            from research.models.parameterization import base_width_config
+
+            base_width_config(self)  # the proxy's shape must be a valid model too
         return self
 
 

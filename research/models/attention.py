@@ -14,25 +14,28 @@ import jax.numpy as jnp
 
 from research.config import ModelConfig
 from research.models.layers import BTD, Einsum, out_std, rotary
+from research.models.parameterization import forward
 
 BTNH = ("act_batch", "act_seq", "act_heads", None)
 BTKH = ("act_batch", "act_seq", "act_kv_heads", None)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                     sliding_window: int | None = None) -> jax.Array:
-    """softmax(q k^T / sqrt(H) + causal mask) v for q [B, T, N, H] and k, v [B, T, K, H].
+                     sliding_window: int | None = None, scale: float | None = None) -> jax.Array:
+    """softmax(q k^T * scale + causal mask) v for q [B, T, N, H] and k, v [B, T, K, H]; scale
+    defaults to 1/sqrt(H) (μP-style parameterizations pass their own).
 
     K must divide N: query head n reads kv head n // (N / K) (grouped-query attention).
     With `sliding_window` = W, position t sees keys t-W+1 .. t (W keys, itself included).
     Logits and softmax are float32 (jax.nn.dot_product_attention does this for bf16 inputs).
     """
     window = None if sliding_window is None else (sliding_window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                        local_window_size=window)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
-                     sliding_window: int | None = None) -> jax.Array:
+                     sliding_window: int | None = None, scale: float | None = None) -> jax.Array:
     """Queries at `positions` [1 or B, T] over a cache k, v [B, S, K, H] whose slot s holds
     position s: query p sees slots p-W+1 .. p (unwritten slots lie beyond p, so are masked)."""
     slots = jnp.arange(k.shape[1])
@@ -40,7 +43,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Ar
     allowed = offset >= 0
     if sliding_window is not None:
         allowed &= offset < sliding_window
-    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None])
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=allowed[:, None])
 
 
 class Attention(nn.Module):
@@ -64,11 +67,12 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(rotary(q, positions, cfg.rope_theta).astype(dtype), BTNH)
         k = nn.with_logical_constraint(rotary(k, positions, cfg.rope_theta).astype(dtype), BTKH)
         v = nn.with_logical_constraint(v.astype(dtype), BTKH)
+        attention_scale = forward(cfg).attention_scale
         if decode:
             k, v = self._append_to_cache(k, v)
-            out = cached_attention(q, k, v, positions, cfg.sliding_window)
+            out = cached_attention(q, k, v, positions, cfg.sliding_window, attention_scale)
         else:
-            out = causal_attention(q, k, v, cfg.sliding_window)
+            out = causal_attention(q, k, v, cfg.sliding_window, attention_scale)
         out = nn.with_logical_constraint(out, BTNH)
         y = Einsum("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), out_std(cfg),
                    name="o", **proj)(out)

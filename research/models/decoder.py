@@ -30,6 +30,7 @@ from research.models.attention import Attention
 from research.models.layers import BTD, BTV, MLP, Einsum, Embed, RMSNorm
 from research.models.mamba import Mamba2
 from research.models.moe import MoE
+from research.models.parameterization import forward, scale
 
 Aux = dict[str, jax.Array]
 
@@ -94,13 +95,14 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, Aux]:
         cfg = self.cfg
         norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+        branch = forward(cfg).residual
         y, mixer_aux = MIXERS[self.mixer](cfg, name=self.mixer)(
             RMSNorm(name="mixer_norm", **norm)(x), positions, decode=self.decode)
-        x = nn.with_logical_constraint(x + y, BTD)
+        x = nn.with_logical_constraint(x + scale(y, branch), BTD)
         if self.ffn == "none":  # a mixer-only layer (Mamba-2 style)
             return x, mixer_aux
         y, ffn_aux = FFNS[self.ffn](cfg, name=self.ffn)(RMSNorm(name="ffn_norm", **norm)(x))
-        x = nn.with_logical_constraint(x + y, BTD)
+        x = nn.with_logical_constraint(x + scale(y, branch), BTD)
         aux = dict(mixer_aux)  # a key both sublayers report (e.g. two aux losses) is summed
         for k, v in ffn_aux.items():
             aux[k] = aux[k] + v if k in aux else v
@@ -172,6 +174,7 @@ class Decoder(nn.Module):
         else:
             logits = Einsum("btd,dv->btv", (cfg.d_model, self.vocab_size), ("embed", "vocab"),
                             cfg.init_std, cfg.compute_dtype, cfg.param_dtype, name="lm_head")(x)
+        logits = scale(logits, forward(cfg).logits)
         if "aux_loss" in aux:
             aux["aux_loss"] = aux["aux_loss"].sum()
         return nn.with_logical_constraint(logits, BTV), aux

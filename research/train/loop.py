@@ -37,8 +37,8 @@ from research.parallel.mesh import (AxisRules, axis_rules, batch_sharding, check
 from research.train import flops, metrics
 from research.train.checkpoint import Checkpointer
 from research.train.optim import lr_multiplier, make_optimizer
-from research.train.state import (StateSpec, init_state, param_specs, state_from_params,
-                                  state_spec)
+from research.train.state import (StateSpec, init_state, param_multipliers, param_specs,
+                                  state_from_params, state_spec)
 from research.train.step import eval_step, train_step
 
 # Fields that may change when a run is resumed: they do not alter the training trajectory
@@ -83,8 +83,9 @@ def prepare(cfg: ExperimentConfig, devices: list[jax.Device] | None = None) -> S
     model = Decoder(cfg.model, vocab)
     example = jnp.zeros((1, cfg.train.seq_len), jnp.int32)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        tx = make_optimizer(cfg.optim, cfg.train.steps, param_specs(model, example))
-        spec = state_spec(model, tx, example, mesh, rules)
+        multipliers = param_multipliers(model, example)
+        tx = make_optimizer(cfg.optim, cfg.train.steps, param_specs(model, example), multipliers)
+        spec = state_spec(model, tx, example, mesh, rules, multipliers)
     return Setup(cfg, mesh, rules, cache, model, vocab, tx,
                  lr_multiplier(cfg.optim, cfg.train.steps), spec)
 

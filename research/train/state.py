@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from research.models import parameterization
 from research.parallel.mesh import AxisRules, logical_shardings
 
 TrainState = dict[str, Any]
@@ -27,6 +28,7 @@ class StateSpec:
     abstract: TrainState  # ShapeDtypeStructs carrying their shardings (orbax restore target)
     shardings: TrainState
     param_specs: Any  # logical PartitionSpecs of the params
+    multipliers: Any  # a parameterization.Rule per param
 
 
 def _fresh(params: Any, tx: optax.GradientTransformation, state_rng: jax.Array) -> TrainState:
@@ -39,10 +41,17 @@ def _fresh(params: Any, tx: optax.GradientTransformation, state_rng: jax.Array) 
     }
 
 
-def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example: jax.Array):
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example: jax.Array,
+             multipliers: Any):
     def init(rng: jax.Array) -> TrainState:
         init_rng, state_rng = jax.random.split(rng)
-        return _fresh(model.init(init_rng, example)["params"], tx, state_rng)
+        params = model.init(init_rng, example)["params"]
+        # every scaled init is normal(std): scaling the draw gives normal(std * multiplier)
+        params = jax.tree.map(lambda rule, p: p if rule.init == 1.0 else
+                              p.replace_boxed(p.value * rule.init),
+                              multipliers, params,
+                              is_leaf=lambda x: isinstance(x, parameterization.Rule))
+        return _fresh(params, tx, state_rng)
 
     return init
 
@@ -61,21 +70,34 @@ def param_specs(model: nn.Module, example: jax.Array) -> Any:
     return nn.get_partition_spec(boxed)
 
 
+def param_multipliers(model: nn.Module, example: jax.Array) -> Any:
+    """The parameterization's Rule for every param (see research/models/parameterization.py),
+    against the same params of the model at its base width."""
+    def shapes(m: nn.Module) -> Any:
+        return jax.eval_shape(lambda: m.init(jax.random.key(0), example)["params"])
+
+    boxed = shapes(model)
+    base = boxed if model.cfg.parameterization == "standard" else shapes(
+        model.clone(cfg=parameterization.base_width_config(model.cfg)))
+    return parameterization.rules(model.cfg, nn.get_partition_spec(boxed), _strip_names(boxed),
+                                  _strip_names(base))
+
+
 def state_spec(model: nn.Module, tx: optax.GradientTransformation, example: jax.Array,
-               mesh: Mesh, rules: AxisRules) -> StateSpec:
-    boxed = jax.eval_shape(_init_fn(model, tx, example), jax.random.PRNGKey(0))
+               mesh: Mesh, rules: AxisRules, multipliers: Any) -> StateSpec:
+    boxed = jax.eval_shape(_init_fn(model, tx, example, multipliers), jax.random.PRNGKey(0))
     shardings = logical_shardings(boxed, mesh, rules)
     abstract = jax.tree.map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
         _strip_names(boxed), shardings,
     )
-    return StateSpec(abstract, shardings, nn.get_partition_spec(boxed["params"]))
+    return StateSpec(abstract, shardings, nn.get_partition_spec(boxed["params"]), multipliers)
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, example: jax.Array,
                spec: StateSpec, seed: int) -> TrainState:
     """Initialise directly into the target shardings (no full copy on any one device)."""
-    init = _init_fn(model, tx, example)
+    init = _init_fn(model, tx, example, spec.multipliers)
     return jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=spec.shardings)(
         jax.random.PRNGKey(seed)
     )
