@@ -19,6 +19,8 @@ from research.train.metrics import read_metrics
 from research.train.loop import load_run_config, prepare, train
 
 ROOT = Path(__file__).resolve().parents[1]
+# CompleteP at twice the base width and depth: per-parameter init, lr, wd, eps and multipliers
+COMPLETEP = ("model.parameterization=completep", "model.base_d_model=16", "model.base_n_layers=1")
 
 
 def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
@@ -38,10 +40,11 @@ def final_params(run_dir: Path):
     ("mesh.data=8",),
     ("mesh.data=1", "mesh.fsdp=8"),
     ("mesh.data=2", "mesh.tensor=4"),
+    ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *COMPLETEP),
 ])
 def test_same_losses_on_one_and_eight_devices(tiny, tmp_path, layout):
     """Sharding changes where numbers live, not what they are (float32, 1e-5 relative)."""
-    steps = ("train.steps=4", "checkpoint.every=100")
+    steps = ("train.steps=4", "checkpoint.every=100", *(o for o in layout if o.startswith("model.")))
     reference = train(tiny(*steps, "mesh.data=1"), tmp_path / "one", devices=jax.devices()[:1])
     sharded = train(tiny(*steps, *layout), tmp_path / "eight")
     assert reference["step"] == sharded["step"] == 4
@@ -129,6 +132,19 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, tiny_overrides):
     lines = (killed / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(set(lines))
     a, b = final_params(straight), final_params(killed)
+    assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
+
+
+def test_resume_under_completep_is_bit_exact(tiny, tmp_path):
+    """Stopped at a checkpoint and resumed, a CompleteP run (per-parameter optimizer chain)
+    ends exactly as a straight one: same losses, same parameters and optimizer state."""
+    common = (*COMPLETEP, "optim.schedule=constant", "optim.warmup_steps=0", "checkpoint.every=2",
+              "train.eval_every=2")
+    train(tiny(*common, "train.steps=2"), tmp_path / "resumed")
+    train(tiny(*common, "train.steps=4"), tmp_path / "resumed")
+    train(tiny(*common, "train.steps=4"), tmp_path / "straight")
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
     assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
 
 

@@ -41,6 +41,24 @@ def add_analysis_commands(subparsers: argparse._SubParsersAction) -> None:
                          help="training compute budgets in FLOPs, e.g. 1e18")
     predict.set_defaults(func=predict_command)
 
+    coord = subparsers.add_parser(
+        "coordcheck", help="mean |activation| per sublayer against width/depth over a few steps",
+        description="Train each size of EXPERIMENT a few steps under each parameterization and "
+                    "write, to --out: one PNG per parameterization and axis (a panel per step) "
+                    "and slopes.md/.csv with each row's log-log slope against size and a verdict. "
+                    "See docs/transfer.md.")
+    coord.add_argument("experiment", help="experiments/NAME.yaml")
+    coord.add_argument("--widths", default="", help="d_model values, e.g. 64,128,256,512")
+    coord.add_argument("--depths", default="", help="n_layers values, e.g. 2,4,8,16")
+    coord.add_argument("--steps", type=int, default=10, help="training steps (default 10)")
+    coord.add_argument("--parameterizations", default="standard,completep",
+                       help="comma-separated (default standard,completep)")
+    coord.add_argument("--threshold", type=float, default=0.25,
+                       help="a row is flat when |log-log slope| <= this (default 0.25)")
+    coord.add_argument("--out", help="output folder (default runs/coordcheck_<experiment>)")
+    coord.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    coord.set_defaults(func=coordcheck_command)
+
     board = subparsers.add_parser(
         "board", help="serve TensorBoard on 127.0.0.1 for a folder of runs (Ctrl-C stops it)",
         description="Start TensorBoard for DIR on 127.0.0.1, print its address once it answers, "
@@ -109,6 +127,40 @@ def predict_command(args: argparse.Namespace) -> int:
         print(f"C = {c:.3g}: N_opt {si(n[0])} [{si(n[1])}, {si(n[2])}], D_opt {si(d[0])} "
               f"[{si(d[1])}, {si(d[2])}], D/N {d[0] / n[0]:.3g}, loss {loss[0]:.4f} "
               f"[{loss[1]:.4f}, {loss[2]:.4f}]{note}")
+    return 0
+
+
+def _sizes(flag: str, text: str) -> list[int]:
+    from research.config import ConfigError
+
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = [0]
+    if any(size <= 0 for size in sizes) or len(set(sizes)) != len(sizes):
+        raise ConfigError(f"{flag}={text!r}: expected distinct positive integers, e.g. 64,128,256")
+    return sorted(sizes)
+
+
+def coordcheck_command(args: argparse.Namespace) -> int:
+    from research.analysis import coordcheck
+    from research.config import ConfigError
+
+    names = [p.strip() for p in args.parameterizations.split(",") if p.strip()]
+    allowed = ("standard", "mup", "depth_mup", "completep")
+    if not names or any(p not in allowed for p in names):
+        raise ConfigError(f"--parameterizations={args.parameterizations!r}: allowed "
+                          f"{', '.join(allowed)} (comma-separated)")
+    if args.steps < 1 or args.threshold <= 0:
+        raise ConfigError("--steps must be >= 1 and --threshold > 0")
+    checks = coordcheck.run(args.experiment, args.overrides, names,
+                            _sizes("--widths", args.widths), _sizes("--depths", args.depths),
+                            args.steps)
+    out = Path(args.out or f"runs/coordcheck_{Path(args.experiment).stem}")
+    for row in coordcheck.write(checks, out, args.threshold):
+        print(f"{row['parameterization']:>10} {row['axis']:>5} {row['activation']:>10}: "
+              f"slope {row['slope']:+.2f} ({row['verdict']})")
+    print(f"wrote {out}/: slopes.md, slopes.csv, coordcheck_*.png")
     return 0
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from research.analysis import fits, joint, plots, points
+from research.analysis import fits, joint, plots, points, transfer
 from research.analysis.runs import (ANALYSIS, COLUMNS, Run, finished, format_value, load_runs, row,
                                    si)
 
@@ -236,7 +236,8 @@ def _clear(out: Path) -> None:
 
 
 def figures(runs: list[Run], rows: list[dict[str, Any]], fields: list[str],
-            scaling: list[ScalingFit], iso: fits.IsoFlop | None, arrays: dict) -> list[Figure]:
+            scaling: list[ScalingFit], iso: fits.IsoFlop | None, arrays: dict,
+            transfers: list[transfer.Transfer] = ()) -> list[Figure]:
     colors = plots.run_colors(runs)
     out = []
     if any(run.series("train/loss") or run.series("eval/loss") for run in runs):
@@ -251,6 +252,8 @@ def figures(runs: list[Run], rows: list[dict[str, Any]], fields: list[str],
     if iso is not None:
         out.append(Figure("isoflop", "IsoFLOP curves", plots.isoflop(
             iso, arrays["params_active"], arrays["final_eval_loss"], "active parameters")))
+    if transfers:
+        out.append(Figure("transfer", "Learning-rate transfer", transfer.figure(transfers)))
     return out
 
 
@@ -263,7 +266,8 @@ def analyze(root: Path, holdout: str | None = None) -> tuple[Path, str]:
     scaling = scaling_fits(runs, rows)
     iso, arrays = compute_optimal(runs, rows)
     law = joint.section(points.from_rows([r for _, r in finished(runs, rows)]), iso, holdout)
-    answer = headline(runs, rows, scaling, iso)
+    transfers = transfer.grids(runs, rows, fields)
+    answer = " ".join(filter(None, [headline(runs, rows, scaling, iso), transfer.summary(transfers)]))
 
     out = root / ANALYSIS
     _clear(out)
@@ -272,12 +276,14 @@ def analyze(root: Path, holdout: str | None = None) -> tuple[Path, str]:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-    drawn = figures(runs, rows, fields, scaling, iso, arrays)
+    drawn = figures(runs, rows, fields, scaling, iso, arrays, transfers)
     tables = [("Runs", (columns, [[cell(c, r[c]) for c in columns] for r in rows]))]
     if scaling:
         tables.append(("Scaling-law fits", fits_table(scaling)))
     if iso is not None:
         tables.append(("IsoFLOP budgets", budgets_table(iso)))
+    if transfers:
+        tables.append(("Learning-rate transfer", transfer.table(transfers)))
     (out / "table.md").write_text(_markdown_table(*tables[0][1]) + "\n")
     write_report(out, f"Analysis of {root.resolve().name}", answer,
                  {**fits_record(scaling, iso), **law.record}, tables, drawn, law)
