@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from research.config import ConfigError, ModelConfig
+from research.models.parameterization import is_standard_function
 
 Path_ = tuple[str, ...]
 Arrays = tuple[np.ndarray, ...]
@@ -119,6 +120,7 @@ def check_init_from(cfg: ModelConfig) -> None:
     naming the first field that differs."""
     from flax.traverse_util import flatten_dict
 
+    family_of(cfg)  # a model no HF class expresses cannot start from HF weights either
     hf_dir = Path(cfg.init_from).expanduser()
     theirs = flatten_dict(model_from_hf(read_config(hf_dir), f"{hf_dir}/config.json"), sep=".")
     mine = {**flatten_dict(cfg.model_dump(mode="json"), sep="."), "head_dim": cfg.head_size,
@@ -131,6 +133,10 @@ def check_init_from(cfg: ModelConfig) -> None:
 
 def family_of(cfg: ModelConfig) -> str:
     """The HF family that expresses `cfg`, or a ConfigError naming the field that none does."""
+    if not is_standard_function(cfg):
+        raise ConfigError(f"model.parameterization={cfg.parameterization} away from its base shape "
+                          "(or model.output_multiplier != 1) scales the forward pass in ways no "
+                          "Hugging Face class expresses (allowed: standard)")
     kinds = set(cfg.layer_pattern)
     allowed = "[attention:mlp], [attention:moe] or [mamba:none]"
     if len(kinds) != 1 or next(iter(kinds)) not in ("attention:mlp", "attention:moe", "mamba:none"):

@@ -100,6 +100,14 @@ def forward(cfg: ModelConfig) -> Forward:
                    math.sqrt(base_head) / cfg.head_size)
 
 
+def is_standard_function(cfg: ModelConfig) -> bool:
+    """The forward pass is standard's (every forward multiplier 1; a non-standard model at its
+    base shape is): what a Hugging Face config can express."""
+    f = forward(cfg)
+    return f.residual == f.logits == 1.0 and (
+        f.attention_scale is None or math.isclose(f.attention_scale, cfg.head_size ** -0.5))
+
+
 def scale(x: jax.Array, factor: float) -> jax.Array:
     """x * factor, and x itself for a factor of exactly 1 (standard stays the same program)."""
     return x if factor == 1.0 else x * factor
