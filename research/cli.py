@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from research import flags
 from research.analysis import add_analysis_commands
 from research.config import ConfigError
 from research.generate import add_generate_command
@@ -64,16 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dotted config overrides, e.g. train.steps=200 model.n_layers=8")
     hosts = train.add_argument_group("multi-host (SLURM and Cloud TPU pods need none of these)")
     hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
-    hosts.add_argument("--num-processes", type=int, help="processes in the run")
-    hosts.add_argument("--process-id", type=int, help="this process, 0..N-1")
-    hosts.add_argument("--heartbeat-timeout", type=int, default=60, metavar="SECONDS",
+    hosts.add_argument("--num-processes", type=flags.positive, help="processes in the run")
+    hosts.add_argument("--process-id", type=flags.non_negative, help="this process, 0..N-1")
+    hosts.add_argument("--heartbeat-timeout", type=flags.positive, default=60, metavar="SECONDS",
                        help="survivors fail this long after a process dies (default 60)")
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("eval", help="held-out loss and bits per byte of a checkpoint")
     evaluate.add_argument("run_dir")
-    evaluate.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    evaluate.add_argument("--batches", type=int, help="held-out batches (default: train.eval_batches)")
+    evaluate.add_argument("--step", type=flags.non_negative, help="checkpoint step (default: latest)")
+    evaluate.add_argument("--batches", type=flags.positive,
+                          help="held-out batches (default: train.eval_batches)")
     evaluate.set_defaults(func=_eval)
 
     add_generate_command(commands)
@@ -92,18 +94,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    # The one place that turns bad input into one line: a ConfigError (config, data file,
+    # checkpoint) or an OSError (a missing, unreadable or wrong-type path) -> exit code 2.
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConfigError, OSError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        notes = getattr(exc, "__notes__", None) or ["run the same command again to resume"]
+        print(f"interrupted: {'; '.join(notes)}", file=sys.stderr)
         return 130
 
+
+def _one_line(exc: BaseException) -> str:
+    """The message (an OSError: the path and the reason) and any notes the loop added (e.g.
+    whether the latest step was checkpointed)."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+        text = f"{paths}: {exc.strerror or exc}"
+    else:
+        text = str(exc)
+    return "; ".join([text, *getattr(exc, "__notes__", [])]).replace("\n", " ")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from research import flags
 from research.config import ConfigError, MeshConfig
 
 Cache = Any
+MAX_NEW_TOKENS = 16384  # the decode cache grows with it; each token is one device call
 
 
 def init_cache(model: nn.Module, batch: int, max_len: int) -> Cache:
@@ -72,23 +74,28 @@ def next_token(model: nn.Module, params: Any, cache: Cache, tokens: jax.Array,
     return sample(last, key, temperature, top_p), cache
 
 
-def generate(model: nn.Module, params: Any, prompt: Sequence[int], max_new_tokens: int, *,
-             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             eos_id: int | None = None, vocab_limit: int | None = None) -> list[int]:
-    """Up to `max_new_tokens` sampled after the (non-empty) `prompt`, stopping after eos."""
+def stream(model: nn.Module, params: Any, prompt: Sequence[int], max_new_tokens: int, *,
+           temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+           eos_id: int | None = None, vocab_limit: int | None = None) -> Iterator[int]:
+    """Up to `max_new_tokens` sampled after the (non-empty) `prompt`, one at a time as they are
+    sampled, stopping after eos."""
     cache = init_cache(model, 1, len(prompt) + max_new_tokens)
     key = jax.random.key(seed)
     tokens = jnp.asarray(prompt, jnp.int32)[None, :]
     positions = jnp.arange(len(prompt), dtype=jnp.int32)[None, :]
-    out: list[int] = []
     for i in range(max_new_tokens):
         token, cache = next_token(model, params, cache, tokens, positions,
                                   jax.random.fold_in(key, i), temperature, top_p, vocab_limit)
-        out.append(int(token[0]))
-        if out[-1] == eos_id:
-            break
+        yield int(token[0])
+        if int(token[0]) == eos_id:
+            return
         tokens, positions = token[:, None], positions[:, -1:] + 1
-    return out
+
+
+def generate(model: nn.Module, params: Any, prompt: Sequence[int], max_new_tokens: int,
+             **options: Any) -> list[int]:
+    """All tokens of `stream` (same arguments) as a list."""
+    return list(stream(model, params, prompt, max_new_tokens, **options))
 
 
 def load(run_dir: Path, step: int | None = None) -> tuple[Any, Any, int]:
@@ -111,16 +118,22 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--temperature={args.temperature}: must be >= 0 (0 is greedy)")
     if not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p={args.top_p}: must be in (0, 1]")
-    if args.max_new_tokens < 0:
-        raise ConfigError(f"--max-new-tokens={args.max_new_tokens}: must be >= 0")
     setup, params, _ = load(Path(args.run_dir), args.step)
     tokenizer = setup.cache.tokenizer
     prompt = [tokenizer.eos_id, *tokenizer.encode(args.prompt).tolist()]
+    print(args.prompt, end="", flush=True)
+    new: list[int] = []
+    shown = ""
     with setup.context():
-        new = generate(setup.model, params, prompt, args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                       eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size)
-    print(args.prompt + tokenizer.decode(np.asarray(new)))
+        for token in stream(setup.model, params, prompt, args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size):
+            new.append(token)
+            text = tokenizer.decode(np.asarray(new))
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+    print(tokenizer.decode(np.asarray(new))[len(shown):])
     return 0
 
 
@@ -129,9 +142,9 @@ def add_generate_command(subparsers: Any) -> None:
     parser = subparsers.add_parser("generate", help="sample text from a run's checkpoint")
     parser.add_argument("run_dir")
     parser.add_argument("--prompt", default="", help="text to continue (default: none)")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=flags.int_range(0, MAX_NEW_TOKENS), default=200)
     parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1: off)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    parser.add_argument("--step", type=flags.non_negative, help="checkpoint step (default: latest)")
     parser.set_defaults(func=run)

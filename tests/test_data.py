@@ -324,7 +324,8 @@ def test_eval_batches_spread_evenly_and_shard():
     assert len(eval_batches(cache, seq_len=10, global_batch=50, n_batches=9)) == 2  # capped
     (few,) = eval_batches(cache, seq_len=10, global_batch=300, n_batches=3)  # repeats windows
     assert few.shape == (300, 11) and len(set(few[:, 0])) == 100
-    assert eval_batches(synthetic_cache(0), seq_len=10, global_batch=4, n_batches=3) == []
+    with pytest.raises(ConfigError, match="held-out split has 10 tokens, fewer than one eval window"):
+        eval_batches(synthetic_cache(0, n_heldout=10), seq_len=10, global_batch=4, n_batches=3)
 
 
 def test_builtin_corpus(tmp_path):

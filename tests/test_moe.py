@@ -109,6 +109,9 @@ def test_capacity_equals_dropless_when_nothing_overflows():
     dropless, dropless_aux, _ = run(moe_cfg(dispatch="dropless"), x, params)
     close(y, dropless, 1e-6)
     assert float(aux["moe/drop_frac"]) == 0.0
+    # under jit too: a mean of 48 ones is 1 - 3e-8 there, so the fraction must come from a count
+    _, jitted = jax.jit(lambda p, x: MoE(roomy).apply({"params": p}, x))(params, x)
+    assert float(jitted["moe/drop_frac"]) == 0.0
     for key in ("moe/balance_loss", "moe/z_loss", "moe/expert_frac", "aux_loss"):
         close(aux[key], dropless_aux[key], 1e-6)
 

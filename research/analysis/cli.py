@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from research import flags
 from research.analysis import joint, points
 from research.config import ConfigError
 
@@ -64,7 +65,7 @@ def add_analysis_commands(subparsers: argparse._SubParsersAction) -> None:
         description="Start TensorBoard for DIR on 127.0.0.1, print its address once it answers, "
                     "and keep it running until Ctrl-C.")
     board.add_argument("dir", metavar="DIR", help="a run, a sweep directory, or any folder of runs")
-    board.add_argument("--port", type=int, help="port to serve on (default: a free one)")
+    board.add_argument("--port", type=flags.port, help="port to serve on (default: a free one)")
     board.set_defaults(func=board_command)
 
 

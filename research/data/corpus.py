@@ -122,9 +122,13 @@ def _read_jsonl(f: SourceFile, field: str) -> Iterator[Document]:
 
 
 def _read_parquet(f: SourceFile, field: str) -> Iterator[Document]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(f.path)
+    try:
+        table = pq.ParquetFile(f.path)
+    except pa.ArrowException as exc:  # not a parquet file, or a truncated one
+        raise ConfigError(f"data.source: {f.path}: not a readable parquet file ({exc})") from None
     names = table.schema_arrow.names
     if field not in names:
         raise ConfigError(f"data.text_field: {field!r} is not a column of {f.path} "

@@ -244,11 +244,16 @@ def eval_batches(cache: TokenCache, *, seq_len: int, global_batch: int, n_batche
 
     Batch j holds every n_batches-th of the chosen windows, so each batch spans the whole split.
     n_batches is capped at the held-out windows // global_batch, but at least 1 while there is
-    any held-out window (windows then repeat to fill the batch); no held-out tokens -> [].
+    any held-out window (windows then repeat to fill the batch). A held-out split shorter
+    than one window is a ConfigError: found at start-up, not at the first eval.
     """
     rows = _process_rows(global_batch, process_index, process_count)
     available = _n_windows(cache.heldout, seq_len)
-    n_batches = min(n_batches, max(1, available // global_batch)) if available else 0
+    if not available:
+        raise ConfigError(f"data: the held-out split has {len(cache.heldout)} tokens, fewer than "
+                          f"one eval window of train.seq_len+1={seq_len + 1}; raise "
+                          "data.heldout_percent, use more data or a shorter train.seq_len")
+    n_batches = min(n_batches, max(1, available // global_batch))
     total = n_batches * global_batch
     windows = (np.arange(total) * available // max(total, 1)).reshape(global_batch, n_batches).T
     return [_windows(cache.heldout, w[rows], seq_len) for w in windows]

@@ -156,7 +156,7 @@ class MoE(nn.Module):
             decoding = self.is_mutable_collection("cache") and not self.is_initializing()
             slots = x.shape[1] if decoding else capacity(x.shape[1], moe)
             y, kept = capacity_dispatch(x, experts, weights, e, slots, expert_fn)
-            aux["drop_frac"] = 1.0 - kept.astype(jnp.float32).mean()
+            aux["drop_frac"] = (~kept).sum().astype(jnp.float32) / kept.size  # exactly 0: a count
 
         if moe.n_shared_experts:
             shared = cfg.model_copy(update={"d_ff": moe.n_shared_experts * f})

@@ -413,8 +413,9 @@ class Sweep:
 # ----------------------------------------------------------------------------- loading
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML 1.2 floats: `1e-4` is a number (PyYAML's YAML 1.1 reads it as a string)."""
+class _Loader(config_lib.UniqueKeyLoader):
+    """YAML 1.2 floats: `1e-4` is a number (PyYAML's YAML 1.1 reads it as a string); a key
+    given twice is an error."""
 
 
 _Loader.add_implicit_resolver(

@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,26 +201,37 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     """Train (or resume) the run in `run_dir`; returns the final summary."""
     run_dir = Path(run_dir)
     is_lead = jax.process_index() == 0
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: is a file; a run directory is a folder")
     config_path = run_dir / "config.yaml"
     if config_path.exists():
         _check_resumable(load_run_config(run_dir), cfg, config_path)
-    setup = prepare(cfg, devices)  # fails on bad shapes before anything is written
+    # Everything that can fail on a bad config (shapes, data, held-out split, init_from) before
+    # anything is written, so a refused start leaves no run directory behind to refuse the next.
+    setup = prepare(cfg, devices)
     if cfg.model.init_from:
         hf.check_init_from(cfg.model)
+
+    def data_iterator() -> grain.DatasetIterator:
+        return train_iterator(setup.cache, seq_len=cfg.train.seq_len,
+                              global_batch=cfg.train.batch_size, seed=cfg.train.seed,
+                              process_index=jax.process_index(), process_count=jax.process_count())
+
+    data = data_iterator()
+    heldout = eval_batches(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
+                           n_batches=cfg.train.eval_batches, process_index=jax.process_index(),
+                           process_count=jax.process_count())
     if is_lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path.write_text(cfg.to_yaml())
 
-    data = train_iterator(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
-                          seed=cfg.train.seed, process_index=jax.process_index(),
-                          process_count=jax.process_count())
-    heldout = eval_batches(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
-                           n_batches=cfg.train.eval_batches, process_index=jax.process_index(),
-                           process_count=jax.process_count())
     checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    start = checkpoints.latest_step()
     with setup.context():
-        if start is None:
+        start, state, notes = checkpoints.resume(setup.spec.abstract, data)
+        for note in notes if is_lead else []:
+            print(note, file=sys.stderr, flush=True)
+        if start == 0:
+            data = data_iterator()  # a failed restore may have moved it
             if cfg.model.init_from:
                 params = hf.load_params(cfg.model.init_from, cfg.model, setup.spec.abstract["params"])
                 state = state_from_params(params, setup.tx, setup.spec, cfg.train.seed)
@@ -226,9 +239,6 @@ def train(cfg: ExperimentConfig, run_dir: Path,
                 state = init_state(setup.model, setup.tx,
                                    jnp.zeros((1, cfg.train.seq_len), jnp.int32), setup.spec,
                                    cfg.train.seed)
-            start = 0
-        else:
-            state, _ = checkpoints.restore(start, setup.spec.abstract, data)
 
     counts = flops.param_counts(cfg.model, setup.vocab_size)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
@@ -263,14 +273,33 @@ def train(cfg: ExperimentConfig, run_dir: Path,
 
         progress = tqdm(total=cfg.train.steps, initial=start, disable=not (is_lead and cfg.logging.progress),
                         unit="step", dynamic_ncols=True, desc=cfg.name)
-        reached = start
+        reached = fetched = saved = start
+
+        def checkpoint(step: int) -> None:
+            nonlocal saved
+            checkpoints.save(step, state, data, {"step": step, "config": cfg.to_dict()})
+            saved = step
+
+        def save_first() -> str:
+            """After a failure: checkpoint the latest completed step, and say what happened."""
+            try:
+                checkpoint(reached)
+                checkpoints.finish()
+            except Exception as exc:
+                latest = f"step {checkpoints.latest_step()}" if checkpoints.latest_step() else "none"
+                return (f"step {reached} could not be checkpointed ({type(exc).__name__}: {exc}); "
+                        f"latest checkpoint: {latest}")
+            return f"step {reached} was checkpointed: run the same command again to resume"
+
         try:
             last_time, last_step = time.perf_counter(), start
             for step in range(start + 1, cfg.train.steps + 1):
                 if stop_requested:
                     raise KeyboardInterrupt
                 with setup.context():
-                    state, step_metrics = step_fn(state, setup.global_array(next(data)["tokens"]), peak_lr)
+                    batch = setup.global_array(next(data)["tokens"])
+                    fetched = step  # the data iterator is now one step ahead of the state
+                    state, step_metrics = step_fn(state, batch, peak_lr)
                 reached = step
                 progress.update(1)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -298,12 +327,16 @@ def train(cfg: ExperimentConfig, run_dir: Path,
                     save_summary(step=step)
                     last_time = time.perf_counter()  # eval time is not step time
                 if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
-                    checkpoints.save(step, state, data, {"step": step, "config": cfg.to_dict()})
-        except KeyboardInterrupt:
-            summary.update(state="interrupted")
-            raise
-        except Exception as exc:
-            summary.update(state="failed", error=f"{type(exc).__name__}: {exc}")
+                    checkpoint(step)
+        except BaseException as exc:
+            # Save first: whatever failed (eval, logging, a full disk, a signal), the steps
+            # trained since the last checkpoint are kept, unless the state itself went bad.
+            if fetched == reached > saved and not isinstance(exc, FloatingPointError):
+                exc.add_note(save_first())
+            if isinstance(exc, KeyboardInterrupt):
+                summary.update(state="interrupted")
+            else:
+                summary.update(state="failed", error=f"{type(exc).__name__}: {exc}")
             raise
         else:
             summary.update(state="done")
