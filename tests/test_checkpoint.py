@@ -21,7 +21,7 @@ from research.train.checkpoint import MANIFEST, CheckpointError, Checkpointer
 from research.train.loop import load_run_config, prepare, train
 from research.train.metrics import read_metrics
 
-STEPS = ("train.steps=4", "checkpoint.every=2", "train.eval_every=100", "mesh.data=1")
+STEPS = ("train.steps=4", "checkpoint.every=2", "train.eval_every=100")
 
 
 def _restore_latest(run_dir: Path):
@@ -78,8 +78,7 @@ def _unverified_garbled(step_dir: Path) -> None:
     _garble_data_state(step_dir)
 
 
-@pytest.mark.parametrize("damage", [_truncate, _flip_bytes, _garble_data_state, _empty_meta,
-                                    _unverified_garbled])
+@pytest.mark.parametrize("damage", [_truncate, _flip_bytes, _unverified_garbled])
 def test_damaged_latest_checkpoint_is_refused_by_eval_and_skipped_on_resume(
         finished_run, tmp_path, damage):
     cfg, original, final_state = finished_run
@@ -87,8 +86,9 @@ def test_damaged_latest_checkpoint_is_refused_by_eval_and_skipped_on_resume(
     shutil.copytree(original, run_dir)
     damage(run_dir / "checkpoints" / "4")
     if damage is not _unverified_garbled:  # eval reads no data state: that one restores
-        with pytest.raises(CheckpointError, match=r"^checkpoint 4 is damaged: .*4/(state|data|meta)"
-                                                  r".* \(the newest intact one: --step 2\)$"):
+        with pytest.raises(CheckpointError, match=r"^checkpoint 4 is damaged: .*4/state/.* does not "
+                                                  r"match its checksum \(the newest intact one: "
+                                                  r"--step 2\)$"):
             _restore_latest(run_dir)
 
     summary = train(cfg, run_dir, devices=jax.devices()[:1])  # resumes from 2, redoes 3 and 4
@@ -99,6 +99,18 @@ def test_damaged_latest_checkpoint_is_refused_by_eval_and_skipped_on_resume(
     assert jax.tree.all(jax.tree.map(np.array_equal, jax.device_get(state), final_state))
     train_steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert train_steps == [1, 2, 3, 4]  # 3 and 4 logged once: rows past the resume point go
+
+
+@pytest.mark.parametrize("damage, item", [(_garble_data_state, "data"), (_empty_meta, "meta")])
+def test_eval_of_a_checkpoint_with_damaged_json_is_one_line(finished_run, tmp_path, capsys,
+                                                            damage, item):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[1], run_dir)
+    damage(run_dir / "checkpoints" / "4")
+    assert cli.main(["eval", str(run_dir)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: checkpoint 4 is damaged: {run_dir}/"
+                                               f"checkpoints/4/{item}/"), err
 
 
 def _tiny_state(value: float) -> dict:
@@ -182,4 +194,4 @@ def test_a_refused_start_writes_nothing(tiny, tmp_path):
                                           r"window of train.seq_len\+1=129"):
         train(tiny(f"data.source={text}", "train.seq_len=128"), run_dir)
     assert not run_dir.exists()
-    assert train(tiny("train.steps=1", "mesh.data=1"), run_dir)["step"] == 1
+    assert train(tiny("train.steps=1"), run_dir, devices=jax.devices()[:1])["step"] == 1
