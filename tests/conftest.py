@@ -1,10 +1,11 @@
-"""Suite-wide set-up: 8 virtual CPU devices (before jax is imported), a private token cache, and a
-throwaway PostgreSQL server for the sweep store's tests."""
+"""Suite-wide set-up: 8 virtual CPU devices (before jax is imported), a private token cache, a
+throwaway PostgreSQL server for the sweep store's tests, and no test leaves a process behind."""
 
 import glob
 import itertools
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -14,6 +15,55 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
+
+
+def _descendants(pid: int) -> list[int]:
+    """All processes below `pid` (Linux /proc), children first found, grandchildren after."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # the field after the parenthesised name: state, then the parent's pid
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _kill_started_processes(monkeypatch):
+    """Every process a test starts (and everything it started, e.g. a sweep's trials in their
+    own sessions) is killed when the test ends, passed, failed or timed out (pytest-timeout), so
+    a hung child never outlives its test or holds the suite."""
+    started: list[subprocess.Popen] = []
+    original = subprocess.Popen.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        started.append(self)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", init)
+    yield
+    for proc in started:  # (one that has ended has no descendants left: they were reparented)
+        if proc.poll() is None:
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait()
+
+
+def newest_checkpoint(run_dir: Path) -> int:
+    """The newest step saved in a run directory (0: none yet). Retention deletes old steps, so
+    waiting for "some step >= N" cannot miss its moment the way waiting for step N can."""
+    folder = Path(run_dir) / "checkpoints"
+    steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+    return max(steps, default=0)
 
 
 @pytest.fixture(scope="session")

@@ -161,7 +161,7 @@ def test_a_failure_after_training_checkpoints_the_latest_step_first(tiny, tiny_o
     code = cli.main(["train", str(tmp_path / "experiment.yaml"), *tiny_overrides, *overrides])
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert err == ("error: metrics.jsonl: No space left on device; step 3 was checkpointed: run "
+    assert err == ("error: metrics.jsonl: No space left on device; step 3 is checkpointed: run "
                    "the same command again to resume")
     assert Checkpointer(run_dir / "checkpoints", CheckpointConfig(), read_only=True).all_steps() == [3]
     monkeypatch.undo()
@@ -169,7 +169,7 @@ def test_a_failure_after_training_checkpoints_the_latest_step_first(tiny, tiny_o
         m.setattr(loop, "evaluate", _raise(RuntimeError("eval broke")))
         with pytest.raises(RuntimeError) as info:
             train(tiny(*cfg_args, "train.eval_every=4"), run_dir)
-    assert info.value.__notes__ == ["step 4 was checkpointed: run the same command again to resume"]
+    assert info.value.__notes__ == ["step 4 is checkpointed: run the same command again to resume"]
     summary = train(tiny(*cfg_args), run_dir)
     assert summary["step"] == 5
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 4, 5]  # 3: lost log

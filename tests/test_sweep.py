@@ -24,6 +24,7 @@ from research.sweep import rundir, spec, study
 from research.sweep.runner import exit_error, device_env, split_devices, visible_devices
 from research.sweep.spec import Objective
 from research.sweep.store import Store
+from tests.conftest import newest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "experiments" / "dense_tiny.yaml"
@@ -356,7 +357,7 @@ def test_sigkilled_sweep_resumes_the_trial_from_its_checkpoint(tmp_path, tiny_ov
                                                          "train.eval_every": 50})
     first, second = out / "t000-steps=6", out / "t001-steps=150"
     runner = _sweep(path, "--sweep-dir", out, *overrides)
-    _wait_for(lambda: (second / "checkpoints" / "10").is_dir())
+    _wait_for(lambda: newest_checkpoint(second) >= 10)
     runner.send_signal(signal.SIGKILL)
     runner.communicate(timeout=30)
     # The trial got SIGINT when its runner died and stopped (research train's interrupt path).
@@ -386,11 +387,14 @@ def test_sigkilled_sweep_resumes_the_trial_from_its_checkpoint(tmp_path, tiny_ov
 
 
 def test_failed_and_pruned_trials_do_not_stop_the_sweep(tmp_path, tiny_overrides):
+    # The slow trial (lr 1e-7) gets 2000 more steps than the others: only pruning ends it before
+    # 2100, which the runner's 0.5 s poll cannot miss (the others end at 100).
     path = write_sweep(tmp_path / "lr.yaml", search={"params": {"optim.lr": [1e6, 3e-3, 1e-7]}},
+                       derived={"train.steps": "100 + 2000 * int(min(1, 1e-6 // lr))"},
                        pruner={"type": "median", "startup_trials": 1})
     out = tmp_path / "out"
-    overrides = _tiny(tiny_overrides, **{"train.steps": 100, "train.eval_every": 10,
-                                         "checkpoint.every": 100})
+    overrides = _tiny(tiny_overrides, "train.steps", **{"train.eval_every": 10,
+                                                        "checkpoint.every": 100})
     runner = _sweep(path, "--sweep-dir", out, *overrides)
     log = runner.communicate(timeout=300)[0]
     assert runner.returncode == 0, log
@@ -400,7 +404,7 @@ def test_failed_and_pruned_trials_do_not_stop_the_sweep(tmp_path, tiny_overrides
     assert [r["params"] for r in records] == [{"optim.lr": v} for v in (1e6, 3e-3, 1e-7)]
     assert records[0]["error"].startswith("FloatingPointError: non-finite loss at step")
     assert records[1]["objective"] == json.loads(_lines(good / "metrics.jsonl")[-1])["eval_loss"]
-    assert json.loads(_lines(slow / "metrics.jsonl")[-1])["step"] < 100  # stopped early
+    assert json.loads(_lines(slow / "metrics.jsonl")[-1])["step"] < 2100  # stopped early
 
     status = subprocess.run([*CLI, "sweep", "status", str(out)], capture_output=True, text=True,
                             cwd=REPO, env=_env(), timeout=120)

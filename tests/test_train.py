@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from research.train.checkpoint import Checkpointer
+from tests.conftest import newest_checkpoint
 from research.train.metrics import read_metrics
 from research.train.loop import load_run_config, prepare, train
 
@@ -111,21 +112,28 @@ def _start(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
 
 def test_resume_after_sigkill_is_bit_exact(tmp_path, tiny_overrides):
     """Killed at an arbitrary point after a checkpoint, the restarted run ends exactly as an
-    uninterrupted one: same parameters, same logged losses, no duplicated log lines."""
+    uninterrupted one: same parameters, same logged losses, no duplicated log lines; and the
+    restarted process trained only the steps after that checkpoint."""
     overrides = ["experiments/dense_tiny.yaml", *tiny_overrides, "train.steps=40", "checkpoint.every=8", "train.eval_every=10"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert _start(straight, overrides).wait() == 0
+    uninterrupted = _start(straight, overrides)
+    assert uninterrupted.communicate(timeout=240) and uninterrupted.returncode == 0
 
     proc = _start(killed, overrides)
-    deadline = time.time() + 120
-    while not (killed / "checkpoints" / "16").exists() and proc.poll() is None:
-        assert time.time() < deadline, "no checkpoint appeared"
+    deadline = time.time() + 240
+    while newest_checkpoint(killed) < 16:
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint >= 16 appeared"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    resumed_from = newest_checkpoint(killed)
+    assert 16 <= resumed_from < 40
     restarted = _start(killed, overrides)
-    out, err = restarted.communicate()
+    out, err = restarted.communicate(timeout=240)
     assert restarted.returncode == 0, err
+    # `step N: eval loss ...` lines (every 10 steps) show which steps this process trained
+    evals = [int(line.split(":")[0].split()[1]) for line in out.splitlines() if ": eval loss" in line]
+    assert evals == [s for s in (10, 20, 30, 40) if s > resumed_from], out
 
     assert losses(killed) == losses(straight)
     assert losses(killed, "eval_loss") == losses(straight, "eval_loss")
@@ -178,8 +186,8 @@ def test_a_signal_stops_the_run_between_steps(tmp_path, tiny_overrides, sig):
     overrides = ["experiments/dense_tiny.yaml", *tiny_overrides, "train.steps=400",
                  "checkpoint.every=5"]
     proc = _start(run_dir, overrides)
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoints" / "5").exists():
+    deadline = time.time() + 240
+    while newest_checkpoint(run_dir) < 5:
         assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
         time.sleep(0.05)
     proc.send_signal(sig)
@@ -187,4 +195,8 @@ def test_a_signal_stops_the_run_between_steps(tmp_path, tiny_overrides, sig):
     assert proc.returncode == 130, err
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["state"] == "interrupted" and 5 <= summary["step"] < 400
+    # save first: the step it stopped after is checkpointed, and the one line says so
+    assert newest_checkpoint(run_dir) == summary["step"]
+    assert err.strip().splitlines()[-1] == (f"interrupted: step {summary['step']} is "
+                                            "checkpointed: run the same command again to resume")
     assert not list((run_dir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))  # no half save

@@ -191,7 +191,10 @@ class Checkpointer:
                 break
             target = self.directory / DAMAGED / f"{step}.{n}"
         target.parent.mkdir(exist_ok=True)
-        os.replace(self.directory / str(step), target)
+        try:
+            os.replace(self.directory / str(step), target)
+        except FileNotFoundError:  # another process of a multi-host run moved it first
+            pass
         self.manager.reload()
         return target
 

@@ -281,15 +281,16 @@ def train(cfg: ExperimentConfig, run_dir: Path,
             saved = step
 
         def save_first() -> str:
-            """After a failure: checkpoint the latest completed step, and say what happened."""
-            try:
-                checkpoint(reached)
-                checkpoints.finish()
-            except Exception as exc:
-                latest = f"step {checkpoints.latest_step()}" if checkpoints.latest_step() else "none"
-                return (f"step {reached} could not be checkpointed ({type(exc).__name__}: {exc}); "
-                        f"latest checkpoint: {latest}")
-            return f"step {reached} was checkpointed: run the same command again to resume"
+            """After a failure: checkpoint the latest completed step unless it is, and say so."""
+            if reached > saved:
+                try:
+                    checkpoint(reached)
+                    checkpoints.finish()
+                except Exception as exc:
+                    latest = checkpoints.latest_step()
+                    return (f"step {reached} could not be checkpointed ({type(exc).__name__}: "
+                            f"{exc}); latest checkpoint: {f'step {latest}' if latest else 'none'}")
+            return f"step {reached} is checkpointed: run the same command again to resume"
 
         try:
             last_time, last_step = time.perf_counter(), start
@@ -331,7 +332,9 @@ def train(cfg: ExperimentConfig, run_dir: Path,
         except BaseException as exc:
             # Save first: whatever failed (eval, logging, a full disk, a signal), the steps
             # trained since the last checkpoint are kept, unless the state itself went bad.
-            if fetched == reached > saved and not isinstance(exc, FloatingPointError):
+            # (not after a step that failed half-way: the data iterator is then one step ahead)
+            if reached and (fetched == reached or reached == saved) and \
+                    not isinstance(exc, FloatingPointError):
                 exc.add_note(save_first())
             if isinstance(exc, KeyboardInterrupt):
                 summary.update(state="interrupted")
