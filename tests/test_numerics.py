@@ -88,11 +88,9 @@ def test_eval_loss_and_bits_per_byte_against_float64(dense_runs):
     cfg, run_dir = dense_runs["float32"]
     setup, params = final_params(cfg, run_dir)
     batches = eval_batches(setup.cache, seq_len=32, global_batch=8, n_batches=2)
-    nll = []
+    logits_fn = jax.jit(lambda p, t: setup.model.apply({"params": p}, t)[0])
     with setup.context():
-        for tokens in batches:
-            logits, _ = setup.model.apply({"params": params}, jnp.asarray(tokens[:, :-1]))
-            nll.append(nll64(logits, tokens[:, 1:]))
+        nll = [nll64(logits_fn(params, jnp.asarray(t[:, :-1])), t[:, 1:]) for t in batches]
     loss = float(np.mean(nll))
     heldout = np.asarray(setup.cache.heldout)
     bytes_per_token = np.count_nonzero(heldout != 256) / len(heldout)  # byte tokens: 1 byte each

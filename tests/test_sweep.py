@@ -431,6 +431,6 @@ def test_failed_and_pruned_trials_do_not_stop_the_sweep(tmp_path, tiny_overrides
     # The same sweep with other settings is refused before it touches the store.
     before = Store(f"sqlite:///{out}/sweep.db", "lr").rows()
     other = subprocess.run([*CLI, "sweep", str(path), "--sweep-dir", str(out), *overrides,
-                            "train.steps=7"], capture_output=True, text=True, cwd=REPO, env=_env())
+                            "train.eval_every=7"], capture_output=True, text=True, cwd=REPO, env=_env())
     assert other.returncode == 2 and "made from other settings" in other.stderr
     assert Store(f"sqlite:///{out}/sweep.db", "lr").rows() == before
