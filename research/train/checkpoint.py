@@ -166,9 +166,9 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {step} could not be read: {first}") from None
         return restored["state"], restored["meta"]
 
-    def resume(self, abstract_state: Any, data_iterator: Any) -> tuple[int, Any, list[str]]:
+    def resume(self, abstract_state: Any, data_iterator: Any) -> tuple[int | None, Any, list[str]]:
         """Restore the newest intact checkpoint: (step, state, notes). Damaged newer steps are
-        moved to checkpoints/damaged/, one note each; (0, None, notes) when none is left."""
+        moved to checkpoints/damaged/, one note each; (None, None, notes) when none is left."""
         notes = []
         for step in reversed(self.all_steps()):
             problem = self.damage(step)
@@ -182,7 +182,7 @@ class Checkpointer:
                         raise  # intact files that do not fit this run: not damage
                     why = str(exc)
             notes.append(f"{why}: moved to {self._move_aside(step)}, resuming from the one before")
-        return 0, None, notes
+        return None, None, notes
 
     def _move_aside(self, step: int) -> Path:
         target = self.directory / DAMAGED / str(step)

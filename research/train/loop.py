@@ -230,7 +230,8 @@ def train(cfg: ExperimentConfig, run_dir: Path,
         start, state, notes = checkpoints.resume(setup.spec.abstract, data)
         for note in notes if is_lead else []:
             print(note, file=sys.stderr, flush=True)
-        if start == 0:
+        if start is None:
+            start = 0
             data = data_iterator()  # a failed restore may have moved it
             if cfg.model.init_from:
                 params = hf.load_params(cfg.model.init_from, cfg.model, setup.spec.abstract["params"])
