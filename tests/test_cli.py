@@ -67,7 +67,7 @@ def test_bad_sweep_paths_and_urls_are_one_line_and_create_nothing(tmp_path, caps
                                  "a folder"]
     code, err = run_cli(capsys, "sweep", sweep, f"--sweep-dir={tmp_path / 'sweep'}",
                         "--storage", "not-a-url")
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: storage: 'not-a-url' is not")
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: storage 'not-a-url': not a ")
     assert not (tmp_path / "sweep").exists()
 
 
