@@ -53,8 +53,11 @@ def sweep_command(args: argparse.Namespace) -> int:
     sweep = spec.load(args.sweep, args.overrides)
     sweep_dir = Path(args.sweep_dir) if args.sweep_dir else default_sweep_dir(sweep.spec.name)
     storage = args.storage or sweep.spec.storage or default_storage(sweep_dir)
-    runner = Runner(sweep, sweep_dir, storage, worker=args.worker)
+    runner = Runner(sweep, sweep_dir, storage, worker=args.worker, live=None)
     code = runner.run()
     if not args.worker:
         print_status(sweep_dir, storage)
+    print(f"next:  research sweep status {sweep_dir}   (the table again; also while it runs)\n"
+          f"       research analyze {sweep_dir}        (table, figures, fits, report.html)\n"
+          f"       research board {sweep_dir}          (TensorBoard: curves, HParams)")
     return code
