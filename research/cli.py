@@ -13,6 +13,22 @@ from research.generate import add_generate_command
 from research.interop.cli import add_interop_commands
 from research.sweep import add_sweep_commands
 
+DESCRIPTION = """\
+Language-model scaling experiments in JAX: train dense, MoE, Mamba-2 and hybrid decoders from a
+YAML experiment config, sweep their settings over seeds, and turn the runs into tables, plots,
+scaling-law fits and a report."""
+
+EPILOG = """\
+a first session:
+  research train experiments/dense_tiny.yaml            train a small model (runs/dense_tiny/)
+  research sweep sweeps/layers.yaml                     a sweep over depth
+  research analyze sweeps_out/layers                    its report: sweeps_out/layers/analysis/
+  research board sweeps_out/layers                      TensorBoard for it
+
+Any config field can be set with a dotted key=value after the command, e.g. train.steps=200
+model.n_layers=8. A bad config, flag or file stops before any compute with one line naming it
+(exit code 2). Documentation: README.md and docs/. `research COMMAND --help` for each command."""
+
 
 def _train(args: argparse.Namespace) -> int:
     from research import config
@@ -55,10 +71,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="research", description=__doc__)
+    parser = argparse.ArgumentParser(prog="research", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train (or resume) a run from an experiment config")
+    train = commands.add_parser(
+        "train", help="train (or resume) a run from an experiment config",
+        description="Train the experiment in EXPERIMENT.yaml (with key=value overrides) into its run "
+                    "directory, or resume it there from the latest checkpoint. The directory gets "
+                    "the resolved config.yaml, metrics.jsonl, summary.json, tb/ and checkpoints/. "
+                    "See docs/training.md.")
     train.add_argument("experiment", help="experiments/NAME.yaml")
     train.add_argument("--run-dir", help="run directory (default: runs/<experiment name>)")
     train.add_argument("overrides", nargs="*", metavar="key=value",

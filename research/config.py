@@ -331,7 +331,29 @@ class ExperimentConfig(_Section):
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return to_yaml(self.to_dict())
+
+
+def resolved(cfg: ExperimentConfig, vocab_size: int | None) -> dict[str, Any]:
+    """The config as the run uses it, for its config.yaml: every derived size filled in
+    (n_kv_heads, head_dim, d_ff, vocab_size: the padded embedding rows, moe.d_expert) and the
+    moe/mamba sections left out when no layer uses them. Validating it gives the same run."""
+    out = cfg.to_dict()
+    model = out["model"]
+    model.update(n_kv_heads=cfg.model.kv_heads, head_dim=cfg.model.head_size,
+                 d_ff=cfg.model.ff_size, vocab_size=vocab_size)
+    mixers, ffns = {m for m, _ in cfg.model.period}, {f for _, f in cfg.model.period}
+    if "moe" in ffns:
+        model["moe"]["d_expert"] = cfg.model.moe.d_expert or cfg.model.ff_size
+    else:
+        del model["moe"]
+    if "mamba" not in mixers:
+        del model["mamba"]
+    return out
+
+
+def to_yaml(tree: dict[str, Any]) -> str:
+    return yaml.safe_dump(tree, sort_keys=False)
 
 
 # ----------------------------------------------------------------------------- loading

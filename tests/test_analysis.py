@@ -22,10 +22,11 @@ import yaml
 from conftest import TINY
 
 from research import config
-from research.analysis import add_analysis_commands, fits
+from research.analysis import add_analysis_commands, fits, plots, replicates
 from research.analysis.board import serve
 from research.analysis.events import read_scalars, scalars_from_metrics
-from research.analysis.report import analyze
+from research.analysis.report import analyze, headline, scaling_fits
+from research.analysis.runs import load_runs, row
 from research.config import ConfigError
 from research.sweep import rundir
 
@@ -116,6 +117,43 @@ def test_isoflop_needs_two_budgets_with_a_minimum_inside():
     assert all("minimum above the sizes tried" in b.note for b in iso.budgets)
 
 
+# ----------------------------------------------------------------------------- replicates
+
+
+def test_welch_comparison_matches_a_float64_reference():
+    a, b = np.array([3.10, 3.12, 3.09, 3.11]), np.array([3.15, 3.13, 3.18])
+    c = replicates.compare(a, b)
+    # Welch by hand: standard error, Welch-Satterthwaite degrees of freedom, two-sided t.
+    va, vb = a.var(ddof=1) / 4, b.var(ddof=1) / 3
+    df = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 2)
+    t = (b.mean() - a.mean()) / math.sqrt(va + vb)
+    from scipy import integrate, special
+
+    density = lambda x: special.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * special.gamma(df / 2)) \
+        * (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
+    p = 2 * integrate.quad(density, abs(t), np.inf)[0]
+    assert c.difference == pytest.approx(b.mean() - a.mean(), abs=1e-12)
+    assert c.p_value == pytest.approx(p, rel=1e-6)
+    low, high = c.interval  # the interval excludes 0 exactly when p < 0.05
+    assert (low > 0) == (c.p_value < 0.05) and high - c.difference == pytest.approx(c.difference - low)
+    assert not replicates.compare([3.1], b).tested  # one run: noise unknown, nothing tested
+    assert "noise is unknown" in replicates.compare([3.1], b).verdict()
+
+
+def test_seed_noise_test_flags_real_gaps_and_not_null_ones():
+    """Synthetic settings with known noise (sd 0.01, 3 seeds each, 400 draws per case): a gap of
+    5 sd is flagged about 95% of the time (Welch's power at 4 degrees of freedom), no gap at most
+    about 5% (the test's level; Welch is slightly conservative here), a gap of 0.35 sd rarely."""
+    rng = np.random.default_rng(0)
+    def flagged(gap: float, trials: int = 400) -> float:
+        return np.mean([replicates.compare(rng.normal(3.0, 0.01, 3),
+                                           rng.normal(3.0 + gap, 0.01, 3)).distinguishable
+                        for _ in range(trials)])
+    assert flagged(0.05) > 0.9
+    assert 0.01 < flagged(0.0) < 0.08
+    assert flagged(0.0035) < 0.12
+
+
 # ----------------------------------------------------------------------------- runs on disk
 
 
@@ -135,6 +173,54 @@ def write_run(path: Path, *, params: int, tokens_per_step: int, steps: int, eval
         "error": None})
     if trial is not None:
         rundir.write_json(path / rundir.RECORD, trial)
+
+
+def write_configured_run(path: Path, eval_loss: float, *overrides: str, trial: dict | None = None,
+                         state: str = "done") -> None:
+    """A run with the config.yaml `research train` writes for dense_tiny + overrides."""
+    cfg = config.load(REPO / "experiments" / "dense_tiny.yaml", list(overrides))
+    from research.train import flops
+
+    write_run(path, params=flops.param_counts(cfg.model, 256)["total"],
+              tokens_per_step=cfg.train.batch_size * cfg.train.seq_len, steps=cfg.train.steps,
+              eval_loss=eval_loss, trial=trial, state=state)
+    (path / "config.yaml").write_text(config.to_yaml(config.resolved(cfg, 256)))
+
+
+def test_mixed_folder_gets_distinct_labels_and_no_cross_family_line_or_fit(tmp_path):
+    """The README's run, a shorter run at another learning rate and the layers sweep, side by
+    side: labels name every differing field, lines and fits stay within one family."""
+    write_configured_run(tmp_path / "readme", 2.50)
+    write_configured_run(tmp_path / "lr", 2.30, "optim.lr=1e-2", "train.steps=80")
+    for i, (layers, loss) in enumerate([(1, 2.90), (2, 2.70), (4, 2.52), (8, 2.45)]):
+        name = f"t{i:03d}-n_layers={layers}"
+        write_configured_run(tmp_path / "layers" / name, loss, f"model.n_layers={layers}",
+                             "train.eval_every=50", trial={
+                                 "trial": i, "name": name, "params": {"model.n_layers": layers},
+                                 "derived": {}, "seed": None, "state": "done"})
+    runs, fields = load_runs(tmp_path)
+    assert fields == ["model.n_layers", "optim.lr", "train.steps"]
+    labels = {run.name: run.label for run in runs}
+    assert len(set(labels.values())) == len(runs)
+    assert labels["lr"] == "n_layers=4, lr=0.01, steps=80"
+    assert labels["readme"] == "n_layers=4, lr=0.003, steps=300, seed=0 [readme]"  # as t002
+    rows = [row(run) for run in runs]
+    (fit,) = [s for s in scaling_fits(runs, rows, fields) if s.key == "params_total"]
+    assert "lr" not in fit.fitted and set(fit.left_out) == {"lr"}
+    assert fit.left_out["lr"] == ("differs from the fitted runs in optim.lr (0.01 vs 0.003), "
+                                  "train.steps (80 vs 300)")
+    figure = plots.swept(runs, rows, fields, plots.run_colors(runs))
+    joined = [line.get_xydata().tolist() for ax in figure.axes for line in ax.lines
+              if line.get_color() == "0.6"]
+    # n_layers: one line through the sweep's family (readme repeats t002, seed 0 and all, so it
+    # adds no replicate); nothing through the lr run; lr and steps panels: each value a different
+    # family, so no line at all.
+    assert joined == [[[1, 2.90], [2, 2.70], [4, 2.52], [8, 2.45]]]
+    answer = headline(runs, rows, [], None)
+    assert answer.startswith("n_layers=4, lr=0.01, steps=80 reached the lowest final eval loss, "
+                             "2.3000 nats/token")
+    assert "below the next best, n_layers=8, lr=0.003, steps=300 (2.4500): the run-to-run noise " \
+           "is unknown" in answer
 
 
 def test_analyze_recovers_exponents_from_an_isoflop_sweep_on_disk(tmp_path):
@@ -163,7 +249,7 @@ def test_moe_runs_get_a_fit_against_active_parameters_and_failures_no_fit(tmp_pa
     out, answer = analyze(tmp_path)
     record = json.loads((out / "fits.json").read_text())
     assert record["loss_vs_params_active"] == {  # all at one size: the best of them is the frontier
-        "error": "too few points to fit: 1 distinct value, need 4", "runs": ["e32"]}
+        "error": "too few points to fit: 1 distinct value, need 4", "runs": ["e32"], "left_out": {}}
     assert record["loss_vs_params_total"]["alpha"] == pytest.approx(0.25, abs=0.01)
     assert (out / "loss_vs_params_active.png").is_file()
     assert answer.startswith("At 51.2k training tokens per run, e32 reached the lowest")
@@ -268,8 +354,8 @@ def test_report_from_real_runs_shows_failed_and_eval_less_runs(trained, tmp_path
     (best, n_best), (second, n_second) = done[0], done[1]
     assert answer.startswith(f"At {8 * summary['tokens_per_step'] / 1000:.3g}k training tokens per run, "
                              f"n_layers={n_best} reached the lowest final eval loss, {best:.4f}")
-    assert f"{second - best:.4f} nats ({100 * (second - best) / second:.2g}%) better than the next " \
-           f"best, n_layers={n_second}" in answer
+    assert f"{second - best:.4f} nats ({100 * (second - best) / second:.2g}%) below the next " \
+           f"best, n_layers={n_second} ({second:.4f}): the run-to-run noise is unknown" in answer
     assert "4 runs: 2 done, 1 failed, 1 unknown." in answer
     assert "too few points to fit: 2 distinct values, need 4" in (out / "report.md").read_text()
 
@@ -287,25 +373,40 @@ def test_report_from_real_runs_shows_failed_and_eval_less_runs(trained, tmp_path
     assert len(list((out / "tb").iterdir())) == 1
 
 
-def test_report_of_a_real_sweep_uses_its_trial_records(tmp_path, tiny_overrides):
+def test_a_real_sweep_over_seeds_shows_live_progress_and_reports_mean_and_spread(
+        tmp_path, tiny_overrides):
+    """One point over two seeds: the runner's output names each trial's steps while it trains,
+    each trial.log is plain lines naming its trial, and the report gives the seeds' mean ± sd."""
     from research.sweep import spec
     from research.sweep.runner import Runner, default_storage
 
     sweep_file = tmp_path / "layers.yaml"
     sweep_file.write_text(yaml.safe_dump({
-        "base": str(REPO / "experiments" / "dense_tiny.yaml"),
-        "search": {"params": {"model.n_layers": [1, 2]}}}))
+        "base": str(REPO / "experiments" / "dense_tiny.yaml"), "seeds": 2,
+        "search": {"params": {"model.n_layers": [1]}}}))
     out = tmp_path / "sweep"
-    overrides = [o for o in tiny_overrides if not o.startswith("model.n_layers=")]
-    assert Runner(spec.load(sweep_file, overrides), out, default_storage(out)).run() == 0
+    overrides = [o for o in tiny_overrides if not o.startswith(("model.n_layers=", "logging.progress"))]
+    lines: list[str] = []
+    runner = Runner(spec.load(sweep_file, overrides), out, default_storage(out), say=lines.append,
+                    progress_s=0.0)
+    assert runner.run() == 0
+    names = ["t000-n_layers=1-seed=0", "t001-n_layers=1-seed=1"]
+    for name in names:
+        done = lines.index(next(line for line in lines if line.startswith(f"[{name}] done")))
+        steps = [int(m[1]) for line in lines[:done] if (m := re.match(rf"\[{name}\] step (\d)/6, ", line))]
+        assert steps and steps == sorted(steps) and steps[-1] == 6, lines
+        log = (out / name / "trial.log").read_text()
+        assert "\r" not in log and re.search(rf"^{name}: step 6/6 loss=", log, re.M), log
+        assert "overrides" not in rundir.read_json(out / name / "trial.json")
     analysis, answer = analyze(out)
     with (analysis / "table.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [(r["run"], r["model.n_layers"], r["state"]) for r in rows] == [
-        ("t000-n_layers=1", "1", "done"), ("t001-n_layers=2", "2", "done")]
-    objectives = {r["run"]: rundir.read_json(out / r["run"] / "trial.json")["objective"] for r in rows}
-    best = min(objectives, key=objectives.get)
-    assert f"{best.split('-')[1]} reached the lowest final eval loss, {objectives[best]:.4f}" in answer
+    assert [(r["run"], r["state"]) for r in rows] == [(name, "done") for name in names]
+    objectives = [rundir.read_json(out / name / "trial.json")["objective"] for name in names]
+    assert objectives[0] != objectives[1]  # the seeds differ
+    spread = f"{np.mean(objectives):.4f} ± {np.std(objectives, ddof=1):.4f} nats/token ("
+    assert answer.startswith(f"At 1.54k training tokens per run, n_layers=1 reached eval loss {spread}")
+    assert "bits/byte; mean ± sd over 2 seeds); it is the only setting that finished." in answer
 
 
 def test_empty_missing_or_foreign_folders_are_config_errors(tmp_path):

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -75,6 +76,24 @@ def test_grid_trials_names_overrides_and_derived_fields(tmp_path):
     assert (cfg.model.n_layers, cfg.model.d_model, cfg.optim.lr, cfg.train.steps) == (2, 128, 3e-3, 5)
 
 
+def test_seeds_repeat_every_point_with_its_own_init_and_data_order(tmp_path, token_cache_dir):
+    path = write_sweep(tmp_path / "s.yaml", search={"params": {"model.n_layers": [1, 2]}}, seeds=3)
+    trials = spec.load(path).planned_trials()
+    assert [t.name for t in trials] == [f"t{3 * p + s:03d}-n_layers={n}-seed={s}"
+                                        for p, n in enumerate((1, 2)) for s in range(3)]
+    assert [(t.params, t.seed, t.overrides[-1]) for t in trials[3:]] == [
+        ({"model.n_layers": 2}, s, f"train.seed={s}") for s in range(3)]
+    assert trials[4].record()["seed"] == 1
+    # train.seed sets the data order, not only the initialisation: first batches differ.
+    from research.data.pipeline import build_token_cache, train_dataset
+
+    cfgs = [config.load(BASE, [*t.overrides, f"data.cache_dir={token_cache_dir}"]) for t in trials[3:5]]
+    cache = build_token_cache(cfgs[0].data)
+    first = [train_dataset(cache, seq_len=32, global_batch=4, seed=c.train.seed)[0]["tokens"]
+             for c in cfgs]
+    assert not np.array_equal(*first)
+
+
 def test_random_trials_are_seeded_and_within_bounds(tmp_path):
     space = {"method": "random", "params": {"optim.lr": {"log_uniform": [1e-4, 1e-2]},
                                             "optim.warmup_steps": {"int": [0, 10]},
@@ -120,6 +139,10 @@ BAD_SWEEPS = [
     ({"search": {"params": {"model.n_layers": [1]}}, "pruner": {"type": "hyperband"}}, "pruner:"),
     ({"search": {"params": {"model.n_layers": [1]}}, "base": "missing.yaml"},
      "base: experiment 'missing.yaml' not found"),
+    ({"search": {"params": {"model.n_layers": [1]}}, "seeds": 2, "overrides": {"train.seed": 3}},
+     "seeds: 2 sets train.seed for every trial"),
+    ({"search": {"method": "tpe", "params": {"optim.lr": {"uniform": [1e-4, 1e-2]}}}, "trials": 3,
+      "seeds": 2}, "seeds: replicates need a fixed trial list"),
 ]
 
 
@@ -220,6 +243,23 @@ def test_store_refuses_a_different_sweep_and_stays_intact(tmp_path):
     assert Store(url, "s").rows() == before
 
 
+def test_a_refused_rerun_names_each_differing_setting(tmp_path):
+    path = write_sweep(tmp_path / "s.yaml", search={"params": {"model.n_layers": [1, 2]}})
+    url = f"sqlite:///{tmp_path}/s.db"
+    first = spec.load(path, ["train.steps=100"])
+    assert Store(url, "s").create(first.fingerprint(), first.settings(), [])
+    other = spec.load(path, ["train.steps=7", "optim.lr=0.01"])
+    with pytest.raises(ConfigError) as err:
+        Store(url, "s").create(other.fingerprint(), other.settings(), [])
+    assert ("(optim.lr: 0.01 here, 0.003 in the store; train.steps: 7 here, 100 in the store)"
+            in str(err.value))
+    write_sweep(path, search={"params": {"model.n_layers": [1, 3]}})
+    moved = spec.load(path, ["train.steps=100"])
+    with pytest.raises(ConfigError, match=r"sweep: search.params.model.n_layers.values: \[1, 3\] "
+                                          r"here, \[1, 2\] in the store"):
+        Store(url, "s").create(moved.fingerprint(), moved.settings(), [])
+
+
 def test_tpe_suggestions_are_reproducible_per_trial_number(tmp_path):
     path = write_sweep(tmp_path / "t.yaml", trials=4, seed=1, search={
         "method": "tpe", "params": {"optim.lr": {"log_uniform": [1e-4, 1e-2]},
@@ -269,6 +309,26 @@ def test_metrics_tail_survives_partial_lines_and_a_resume_rewrite(tmp_path):
     tmp.write_text('{"step": 1, "loss": 5}\n{"step": 2, "loss": 4}\n{"step": 3, "eval_loss": 3.4}\n')
     os.replace(tmp, path)
     assert [e["step"] for e in tail.read()] == [1, 2, 3]
+
+
+def test_live_view_rates_eta_from_steps_seen_and_throttles_plain_lines():
+    from research.sweep.live import PlainLines, TrialProgress
+
+    trial = TrialProgress("t000-n_layers=1", {"model.n_layers": 1}, steps=100)
+    trial.update([{"step": s, "loss": 5.0 - s / 10} for s in (1, 2, 3)], now=50.0)
+    assert trial.eta(50.0) is None  # steps read at once (a resume, a slow poll): no rate yet
+    trial.update([{"step": 13, "loss": 3.7}, {"step": 13, "eval_loss": 3.9}], now=60.0)
+    assert trial.eta(60.0) == pytest.approx(87 * 10 / 10)  # 10 steps in 10 s, 87 to go
+    assert trial.line(60.0) == "[t000-n_layers=1] step 13/100, loss 3.7000, eval loss 3.9000, ETA 1m27s"
+    said: list[str] = []
+    view = PlainLines(said.append, every_s=15.0)
+    view.update([trial], 60.0)
+    view.update([trial], 61.0)  # same step: nothing new
+    trial.update([{"step": 20, "loss": 3.5}], now=70.0)
+    view.update([trial], 70.0)  # moved, but within 15 s of the last line
+    view.update([trial], 75.0)
+    assert [line.split(",")[0] for line in said] == ["[t000-n_layers=1] step 13/100",
+                                                     "[t000-n_layers=1] step 20/100"]
 
 
 def test_error_line_of_a_failed_attempt(tmp_path):
@@ -432,5 +492,6 @@ def test_failed_and_pruned_trials_do_not_stop_the_sweep(tmp_path, tiny_overrides
     before = Store(f"sqlite:///{out}/sweep.db", "lr").rows()
     other = subprocess.run([*CLI, "sweep", str(path), "--sweep-dir", str(out), *overrides,
                             "train.eval_every=7"], capture_output=True, text=True, cwd=REPO, env=_env())
-    assert other.returncode == 2 and "made from other settings" in other.stderr
+    assert other.returncode == 2 and "made from other settings (train.eval_every: 7 here, 10 in " \
+        "the store)" in other.stderr, other.stderr
     assert Store(f"sqlite:///{out}/sweep.db", "lr").rows() == before

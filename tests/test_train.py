@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from research import config
 from research.train.checkpoint import Checkpointer
 from tests.conftest import newest_checkpoint
 from research.train.metrics import read_metrics
@@ -69,7 +70,8 @@ def test_run_directory_layout_and_eval_command(tiny, tmp_path):
     run_dir = tmp_path / "run"
     summary = train(tiny(), run_dir)
     assert (run_dir / "config.yaml").is_file()
-    assert load_run_config(run_dir) == tiny()
+    # The resolved config reads back as the same run (derived sizes now explicit).
+    assert config.resolved(load_run_config(run_dir), 384) == config.resolved(tiny(), 384)
     rows = read_metrics(run_dir)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
@@ -156,15 +158,35 @@ def test_resume_under_completep_is_bit_exact(tiny, tmp_path):
     assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
 
 
-def test_resume_refuses_a_changed_config(tiny, tmp_path):
+def test_resume_refuses_a_changed_config(tiny, tmp_path, capsys):
+    """Also: the start-up messages, the resolved config.yaml, and resuming a run whose
+    config.yaml predates resolution (derived sizes null, unused sections present)."""
+    import yaml
+
     from research.config import ConfigError
 
     flat_lr = ("optim.schedule=constant", "optim.warmup_steps=0")  # independent of train.steps
     train(tiny(*flat_lr, "train.steps=2"), tmp_path / "run")
+    said = capsys.readouterr().out
+    for message in ("reading data.source='builtin'", "train and", "initialising 2 layers",
+                    "compiling the train step", "compiled in"):
+        assert message in said, said
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert {k: saved["model"][k] for k in ("n_kv_heads", "head_dim", "d_ff", "vocab_size")} == {
+        "n_kv_heads": 4, "head_dim": 4, "d_ff": 128, "vocab_size": 384}  # 8/3·32 → 128; 257 → 384
+    assert "moe" not in saved["model"] and "mamba" not in saved["model"]
+    assert load_run_config(tmp_path / "run").model.ff_size == 128
+
+    again = train(tiny(*flat_lr, "train.steps=2"), tmp_path / "run")
+    said = capsys.readouterr().out
+    assert "already finished at step 2 (train.steps=2)" in said and "compiling" not in said
+    assert again["state"] == "done" and again["step"] == 2
     with pytest.raises(ConfigError, match="model.n_layers"):
         train(tiny(*flat_lr, "train.steps=4", "model.n_layers=3"), tmp_path / "run")
+    (tmp_path / "run" / "config.yaml").write_text(tiny(*flat_lr, "train.steps=2").to_yaml())
     # more steps, on another mesh layout (the checkpoint is resharded on load), is allowed
     extended = train(tiny(*flat_lr, "train.steps=4", "mesh.data=2", "mesh.tensor=4"), tmp_path / "run")
+    assert "resuming from step 2" in capsys.readouterr().out
     straight = train(tiny(*flat_lr, "train.steps=4"), tmp_path / "straight")
     assert extended["step"] == straight["step"] == 4
     np.testing.assert_allclose(extended["final"]["loss"], straight["final"]["loss"], rtol=1e-5)

@@ -1,11 +1,14 @@
-"""The analysis figures (matplotlib's Agg backend, no pyplot state): one colour per run in all.
+"""The analysis figures (matplotlib's Agg backend, no pyplot state): one colour per setting in all
+(the seeds of a setting share it).
 
-Each function returns a Figure with constrained layout, its title on the left and its run legend
-outside the axes on the right, so neither covers data.
+Each function returns a Figure with constrained layout, its title on the left and its legend of
+settings outside the axes on the right, so neither covers data. Replicated settings are drawn as
+their mean with the seeds' standard deviation: error bars on points, bands around curves.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import matplotlib
@@ -24,21 +27,25 @@ from matplotlib.ticker import LogFormatter, NullLocator  # noqa: E402
 from research.analysis.approach3 import JointLaw  # noqa: E402
 from research.analysis.fits import FitError, IsoFlop, PowerLaw, group_budgets  # noqa: E402
 from research.analysis.points import Points  # noqa: E402
-from research.analysis.runs import Run, finished, format_value, si  # noqa: E402
+from research.analysis.replicates import Group, groups  # noqa: E402
+from research.analysis.runs import Run, family, finished, format_value, si  # noqa: E402
 
 LOSS = "eval loss (nats/token)"
 
 
 def run_colors(runs: list[Run]) -> dict[str, Any]:
-    """Distinct qualitative colours while they last, then a sequential map in run order."""
-    n = len(runs)
+    """Run name -> colour, one per setting: distinct qualitative colours while they last, then a
+    sequential map in run order."""
+    settings = list(dict.fromkeys(run.setting for run in runs))
+    n = len(settings)
     if n <= 10:
         colors = [colormaps["tab10"](i) for i in range(n)]
     elif n <= 20:
         colors = [colormaps["tab20"](i) for i in range(n)]
     else:
         colors = [colormaps["viridis"](i / (n - 1)) for i in range(n)]
-    return {run.name: color for run, color in zip(runs, colors)}
+    by_setting = dict(zip(settings, colors))
+    return {run.name: by_setting[run.setting] for run in runs}
 
 
 class _Compact(LogFormatter):
@@ -61,7 +68,8 @@ def _log(ax: Axes, y: bool = False) -> None:
 
 
 def _legend_columns(runs: list[Run]) -> int:
-    return max(1, -(-len(runs) // 18))  # 18 entries fit beside one row of panels
+    settings = len({run.setting for run in runs})
+    return max(1, -(-settings // 18))  # 18 entries fit beside one row of panels
 
 
 def _figure(panels: int, width: float = 5.0, runs: list[Run] = ()) -> tuple[Figure, list[Axes]]:
@@ -82,16 +90,25 @@ def _title(fig: Figure, text: str) -> None:
 
 def _run_legend(fig: Figure, runs: list[Run], colors: dict[str, Any],
                 shown: set[str] | None = None) -> None:
-    """One entry per run; a run that is not finished says so, and whether it is drawn."""
-    def label(run: Run) -> str:
-        notes = [run.state] if run.state != "done" else []
-        if shown is not None and run.name not in shown:
-            notes.append("not shown")
-        return f"{run.label} ({', '.join(notes)})" if notes else run.label
+    """One entry per setting, with its number of seeds; runs that did not finish say so, and
+    whether they are drawn."""
+    members: dict[tuple, list[Run]] = {}
+    for run in runs:
+        members.setdefault(run.setting, []).append(run)
 
-    handles = [Line2D([], [], color=colors[r.name], marker="o", lw=1.5, label=label(r)) for r in runs]
+    def label(setting: str, members: list[Run]) -> str:
+        notes = [f"{len(members)} seeds"] if len(members) > 1 else []
+        states = Counter(run.state for run in members if run.state != "done")
+        notes += [f"{n} {state}" if len(members) > 1 else state for state, n in states.items()]
+        hidden = sum(shown is not None and run.name not in shown for run in members)
+        if hidden:
+            notes.append("not shown" if hidden == len(members) else f"{hidden} not shown")
+        return f"{setting} ({', '.join(notes)})" if notes else setting
+
+    handles = [Line2D([], [], color=colors[m[0].name], marker="o", lw=1.5, label=label(m[0].group, m))
+               for m in members.values()]
     columns = _legend_columns(runs)
-    fig.legend(handles=handles, loc="outside right upper", title="run", ncols=columns,
+    fig.legend(handles=handles, loc="outside right upper", title="setting", ncols=columns,
                fontsize="small" if columns == 1 else "x-small")
 
 
@@ -105,24 +122,55 @@ def _smooth(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def _band(ax: Axes, series: list[np.ndarray], per_step: int, style: dict[str, Any],
+          smooth: bool = False, **line: Any) -> None:
+    """Mean over seeds at the steps every seed logged, with a ±1 standard deviation band."""
+    common = sorted(set.intersection(*(set(s[:, 0]) for s in series)))
+    if not common:
+        return
+    values = np.array([[dict(map(tuple, s))[step] for step in common] for s in series])
+    if smooth:
+        values = np.array([_smooth(v) for v in values])
+    tokens = np.array(common) * per_step
+    mean, sd = values.mean(0), values.std(0, ddof=1)
+    ax.plot(tokens, mean, lw=1.5, **style, **line)
+    ax.fill_between(tokens, mean - sd, mean + sd, color=style["color"], alpha=0.2, lw=0)
+
+
 def curves(runs: list[Run], colors: dict[str, Any]) -> Figure:
-    """Training and eval loss against tokens seen, every run (unfinished ones dashed)."""
+    """Training and eval loss against tokens seen, every setting (unfinished runs dashed); a
+    setting run over several seeds is its mean with a ±1 standard deviation band."""
     fig, (train_ax, eval_ax) = _figure(2, runs=runs)
     _title(fig, "Loss curves")
+    members: dict[tuple, list[Run]] = {}
     for run in runs:
-        per_step = run.tokens_per_step
-        if per_step is None:
-            continue
-        style = {"color": colors[run.name], "ls": "-" if run.state == "done" else "--"}
-        train = np.array(run.series("train/loss"), float).reshape(-1, 2)
-        if len(train):
-            tokens = train[:, 0] * per_step
-            if len(train) >= 40:
-                train_ax.plot(tokens, train[:, 1], alpha=0.25, lw=0.8, color=style["color"])
-            train_ax.plot(tokens, _smooth(train[:, 1]), lw=1.5, **style)
-        evals = np.array(run.series("eval/loss"), float).reshape(-1, 2)
-        if len(evals):
-            eval_ax.plot(evals[:, 0] * per_step, evals[:, 1], marker="o", ms=3, lw=1.5, **style)
+        if run.tokens_per_step is not None:
+            members.setdefault(run.setting, []).append(run)
+    for setting in members.values():
+        done = [run for run in setting if run.state == "done"]
+        replicated = done if len(done) > 1 else []
+        for run in setting:
+            if run.name in {r.name for r in replicated}:
+                continue
+            style = {"color": colors[run.name], "ls": "-" if run.state == "done" else "--"}
+            train = np.array(run.series("train/loss"), float).reshape(-1, 2)
+            if len(train):
+                tokens = train[:, 0] * run.tokens_per_step
+                if len(train) >= 40:
+                    train_ax.plot(tokens, train[:, 1], alpha=0.25, lw=0.8, color=style["color"])
+                train_ax.plot(tokens, _smooth(train[:, 1]), lw=1.5, **style)
+            evals = np.array(run.series("eval/loss"), float).reshape(-1, 2)
+            if len(evals):
+                eval_ax.plot(evals[:, 0] * run.tokens_per_step, evals[:, 1], marker="o", ms=3,
+                             lw=1.5, **style)
+        if replicated:
+            style = {"color": colors[replicated[0].name], "ls": "-"}
+            per_step = replicated[0].tokens_per_step
+            for ax, tag, extra in ((train_ax, "train/loss", {"smooth": True}),
+                                   (eval_ax, "eval/loss", {"marker": "o", "ms": 3})):
+                series = [np.array(run.series(tag), float).reshape(-1, 2) for run in replicated]
+                if all(len(s) for s in series):
+                    _band(ax, series, per_step, style, **extra)
     for ax, what in ((train_ax, "training loss (nats/token, smoothed)"), (eval_ax, LOSS)):
         _log(ax)
         ax.set(xlabel="training tokens", ylabel=what)
@@ -135,9 +183,23 @@ def _finished(runs: list[Run], rows: list[dict[str, Any]], key: str) -> list[tup
     return [(run, r) for run, r in finished(runs, rows) if r.get(key) is not None]
 
 
+def _settings(points: list[tuple[Run, dict]]) -> list[Group]:
+    return groups([(run, r["final_eval_loss"]) for run, r in points])
+
+
+def _mean_point(ax: Axes, x: float, g: Group, color: Any, **style: Any) -> None:
+    """A setting's mean loss with its seeds' standard deviation as an error bar, and each seed
+    as a small dot."""
+    if g.n > 1:
+        ax.scatter([x] * g.n, g.losses, color=color, s=10, alpha=0.5, zorder=3, lw=0)
+    style = {"marker": "o", **style}
+    ax.errorbar(x, g.mean, yerr=g.std, ls="none", ms=7, color=color, capsize=3, zorder=4, **style)
+
+
 def swept(runs: list[Run], rows: list[dict[str, Any]], fields: list[str],
           colors: dict[str, Any]) -> Figure:
-    """Final eval loss against each swept field; runs equal in the other fields are joined."""
+    """Final eval loss against each distinguishing field; a line joins only settings that differ
+    in the plotted field alone, and "best" is marked only when all points form one such line."""
     fig, axes = _figure(len(fields), width=4.5, runs=runs)
     shown: set[str] = set()
     for ax, key in zip(axes, fields):
@@ -148,21 +210,23 @@ def swept(runs: list[Run], rows: list[dict[str, Any]], fields: list[str],
         if numeric:
             position = {v: v for v in values}
         else:
-            position = {v: i for i, v in enumerate(sorted(set(map(str, values))))}
-            values = list(map(str, values))
-        groups: dict[tuple, list[tuple[float, float]]] = {}
-        for (run, r), v in zip(points, values):
-            others = tuple(repr(run.values.get(k)) for k in fields if k != key)
-            groups.setdefault(others, []).append((position[v], r["final_eval_loss"]))
-            ax.scatter(position[v], r["final_eval_loss"], color=colors[run.name], s=45, zorder=3)
-        for line in groups.values():
+            position = {str(v): i for i, v in enumerate(sorted(set(map(str, values))))}
+        place = lambda v: position[v if numeric else str(v)]  # noqa: E731
+        lines: dict[tuple, list[tuple[float, float]]] = {}
+        settings = _settings(points)
+        for g in settings:
+            x = place(g.runs[0].values[key])
+            _mean_point(ax, x, g, colors[g.runs[0].name])
+            lines.setdefault(family(g.runs[0], fields, (key,)), []).append((x, g.mean))
+        for line in lines.values():
             if len(line) > 1:
                 xs, ys = zip(*sorted(line))
                 ax.plot(xs, ys, color="0.6", lw=1, zorder=2)
-        if points:
-            best = min(range(len(points)), key=lambda i: points[i][1]["final_eval_loss"])
-            ax.annotate("best", (position[values[best]], points[best][1]["final_eval_loss"]),
-                        xytext=(0, 9), textcoords="offset points", ha="center", fontsize="small")
+        if settings and len(lines) == 1 and len(settings) > 1:
+            best = settings[0]
+            ax.annotate("best" + (" (mean)" if best.n > 1 else ""),
+                        (place(best.runs[0].values[key]), best.mean), xytext=(0, 9),
+                        textcoords="offset points", ha="center", fontsize="small")
         ticks = sorted(set(position.values()))
         if numeric and ticks and min(ticks) > 0 and max(ticks) / min(ticks) >= 10:
             _log(ax)
@@ -171,34 +235,47 @@ def swept(runs: list[Run], rows: list[dict[str, Any]], fields: list[str],
             ax.set_xticks(ticks, [labels[t] for t in ticks])
             ax.xaxis.set_minor_locator(NullLocator())
         ax.set(xlabel=key, ylabel=LOSS)
+        if len(lines) > 1:
+            ax.set_title(f"{len(lines)} unjoined families: runs that differ in other fields too",
+                         fontsize="small")
         ax.grid(True, alpha=0.3)
-    _title(fig, "Final eval loss by swept field")
+    _title(fig, "Final eval loss by distinguishing field (mean ± sd over seeds)")
     _run_legend(fig, runs, colors, shown)
     return fig
 
 
 def scaling(runs: list[Run], rows: list[dict[str, Any]], key: str, xlabel: str, symbol: str,
-            fit: PowerLaw | FitError, fitted: frozenset[str], colors: dict[str, Any]) -> Figure:
-    """Final eval loss against `key` (log x), the fitted power law and its intervals; runs off
-    the frontier (beaten by a smaller run, so not fitted) are hollow."""
+            fit: PowerLaw | FitError, fitted: frozenset[str], left_out: dict[str, str],
+            colors: dict[str, Any]) -> Figure:
+    """Final eval loss against `key` (log x), the fitted power law and its intervals; settings
+    off the frontier (beaten by a smaller one) are hollow, runs left out of the fit for differing
+    in other fields are crosses."""
     fig, (ax,) = _figure(1, width=6.0, runs=runs)
     points = _finished(runs, rows, key)
-    for run, r in points:
-        color = colors[run.name]
-        ax.scatter(r[key], r["final_eval_loss"], s=45, zorder=3, color=color,
-                   facecolor=color if run.name in fitted else "none")
+    x_of = {run.name: r[key] for run, r in points}
+    for g in _settings(points):
+        name = g.runs[0].name
+        color = colors[name]
+        x = float(np.mean([x_of[run.name] for run in g.runs]))
+        if name in left_out:
+            _mean_point(ax, x, g, color, marker="x")
+        else:
+            _mean_point(ax, x, g, color, mfc=color if name in fitted else "none")
     if isinstance(fit, PowerLaw):
-        xs = np.array([r[key] for _, r in points], float)
+        xs = np.array(list(x_of.values()), float)
         grid = np.geomspace(xs.min() / 1.5, xs.max() * 1.5, 200)
         label = (f"fit: {fit.formula(symbol)}\nα = {fit.alpha:.3g} {fit.interval('alpha')}, "
                  f"E = {fit.E:.3g} {fit.interval('E')}\n(95% bootstrap intervals; "
-                 f"{len(fitted)} runs on the frontier)")
+                 f"{len(fitted)} runs fitted)")
         ax.plot(grid, fit(grid), color="k", ls="--", lw=1.2, label=label, zorder=2)
     else:
         ax.plot([], [], " ", label=f"no fit: {fit}")
-    if len(fitted) < len(points):
+    if len(fitted) + len(left_out) < len(points):
         ax.scatter([], [], s=45, facecolor="none", edgecolor="0.3",
                    label="beaten by a smaller run (not fitted)")
+    if left_out:
+        ax.scatter([], [], s=45, marker="x", color="0.3",
+                   label=f"other settings (not fitted): {len(left_out)} run{'s' * (len(left_out) != 1)}")
     ax.legend(loc="best", fontsize="small", framealpha=0.85)
     _log(ax)
     ax.set(xlabel=xlabel, ylabel=LOSS)

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,17 @@ from research import config as config_lib
 from research.analysis.events import Series, has_events, read_scalars, scalars_from_metrics
 from research.config import ConfigError
 from research.sweep import rundir
-from research.sweep.spec import short_name
+from research.sweep.spec import SEED_KEY
 
 ANALYSIS = "analysis"  # the output folder inside the analysed one, never read as a run
 MARKERS = ("summary.json", "metrics.jsonl", rundir.RECORD)
 # Fields that differ between runs without changing what is trained or how it is measured.
 BOOKKEEPING = ("name", "logging.", "checkpoint.", "data.cache_dir", "train.log_every",
                "train.eval_every")
+# Sizes config.resolved fills in from other fields (null in older config.yaml files): they
+# distinguish runs only where the fields they follow from do not already.
+RESOLVED = ("model.n_kv_heads", "model.head_dim", "model.d_ff", "model.vocab_size",
+            "model.moe.d_expert")
 
 
 @dataclass
@@ -38,8 +43,10 @@ class Run:
     summary: dict[str, Any]
     trial: dict[str, Any] | None
     scalars: Series
-    label: str = ""  # its swept values, e.g. "n_layers=4"; set by `load_runs`
-    values: dict[str, Any] = field(default_factory=dict)  # swept field -> value
+    label: str = ""  # what distinguishes it, e.g. "n_layers=4, seed=1"; set by `load_runs`
+    group: str = ""  # the label without the seed: the same for all replicates of a setting
+    setting: tuple = ()  # what replicates share: the distinguishing values (or, unknown, the name)
+    values: dict[str, Any] = field(default_factory=dict)  # distinguishing field -> value
 
     @property
     def state(self) -> str:
@@ -57,6 +64,11 @@ class Run:
             return self.config["train.batch_size"] * self.config["train.seq_len"]
         return None
 
+    @property
+    def seed(self) -> Any:
+        seed = (self.trial or {}).get("seed")
+        return self.config.get(SEED_KEY) if seed is None else seed
+
     def series(self, tag: str) -> list[tuple[int, float]]:
         return self.scalars.get(tag, [])
 
@@ -71,20 +83,23 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _read_config(path: Path, check: bool = False) -> dict[str, Any] | None:
-    """A config.yaml's flattened fields; None when unreadable, or (check) not an experiment config.
+    """A config.yaml's flattened fields as resolved (config.resolved: derived sizes filled in,
+    unused sections left out, whichever version wrote it); None when unreadable, or (check) not
+    an experiment config.
 
     Only folders with nothing but a config.yaml are checked: a run's own config may be from an
-    older schema and still name its swept values.
+    older schema and still name its swept values (it is then read as it is).
     """
     try:
         raw = yaml.safe_load(path.read_text())
         if not isinstance(raw, dict):
             return None
-        if check:
-            config_lib.validate(raw)
-    except (OSError, yaml.YAMLError, ConfigError):
+        cfg = config_lib.validate(raw)
+    except (OSError, yaml.YAMLError):
         return None
-    return flatten(raw)
+    except ConfigError:
+        return None if check else flatten(raw)
+    return flatten(config_lib.resolved(cfg, cfg.model.vocab_size))
 
 
 def find_run_dirs(root: Path) -> list[Path]:
@@ -114,18 +129,56 @@ def read_run(path: Path, root: Path) -> Run:
                rundir.read_json(path / rundir.RECORD), scalars)
 
 
-def swept_fields(runs: list[Run]) -> list[str]:
-    """The sweep's fields (from trial.json), else the config fields that differ between runs."""
+def _explained(key: str, others: list[str], runs: list[Run]) -> bool:
+    """True when runs that agree on `others` also agree on `key` (a size derived from them)."""
+    seen: dict[tuple, Any] = {}
+    for run in runs:
+        value = run.config.get(key)
+        if value is not None:
+            other = tuple(repr(run.config.get(k)) for k in others)
+            if seen.setdefault(other, value) != value:
+                return False
+    return True
+
+
+def distinguishing_fields(runs: list[Run]) -> list[str]:
+    """What tells runs apart: a sweep's swept and derived fields (trial.json) first, then every
+    other config field whose value differs between runs, among the runs that have it (a section a
+    run does not use is absent from its config), except bookkeeping and the seed (replicates of
+    one setting differ only there)."""
     keys: dict[str, None] = {}
     for run in runs:
         if run.trial:
             keys.update(dict.fromkeys([*run.trial.get("params", {}), *run.trial.get("derived", {})]))
-    if keys:
-        return list(keys)
     configs = [run.config for run in runs if run.config]
-    every = sorted({key for c in configs for key in c})
-    return [key for key in every if not key.startswith(BOOKKEEPING)
-            and len({repr(c.get(key)) for c in configs}) > 1]
+    for key in sorted({key for c in configs for key in c}):
+        if key in keys or key == SEED_KEY or key.startswith(BOOKKEEPING):
+            continue
+        if len({repr(c[key]) for c in configs if key in c and c[key] is not None}) > 1:
+            keys[key] = None
+    plain = [k for k in keys if k not in RESOLVED]
+    return [k for k in keys if k not in RESOLVED or not _explained(k, plain, runs)]
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """The shortest dotted suffix of each key that no other key ends with: `n_layers`, but
+    `model.head_dim` and `mamba.head_dim` when both appear."""
+    out = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-n:])
+            if not any(other != key and (other == suffix or other.endswith("." + suffix))
+                       for other in keys):
+                break
+        out[key] = suffix
+    return out
+
+
+def family(run: Run, fields: list[str], free: tuple[str, ...]) -> tuple[str, ...]:
+    """The run's values of the fields not starting with one of `free`: runs of one family differ
+    only in the free fields (and the seed), so a line or a fit through them shows those alone."""
+    return tuple(f"{k}={run.values.get(k)!r}" for k in fields if not k.startswith(free))
 
 
 def format_value(value: Any) -> str:
@@ -153,13 +206,37 @@ def load_runs(root: Path) -> tuple[list[Run], list[str]]:
     runs.sort(key=lambda r: ((r.trial or {}).get("trial", math.inf),
                              [int(part) if part.isdigit() else part  # layers2 before layers10
                               for part in re.split(r"(\d+)", r.name)]))
-    fields = swept_fields(runs)
+    fields = distinguishing_fields(runs)
+    short = short_names(fields)
     for run in runs:
         params = {**(run.trial or {}).get("params", {}), **(run.trial or {}).get("derived", {})}
         run.values = {key: params.get(key, run.config.get(key)) for key in fields}
-        run.label = ", ".join(f"{short_name(k)}={format_value(v)}" for k, v in run.values.items()
-                              if v is not None) or run.name
+        known = bool(run.config or params)  # a run with neither is nobody's replicate
+        run.setting = tuple(f"{k}={v!r}" for k, v in run.values.items()) if known else (run.name,)
+        run.group = (", ".join(f"{short[k]}={format_value(v)}" for k, v in run.values.items()
+                               if v is not None) or ("every run" if len(runs) > 1 else run.name)
+                     if known else run.name)
+    replicated = Counter(run.setting for run in runs)
+    for run in runs:
+        run.label = (f"{run.group}, seed={run.seed}" if replicated[run.setting] > 1
+                     and run.seed is not None else run.group)
+    same = Counter(run.label for run in runs)  # the same config and seed: name the folder too
+    for run in runs:
+        if same[run.label] > 1:
+            run.label = f"{run.label} [{run.name}]"
     return runs, fields
+
+
+def fixed_settings(runs: list[Run], fields: list[str]) -> dict[str, Any]:
+    """Config fields with one value in every run that has them (not bookkeeping): what the
+    comparison holds fixed."""
+    configs = [run.config for run in runs if run.config]
+    out = {}
+    for key in sorted({key for c in configs for key in c}):
+        values = {repr(c[key]) for c in configs if key in c}
+        if key not in fields and len(values) == 1 and not key.startswith(BOOKKEEPING):
+            out[key] = next(c[key] for c in configs if key in c)
+    return out
 
 
 # ----------------------------------------------------------------------------- table

@@ -57,8 +57,11 @@ def sweep_command(args: argparse.Namespace) -> int:
     parse_url(storage)  # before the sweep dir or store is created
     if sweep_dir.exists() and not sweep_dir.is_dir():
         raise ConfigError(f"--sweep-dir {sweep_dir}: is a file; a sweep directory is a folder")
-    runner = Runner(sweep, sweep_dir, storage, worker=args.worker)
+    runner = Runner(sweep, sweep_dir, storage, worker=args.worker, live=None)
     code = runner.run()
     if not args.worker:
         print_status(sweep_dir, storage)
+    print(f"next:  research sweep status {sweep_dir}   (the table again; also while it runs)\n"
+          f"       research analyze {sweep_dir}        (table, figures, fits, report.html)\n"
+          f"       research board {sweep_dir}          (TensorBoard: curves, HParams)")
     return code

@@ -82,7 +82,8 @@ def summary_error(run_dir: Path, since: float) -> str | None:
 
 
 def last_line(path: Path, start: int = 0) -> str | None:
-    """The last non-empty line written to a log after byte `start` (progress bars use \\r)."""
+    """The last non-empty line written to a log after byte `start` (a terminal's progress bar,
+    or an older run's, uses \\r)."""
     try:
         with path.open("rb") as f:
             f.seek(start)
@@ -114,9 +115,13 @@ def write_hparams(run_dir: Path, hparams: dict[str, Any], objective_tag: str,
 
 def write_record(run_dir: Path, trial: dict[str, Any], state: str, objective: float | None,
                  error: str | None) -> None:
-    """trial.json: the trial's swept values and outcome, for the analysis tools."""
+    """trial.json: the trial's swept values, replicate seed and outcome, for the analysis tools.
+
+    The overrides every trial shares are in the sweep dir's sweep.json, and the whole config in
+    the trial's config.yaml, so they are not repeated here.
+    """
     write_json(run_dir / RECORD, {
         "trial": trial["number"], "name": trial["name"], "params": trial["params"],
-        "derived": trial["derived"], "overrides": trial["overrides"], "state": state,
+        "derived": trial["derived"], "seed": trial.get("seed"), "state": state,
         "objective": objective, "error": error,
     })

@@ -25,12 +25,14 @@ import optuna
 
 from research.config import ConfigError
 from research.sweep import rundir, study
-from research.sweep.spec import Sweep
+from research.sweep.live import TrialProgress, make_view
+from research.sweep.spec import SEED_KEY, Sweep
 from research.sweep.store import Claim, LostClaim, Store
 
 TRAIN_COMMAND = (sys.executable, "-m", "research", "train")
 SWEEP_FILE = "sweep.json"  # in the sweep dir: name and storage, for `research sweep status`
 POLL_S = 0.5
+PROGRESS_S = 15.0  # plain output (not a terminal): a progress line per trial at most this often
 STOP_GRACE_S = 30.0
 
 
@@ -139,6 +141,7 @@ class _Running:
     slot: int
     started: float
     tail: rundir.MetricsTail
+    progress: TrialProgress
     optuna_trial: optuna.Trial | None = None
     pruned: bool = False
 
@@ -149,7 +152,8 @@ class Runner:
 
     `worker=False` (the plain command) waits until every trial of the sweep has ended, taking over
     trials whose workers died, then prints the table; `worker=True` leaves when nothing is left to
-    start.
+    start. While trials run, `research.sweep.live` shows their progress (`live`: a redrawn table;
+    None: when stdout is a terminal; else a line per trial every `progress_s` seconds via `say`).
     """
 
     sweep: Sweep
@@ -158,6 +162,8 @@ class Runner:
     worker: bool = False
     trial_command: Sequence[str] = TRAIN_COMMAND
     say: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
+    live: bool | None = False
+    progress_s: float = PROGRESS_S
 
     def __post_init__(self) -> None:
         self.sweep_dir = self.sweep_dir.resolve()
@@ -178,11 +184,13 @@ class Runner:
         store = Store(self.storage, self.spec.name, self.spec.lease_s)  # checks the URL first
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         planned = [t.record() for t in self.sweep.planned_trials()]
-        store.create(self.sweep.fingerprint(), self.spec.model_dump(mode="json"), planned)
+        store.create(self.sweep.fingerprint(), self.sweep.settings(), planned)
         if self.uses_study:
             study.open_study(self.sweep, self.storage)
         rundir.write_json(info_path, {"name": self.spec.name, "storage": self.storage,
                                       "params": list(self.spec.search.params),
+                                      "seeds": self.spec.seeds,
+                                      "overrides": self.sweep.fixed_overrides,
                                       "metric": self.spec.objective.metric,
                                       "direction": self.spec.objective.direction,
                                       "budget": self.budget})
@@ -197,17 +205,23 @@ class Runner:
         store = self.open()
         running: list[_Running] = []
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        self.view = make_view(f"sweep {self.spec.name} ({self.sweep_dir})",
+                              list(self.spec.search.params), self.say, self.progress_s, self.live)
         try:
             last_beat = time.time()
             while True:
-                for item in list(running):
-                    if self._poll(store, item):
-                        running.remove(item)
+                ended = [(item, code) for item in running
+                         if (code := self._poll(item)) is not None]
+                self.view.update([item.progress for item in running], time.time())  # last steps too
+                for item, code in ended:
+                    self._finish(store, item, code)
+                    running.remove(item)
                 if time.time() - last_beat > self.spec.lease_s / 4:
                     last_beat = time.time()
                     for item in list(running):
                         if not store.heartbeat(item.claim):
-                            self.say(f"[{item.trial['name']}] taken over by another worker: stopping")
+                            self.view.line(f"[{item.trial['name']}] taken over by another worker: "
+                                           "stopping")
                             _stop(item.proc)
                             running.remove(item)
                 free = [s for s in range(len(envs)) if s not in {r.slot for r in running}]
@@ -225,9 +239,10 @@ class Runner:
                 _stop(item.proc)
                 store.release(item.claim)
                 rundir.write_record(item.run_dir, item.trial, "pending", None, None)
-            self.say("interrupted: run the same command again to finish the sweep")
+            self.view.line("interrupted: run the same command again to finish the sweep")
             return 130
         finally:
+            self.view.close()
             signal.signal(signal.SIGTERM, previous)
         return 0
 
@@ -246,8 +261,9 @@ class Runner:
         run_dir = self.sweep_dir / trial["name"]
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.write_record(run_dir, trial, "running", None, None)
+        # name=: the trial's progress lines and summary.json say which trial they are.
         command = [*self.trial_command, str(self.sweep.base), "--run-dir", str(run_dir),
-                   *trial["overrides"]]
+                   *trial["overrides"], f"name={trial['name']}"]
         parent, started = os.getpid(), time.time()
         with (run_dir / rundir.LOG).open("ab") as log:
             log.write(f"=== attempt {claim.attempt} by {store.owner}: {' '.join(command)}\n".encode())
@@ -259,31 +275,36 @@ class Runner:
         optuna_trial = (study.attach(self.sweep, self.storage, claim.optuna_trial)
                         if claim.optuna_trial is not None else None)
         again = f", attempt {claim.attempt}" if claim.attempt > 1 else ""
-        self.say(f"[{trial['name']}] started{again}")
+        self.view.line(f"[{trial['name']}] started{again}")
+        values = {**trial["params"], **trial["derived"]}
+        if trial.get("seed") is not None:
+            values[SEED_KEY] = trial["seed"]
+        steps = self.sweep.trial_config(trial["overrides"]).train.steps
         return _Running(claim, trial, run_dir, proc, log_start, slot, started,
-                        rundir.MetricsTail(run_dir / "metrics.jsonl"), optuna_trial)
+                        rundir.MetricsTail(run_dir / "metrics.jsonl"),
+                        TrialProgress(trial["name"], values, steps), optuna_trial)
 
-    def _poll(self, store: Store, item: _Running) -> bool:
-        """Report new eval points (maybe prune); True once the trial's process has ended.
+    def _poll(self, item: _Running) -> int | None:
+        """Read the trial's new metrics, report eval points (maybe prune); its exit code once its
+        process has ended.
 
         Only a trial still running can be pruned: one that already finished keeps its result.
         """
         code = item.proc.poll()
+        entries = item.tail.read()
+        item.progress.update(entries, time.time())
         if item.optuna_trial is not None and not item.pruned:
             metric = self.spec.objective.metric
-            for entry in item.tail.read():
+            for entry in entries:
                 if (metric in entry and study.report(item.optuna_trial, entry["step"], entry[metric])
                         and code is None):
                     item.pruned = True
-                    self.say(f"[{item.trial['name']}] pruned at step {entry['step']} "
-                             f"({metric} {entry[metric]:.4g})")
+                    self.view.line(f"[{item.trial['name']}] pruned at step {entry['step']} "
+                                   f"({metric} {entry[metric]:.4g})")
                     _stop(item.proc)
                     code = item.proc.returncode
                     break
-        if code is None:
-            return False
-        self._finish(store, item, code)
-        return True
+        return code
 
     def _finish(self, store: Store, item: _Running, code: int) -> None:
         metric = self.spec.objective.metric
@@ -299,15 +320,15 @@ class Runner:
                                  or rundir.last_line(item.run_dir / rundir.LOG, item.log_start))
                      if code else f"finished without a {metric!r} entry in metrics.jsonl")
         if not store.finish(item.claim, state, objective, error):
-            self.say(f"[{item.trial['name']}] was taken over by another worker; result dropped")
+            self.view.line(f"[{item.trial['name']}] was taken over by another worker; result "
+                           "dropped")
             return
         if item.optuna_trial is not None:
             study.tell(item.optuna_trial, state, objective)
         rundir.write_record(item.run_dir, item.trial, state, objective, error)
-        hparams = {**item.trial["params"], **item.trial["derived"], "trial": item.trial["name"],
-                   "state": state}
+        hparams = {**item.progress.values, "trial": item.trial["name"], "state": state}
         rundir.write_hparams(item.run_dir, hparams, f"sweep/{metric}", objective,
                              rundir.progress(item.run_dir)[0])
         outcome = (f": {metric} {objective:.4g}" if objective is not None
                    else f": {error}" if error else "")
-        self.say(f"[{item.trial['name']}] {state} in {time.time() - item.started:.0f}s{outcome}")
+        self.view.line(f"[{item.trial['name']}] {state} in {time.time() - item.started:.0f}s{outcome}")

@@ -29,6 +29,7 @@ from research import config as config_lib
 from research.config import ConfigError
 
 Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr, None]
+SEED_KEY = "train.seed"  # what `seeds:` varies between the replicates of a point
 
 
 class _Strict(BaseModel):
@@ -141,6 +142,8 @@ class SweepSpec(_Strict):
     objective: Objective = Objective()
     trials: int | None = Field(None, gt=0, description="budget; grid: all points when unset")
     parallel: int = Field(1, gt=0, description="trials run at once by one worker")
+    seeds: int = Field(1, gt=0, description="replicates of every point, with train.seed = 0..seeds-1 "
+                       "(initialisation and data order); analysis compares points against this noise")
     seed: int = 0
     storage: str | None = Field(None, description="database URL; default: SQLite in the sweep dir")
     pruner: MedianPruner | HalvingPruner | None = Field(None, discriminator="type")
@@ -176,6 +179,13 @@ class SweepSpec(_Strict):
         for key in self.overrides:
             if key in params or key in self.derived:
                 raise ValueError(f"overrides.{key}: also swept or derived; set it in one place")
+        if self.seeds > 1:
+            if self.search.method == "tpe":
+                raise ValueError("seeds: replicates need a fixed trial list (method: grid, isoflop "
+                                 "or random), not tpe")
+            if SEED_KEY in {*params, *self.derived, *self.overrides}:
+                raise ValueError(f"seeds: {self.seeds} sets {SEED_KEY} for every trial; do not also "
+                                 "sweep, derive or override it")
         known = {short_name(k) for k in params} | set(MODEL_NAMES)
         for key, expr in self.derived.items():
             check_expression(expr, known, f"derived.{key}")
@@ -287,11 +297,14 @@ def _short_value(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]", "_", text)
 
 
-def trial_name(number: int, params: dict[str, Any], budget: float | None = None) -> str:
-    """A readable, unique run-directory name, e.g. `t003-n_layers=8-lr=0.001`, `t004-C=1e+14-...`."""
+def trial_name(number: int, params: dict[str, Any], budget: float | None = None,
+               seed: int | None = None) -> str:
+    """A readable, unique run-directory name, e.g. `t003-n_layers=8-lr=0.001`, `t004-C=1e+14-...`
+    (`-seed=1` for a replicate)."""
     parts = [f"t{number:03d}", *([f"C={budget:.3g}"] if budget is not None else []),
              *(f"{short_name(k)}={_short_value(v)}" for k, v in params.items())]
-    return "-".join(parts)[:120]
+    name = "-".join(parts)[:112]
+    return name if seed is None else f"{name}-seed={seed}"
 
 
 @dataclass(frozen=True)
@@ -304,11 +317,13 @@ class Trial:
     derived: dict[str, Any]
     overrides: tuple[str, ...]
     budget: float | None = None  # isoflop: the training FLOPs its steps were chosen for
+    seed: int | None = None  # train.seed of a replicate (sweeps with `seeds:`)
 
     def record(self) -> dict[str, Any]:
         budget = {} if self.budget is None else {"budget": self.budget}
         return {"number": self.number, "name": self.name, "params": self.params,
-                "derived": self.derived, "overrides": list(self.overrides), **budget}
+                "derived": self.derived, "seed": self.seed, "overrides": list(self.overrides),
+                **budget}
 
 
 @dataclass(frozen=True)
@@ -333,8 +348,9 @@ class Sweep:
             raise ConfigError(f"{where}: {exc}") from None
         return model_numbers(cfg)
 
-    def make_trial(self, number: int, params: dict[str, Any], budget: float | None = None) -> Trial:
-        name = trial_name(number, params, budget)
+    def make_trial(self, number: int, params: dict[str, Any], budget: float | None = None,
+                   seed: int | None = None) -> Trial:
+        name = trial_name(number, params, budget, seed)
         names: dict[str, Any] = {short_name(k): v for k, v in params.items()}
         names["budget"] = budget or 0
         derived: dict[str, Any] = {}
@@ -349,7 +365,9 @@ class Sweep:
             derived[STEPS] = self._steps(budget, self._numbers({**params, **derived},
                                                                f"{self.path}: trial {name}"), name)
         swept = [render(k, v) for k, v in {**params, **derived}.items()]
-        return Trial(number, name, dict(params), derived, (*self.fixed_overrides, *swept), budget)
+        replicate = [] if seed is None else [render(SEED_KEY, seed)]
+        return Trial(number, name, dict(params), derived,
+                     (*self.fixed_overrides, *swept, *replicate), budget, seed)
 
     def _steps(self, budget: float, numbers: dict[str, float], name: str) -> int:
         """round(budget / FLOPs per step); refused when that misses the budget by over 1%."""
@@ -378,11 +396,18 @@ class Sweep:
                       for _ in range(self.spec.trials)]
         else:
             return []
-        return [self.make_trial(n, p, c) for n, (c, p) in enumerate(points)]
+        seeds = self.spec.seeds
+        if seeds == 1:
+            return [self.make_trial(n, p, c) for n, (c, p) in enumerate(points)]
+        return [self.make_trial(n * seeds + s, p, c, s) for n, (c, p) in enumerate(points)
+                for s in range(seeds)]
 
     @property
     def budget(self) -> int:
         return self.spec.trials if self.spec.search.method == "tpe" else len(self.planned_trials())
+
+    def trial_config(self, overrides: list[str] | tuple[str, ...]) -> config_lib.ExperimentConfig:
+        return config_lib.load(self.base, list(overrides))
 
     def check(self, tpe_samples: int = 16) -> None:
         """Resolve every planned trial's experiment config (TPE: a seeded sample) before any runs."""
@@ -402,12 +427,28 @@ class Sweep:
             except ConfigError as exc:
                 raise ConfigError(f"{self.path}: trial {trial.name}: {exc}") from None
 
+    def settings(self) -> dict[str, Any]:
+        """What the fingerprint covers, flat and readable: the sweep file's fields (`sweep: ...`)
+        and every trial's experiment before the swept values (base + fixed overrides), so a
+        refused rerun can name what differs."""
+        spec = self.spec.model_dump(mode="json", exclude={"storage", "parallel", "lease_s", "base"})
+        experiment = config_lib.load(self.base, self.fixed_overrides).to_dict()
+        return {**{f"sweep: {k}": v for k, v in _flat(spec).items()}, **_flat(experiment)}
+
     def fingerprint(self) -> str:
         """What makes two workers run the same sweep (not: storage, parallel, lease, paths)."""
         spec = self.spec.model_dump(mode="json", exclude={"storage", "parallel", "lease_s", "base"})
         base = config_lib.load(self.base).to_dict()
         blob = json.dumps([spec, base, self.fixed_overrides], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(_flat(value, f"{name}.") if isinstance(value, dict) and value else {name: value})
+    return out
 
 
 # ----------------------------------------------------------------------------- loading

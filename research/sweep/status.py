@@ -38,7 +38,9 @@ def trial_rows(sweep_dir: Path, storage: str | None = None) -> tuple[dict[str, A
         if state == "running" and store.claimable(row, now):
             state = "interrupted"
         step, steps = rundir.progress(sweep_dir / trial["name"])
-        rows.append({"number": row["number"], "name": trial["name"], "params": trial["params"],
+        params = {**trial["params"], **({"seed": trial["seed"]} if trial.get("seed") is not None
+                                         else {})}
+        rows.append({"number": row["number"], "name": trial["name"], "params": params,
                      "state": state, "step": step, "steps": steps, "objective": row["objective"],
                      "error": row["error"]})
     return info, rows
@@ -55,7 +57,8 @@ def print_status(sweep_dir: Path, storage: str | None = None, console: Console |
     console = console or Console()
     table = Table(title=f"sweep {info['name']} ({sweep_dir})")
     table.add_column("trial", justify="right")
-    for key in info["params"]:
+    columns = [*info["params"], *(["seed"] if info.get("seeds", 1) > 1 else [])]
+    for key in columns:
         table.add_column(short_name(key), justify="right")
     table.add_column("state")
     table.add_column("step", justify="right")
@@ -63,7 +66,7 @@ def print_status(sweep_dir: Path, storage: str | None = None, console: Console |
     table.add_column("error", overflow="fold")
     for row in rows:
         step = "" if row["step"] is None else f"{row['step']}/{row['steps'] or '?'}"
-        table.add_row(f"t{row['number']:03d}", *(_cell(row["params"].get(k)) for k in info["params"]),
+        table.add_row(f"t{row['number']:03d}", *(_cell(row["params"].get(k)) for k in columns),
                       f"[{_STYLES[row['state']]}]{row['state']}[/]", step,
                       _cell(row["objective"]), row["error"] or "")
     console.print(table)

@@ -90,6 +90,15 @@ def retry(fn: Callable[[], T], tries: int = 8) -> T:
     raise AssertionError("unreachable")
 
 
+def differences(stored: dict[str, Any], new: dict[str, Any]) -> str:
+    """`train.steps: 7 here, 100 in the store; ...` for flat settings dicts (spec.Sweep.settings)."""
+    keys = [k for k in sorted(stored.keys() | new.keys()) if stored.get(k) != new.get(k)]
+    if not keys:
+        return "sweep file, base experiment or key=value overrides"
+    shown = "; ".join(f"{k}: {new.get(k)!r} here, {stored.get(k)!r} in the store" for k in keys[:5])
+    return shown + (f"; and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
 def this_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -275,17 +284,18 @@ class Store:
             except IntegrityError:
                 return False
 
-        def stored() -> str:
+        def stored() -> tuple[str, dict[str, Any]]:
             with self.engine.connect() as conn:
-                return conn.execute(sa.select(_sweeps.c.fingerprint)
-                                    .where(_sweeps.c.name == self.sweep)).scalar_one()
+                return tuple(conn.execute(sa.select(_sweeps.c.fingerprint, _sweeps.c.spec)
+                                          .where(_sweeps.c.name == self.sweep)).one())
 
         if self._patiently(insert):
             return True
-        if self._patiently(stored) != fingerprint:
+        stored_fingerprint, stored_spec = self._patiently(stored)
+        if stored_fingerprint != fingerprint:
             raise ConfigError(f"{self.label}: already holds a sweep named {self.sweep!r} made from "
-                              "other settings (sweep file, base experiment or key=value overrides); "
-                              "use the same ones, or a new --sweep-dir / name")
+                              f"other settings ({differences(stored_spec, spec)}); use the same "
+                              "ones, or a new --sweep-dir / name")
         return False
 
     def exists(self) -> bool:

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import grain
@@ -27,11 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm import tqdm
 
 from research import config as config_lib
 from research.config import ConfigError, ExperimentConfig
 from research.data.pipeline import TokenCache, build_token_cache, eval_batches, train_iterator
+from research.data.tokenizer import load_tokenizer
 from research.interop import hf
 from research.models.decoder import Decoder, padded_vocab
 from research.parallel.mesh import (AxisRules, axis_rules, batch_sharding, check_divisibility,
@@ -75,12 +75,22 @@ class Setup:
         return jax.make_array_from_process_local_data(batch_sharding(self.mesh), local_rows)
 
 
-def prepare(cfg: ExperimentConfig, devices: list[jax.Device] | None = None) -> Setup:
-    """Build the run's pieces on all devices, or on `devices` (e.g. one device as a reference)."""
+def _quiet(message: str) -> None:
+    """`say` for processes other than the lead, and for callers that want no messages."""
+
+
+def prepare(cfg: ExperimentConfig, devices: list[jax.Device] | None = None,
+            say: Callable[[str], None] = _quiet) -> Setup:
+    """Build the run's pieces on all devices, or on `devices` (e.g. one device as a reference);
+    `say` hears what takes time (reading and tokenizing the data)."""
     mesh = make_mesh(cfg.mesh, devices)
     check_divisibility(cfg, mesh)
     rules = axis_rules(cfg.mesh)
+    say(f"reading data.source={cfg.data.source!r} into the token cache ({cfg.data.cache_dir}) ...")
+    started = time.perf_counter()
     cache = build_token_cache(cfg.data)
+    say(f"token cache {cache.path.name[:12]}: {len(cache.train):,} train and {len(cache.heldout):,} "
+        f"held-out tokens, ready in {time.perf_counter() - started:.1f}s")
     vocab = padded_vocab(cfg.model, cache.tokenizer.vocab_size)
     model = Decoder(cfg.model, vocab)
     example = jnp.zeros((1, cfg.train.seq_len), jnp.int32)
@@ -144,6 +154,8 @@ def evaluate(setup: Setup, params: Any, batches: list[np.ndarray],
 
 
 def _check_resumable(saved: ExperimentConfig, new: ExperimentConfig, path: Path) -> None:
+    """Compared as resolved, so a config.yaml with derived sizes filled in (or from before they
+    were) matches the null it was derived from."""
     def flat(d: dict, prefix: str = "") -> dict[str, Any]:
         out = {}
         for key, value in d.items():
@@ -151,7 +163,9 @@ def _check_resumable(saved: ExperimentConfig, new: ExperimentConfig, path: Path)
             out.update(flat(value, name + ".") if isinstance(value, dict) else {name: value})
         return out
 
-    old, now = flat(saved.to_dict()), flat(new.to_dict())
+    tokenizer_vocab = load_tokenizer(new.data.tokenizer).vocab_size
+    old, now = (flat(config_lib.resolved(c, padded_vocab(c.model, tokenizer_vocab)))
+                for c in (saved, new))
     for key in sorted(old.keys() | now.keys()):
         if key.startswith(RESUMABLE_CHANGES) or old.get(key) == now.get(key):
             continue
@@ -201,6 +215,7 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     """Train (or resume) the run in `run_dir`; returns the final summary."""
     run_dir = Path(run_dir)
     is_lead = jax.process_index() == 0
+    say = (lambda message: print(message, flush=True)) if is_lead else _quiet
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: is a file; a run directory is a folder")
     config_path = run_dir / "config.yaml"
@@ -208,7 +223,7 @@ def train(cfg: ExperimentConfig, run_dir: Path,
         _check_resumable(load_run_config(run_dir), cfg, config_path)
     # Everything that can fail on a bad config (shapes, data, held-out split, init_from) before
     # anything is written, so a refused start leaves no run directory behind to refuse the next.
-    setup = prepare(cfg, devices)
+    setup = prepare(cfg, devices, say)
     if cfg.model.init_from:
         hf.check_init_from(cfg.model)
 
@@ -221,25 +236,36 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     heldout = eval_batches(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
                            n_batches=cfg.train.eval_batches, process_index=jax.process_index(),
                            process_count=jax.process_count())
+    resolved_yaml = config_lib.to_yaml(config_lib.resolved(cfg, setup.vocab_size))
     if is_lead:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(cfg.to_yaml())
+        config_path.write_text(resolved_yaml)
 
     checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    started = time.perf_counter()
     with setup.context():
         start, state, notes = checkpoints.resume(setup.spec.abstract, data)
         for note in notes if is_lead else []:
             print(note, file=sys.stderr, flush=True)
+        if start is not None:
+            say(f"resuming from step {start} (its checkpoint in {run_dir / 'checkpoints'})")
         if start is None:
             start = 0
             data = data_iterator()  # a failed restore may have moved it
             if cfg.model.init_from:
+                say(f"loading the initial weights from {cfg.model.init_from} ...")
                 params = hf.load_params(cfg.model.init_from, cfg.model, setup.spec.abstract["params"])
                 state = state_from_params(params, setup.tx, setup.spec, cfg.train.seed)
             else:
+                say(f"initialising {cfg.model.n_layers} layers, d_model={cfg.model.d_model} ...")
                 state = init_state(setup.model, setup.tx,
                                    jnp.zeros((1, cfg.train.seq_len), jnp.int32), setup.spec,
                                    cfg.train.seed)
+    say(f"state ready in {time.perf_counter() - started:.1f}s")
+    finished = start >= cfg.train.steps
+    if finished:
+        say(f"already finished at step {start} (train.steps={cfg.train.steps}); nothing to train "
+            "(raise train.steps to continue it)")
 
     counts = flops.param_counts(cfg.model, setup.vocab_size)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
@@ -254,7 +280,7 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     log = metrics.RunLog(run_dir, resume_step=start, tensorboard=cfg.logging.tensorboard,
                          enabled=is_lead)
     if start == 0:
-        log.text("config", cfg.to_yaml())
+        log.text("config", resolved_yaml)
         log.text("parameters", "\n".join(f"{k:>14}: {v:,}" for k, v in counts.items()))
 
     def save_summary(**changes: Any) -> None:
@@ -267,13 +293,17 @@ def train(cfg: ExperimentConfig, run_dir: Path,
         with setup.context():
             # Compile ahead of the loop, so step times (and MFU) never include compilation.
             compile_start = time.perf_counter()
-            step_fn, peak_lr = compile_train_step(setup)
-            summary["compile_seconds"] = time.perf_counter() - compile_start
+            if not finished:
+                say("compiling the train step ...")
+                step_fn, peak_lr = compile_train_step(setup)
+                summary["compile_seconds"] = time.perf_counter() - compile_start
+                say(f"compiled in {summary['compile_seconds']:.1f}s; training steps "
+                    f"{start + 1}-{cfg.train.steps}")
             eval_fn = jax.jit(functools.partial(eval_step, model=setup.model),
                               in_shardings=(setup.spec.shardings["params"], batch_sharding(setup.mesh)))
 
-        progress = tqdm(total=cfg.train.steps, initial=start, disable=not (is_lead and cfg.logging.progress),
-                        unit="step", dynamic_ncols=True, desc=cfg.name)
+        progress = metrics.Progress(cfg.name, cfg.train.steps, start,
+                                    enabled=is_lead and cfg.logging.progress)
         reached = fetched = saved = start
 
         def checkpoint(step: int) -> None:
@@ -303,7 +333,7 @@ def train(cfg: ExperimentConfig, run_dir: Path,
                     fetched = step  # the data iterator is now one step ahead of the state
                     state, step_metrics = step_fn(state, batch, peak_lr)
                 reached = step
-                progress.update(1)
+                progress.update(step)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                     if not math.isfinite(values["loss"]):
@@ -315,8 +345,8 @@ def train(cfg: ExperimentConfig, run_dir: Path,
                                   mfu=flops_per_token * tokens_per_sec / peak,
                                   tokens=step * tokens_per_step)
                     log.write(step, values, "train")
-                    progress.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
-                                         mfu=f"{values['mfu']:.1%}")
+                    progress.metrics(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
+                                     mfu=f"{values['mfu']:.1%}")
                     summary["final"].update(values)
                     last_time, last_step = time.perf_counter(), step
                 if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
@@ -324,7 +354,7 @@ def train(cfg: ExperimentConfig, run_dir: Path,
                     log.write(step, scores, "eval")
                     summary["final"].update(scores)
                     if is_lead:
-                        tqdm.write(f"step {step}: eval loss {scores['eval_loss']:.4f}, "
+                        progress.write(f"step {step}: eval loss {scores['eval_loss']:.4f}, "
                                    f"{scores['eval_bpb']:.4f} bits/byte")
                     save_summary(step=step)
                     last_time = time.perf_counter()  # eval time is not step time

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,44 @@ class RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class Progress:
+    """The run's progress: a tqdm bar on a terminal; elsewhere (a sweep's trial.log, a batch job's
+    log file) one plain line per logged step, since a bar's carriage returns make a log unreadable.
+    """
+
+    def __init__(self, name: str, total: int, initial: int, enabled: bool):
+        self.name, self.total, self.step, self.enabled = name, total, initial, enabled
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=name)
+
+    def update(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.step)
+        self.step = step
+
+    def metrics(self, **values: str) -> None:
+        """The latest train metrics: the bar's postfix, or a line `name: step 40/300 loss=...`."""
+        if self.bar is not None:
+            self.bar.set_postfix(values)
+        elif self.enabled:
+            fields = " ".join(f"{k}={v}" for k, v in values.items())
+            print(f"{self.name}: step {self.step}/{self.total} {fields}", flush=True)
+
+    def write(self, text: str) -> None:
+        """A line that stays (an eval result), printed above the bar."""
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(f"{self.name}: {text}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
