@@ -33,9 +33,11 @@ model.n_layers=8. A bad config, flag or file stops before any compute with one l
 def _train(args: argparse.Namespace) -> int:
     from research import config
     from research.parallel import distributed
+    from research.train import compile_cache
     from research.train.loop import train
 
     cfg = config.load(args.experiment, args.overrides)
+    compile_cache.enable()
     distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                            args.heartbeat_timeout)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
@@ -49,11 +51,13 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from research.data.pipeline import eval_batches
+    from research.train import compile_cache
     from research.train.checkpoint import Checkpointer
     from research.train.loop import evaluate, load_run_config, prepare
 
     run_dir = Path(args.run_dir)
     cfg = load_run_config(run_dir)
+    compile_cache.enable()
     setup = prepare(cfg)
     checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
     with setup.context():

@@ -130,6 +130,9 @@ class ModelConfig(_Section):
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"
+    projection: Literal["custom", "plain"] = Field(
+        "custom", description="custom: projections as 2-D matmuls with a hand-written backward "
+        "(faster, docs/performance.md); plain: einsum + autodiff, for comparison")
     scan_layers: bool = True
     layer_pattern: tuple[str, ...] = Field(
         ("attention:mlp",), description="the repeating period of 'mixer:ffn' layers; mixers: "
@@ -313,6 +316,16 @@ class LoggingConfig(_Section):
     progress: bool = True
     peak_flops: float | None = Field(None, gt=0, description="per-device peak FLOP/s for MFU; "
                                      "None: known accelerator table or a cached CPU measurement")
+    profile_steps: tuple[int, int] | None = Field(
+        None, description="[first, last]: a jax.profiler trace of these steps in the run's tb/ "
+        "(TensorBoard's profile tab); None: no trace")
+
+    @model_validator(mode="after")
+    def _profile(self) -> LoggingConfig:
+        if self.profile_steps and not 1 <= self.profile_steps[0] <= self.profile_steps[1]:
+            raise ValueError(f"logging.profile_steps={list(self.profile_steps)}: expected "
+                             "[first, last] steps with 1 <= first <= last")
+        return self
 
 
 class ExperimentConfig(_Section):

@@ -57,7 +57,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         d, n, kv, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
         dtype = jnp.dtype(cfg.compute_dtype)
-        proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype)
+        proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype, projection=cfg.projection)
         q = Einsum("btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std,
                    name="q", **proj)(x)
         k = Einsum("btd,dkh->btkh", (d, kv, h), ("embed", "kv_heads", "head_dim"), cfg.init_std,

@@ -173,7 +173,8 @@ class Decoder(nn.Module):
             logits = embed.attend(x)
         else:
             logits = Einsum("btd,dv->btv", (cfg.d_model, self.vocab_size), ("embed", "vocab"),
-                            cfg.init_std, cfg.compute_dtype, cfg.param_dtype, name="lm_head")(x)
+                            cfg.init_std, cfg.compute_dtype, cfg.param_dtype, cfg.projection,
+                            name="lm_head")(x)
         logits = scale(logits, forward(cfg).logits)
         if "aux_loss" in aux:
             aux["aux_loss"] = aux["aux_loss"].sum()

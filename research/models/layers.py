@@ -13,6 +13,7 @@ DEFAULT_AXIS_RULES map those names onto mesh axes. Without rules in scope both a
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -27,14 +28,80 @@ BTF = ("act_batch", "act_seq", "act_mlp")
 BTV = ("act_batch", "act_seq", "act_vocab")
 
 
-def matmul(spec: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+def matmul(spec: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype,
+           projection: str = "plain") -> jax.Array:
     """einsum with `dtype` operands and a float32 result: the dtype policy of every projection.
 
+    projection="custom" runs a projection spec (see `projection_dims`) as one 2-D matmul over
+    the flattened tokens with a hand-written backward (`project`); "plain" is einsum + autodiff.
     The backward matmuls see a float32 cotangent and so run in float32. Casting it to bf16
     would make them faster, but XLA:CPU (jax 0.10.2) then fails on some weight-gradient
     shapes with "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32".
     """
+    if projection == "custom":
+        n_in, transposed = projection_dims(spec)
+        return project(x, w, n_in, transposed, dtype)
     return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def projection_dims(spec: str) -> tuple[int, bool]:
+    """(n_in, transposed) of a projection einsum: x's last n_in axes contract with w's first
+    n_in axes (transposed: its last), and the output is x's other axes then w's other axes.
+    E.g. "btd,dnh->btnh" -> (1, False), "btnh,nhd->btd" -> (2, False), "btd,vd->btv" -> (1, True).
+    """
+    inputs, out = spec.split("->")
+    xs, ws = inputs.split(",")
+    contracted = "".join(c for c in xs if c in ws)
+    n = len(contracted)
+    rest = ws.replace(contracted, "", 1)
+    if n and xs.endswith(contracted) and ws.startswith(contracted) and out == xs[:-n] + rest:
+        return n, False
+    if n and xs.endswith(contracted) and ws.endswith(contracted) and out == xs[:-n] + rest:
+        return n, True
+    raise ValueError(f"einsum {spec!r} is not a projection (x[..., in] times w[in, out])")
+
+
+def project(x: jax.Array, w: jax.Array, n_in: int, transposed: bool, dtype: jnp.dtype) -> jax.Array:
+    """x [..., *in] times w [*in, *out] (transposed: w [*out, *in]) as one 2-D matmul
+    [tokens, in] @ [in, out] with `dtype` operands and a float32 result.
+
+    The reshapes are free (row-major), and the custom backward computes both gradients as 2-D
+    dot_generals that read their operands transposed in place: XLA:CPU's autodiff of the
+    N-D einsum instead materialises transposed copies of activations and cotangents (26% of a
+    dense_tiny step in a profile) before the weight-gradient matmul.
+    """
+    k = math.prod(x.shape[x.ndim - n_in:])
+    out = w.shape[:w.ndim - n_in] if transposed else w.shape[n_in:]
+    w2 = w.reshape(-1, k) if transposed else w.reshape(k, -1)
+    y = _matmul_2d(x.reshape(-1, k), w2, transposed, jnp.dtype(dtype))
+    return y.reshape(*x.shape[:x.ndim - n_in], *out)
+
+
+def _dot(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int, dtype: jnp.dtype) -> jax.Array:
+    """2-D a @ b contracting a's `a_axis` with b's `b_axis`, `dtype` operands, float32 result."""
+    dims = (((a_axis,), (b_axis,)), ((), ()))
+    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims,
+                               preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul_2d(x: jax.Array, w: jax.Array, transposed: bool, dtype: jnp.dtype) -> jax.Array:
+    return _dot(x, w, 1, 1 if transposed else 0, dtype)
+
+
+def _matmul_2d_fwd(x, w, transposed, dtype):
+    return _matmul_2d(x, w, transposed, dtype), (x, w)
+
+
+def _matmul_2d_bwd(transposed, dtype, residuals, g):
+    x, w = residuals
+    f32 = jnp.float32  # the backward runs in float32 whatever the compute dtype (see matmul)
+    dx = _dot(g, w, 1, 0 if transposed else 1, f32)
+    dw = _dot(g, x, 0, 0, f32) if transposed else _dot(x, g, 0, 0, f32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
 
 
 def out_std(cfg: ModelConfig) -> float:
@@ -52,12 +119,13 @@ class Einsum(nn.Module):
     std: float
     dtype: str  # compute dtype of the operands
     param_dtype: str = "float32"
+    projection: str = "plain"  # ModelConfig.projection: "custom" (2-D, own backward) or "plain"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes)
         kernel = self.param("kernel", init, self.shape, jnp.dtype(self.param_dtype))
-        return matmul(self.spec, x, kernel, jnp.dtype(self.dtype))
+        return matmul(self.spec, x, kernel, jnp.dtype(self.dtype), self.projection)
 
 
 class RMSNorm(nn.Module):
@@ -101,7 +169,8 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
         d, f = cfg.d_model, cfg.ff_size
-        proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype)
+        proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+                    projection=cfg.projection)
         gate = Einsum("btd,df->btf", (d, f), ("embed", "mlp"), cfg.init_std, name="gate", **proj)
         up = Einsum("btd,df->btf", (d, f), ("embed", "mlp"), cfg.init_std, name="up", **proj)
         down = Einsum("btf,fd->btd", (f, d), ("mlp", "embed"), out_std(cfg), name="down", **proj)
@@ -130,4 +199,5 @@ class Embed(nn.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits x @ embedding^T, float32."""
-        return matmul("btd,vd->btv", x, self.embedding, jnp.dtype(self.cfg.compute_dtype))
+        return matmul("btd,vd->btv", x, self.embedding, jnp.dtype(self.cfg.compute_dtype),
+                      self.cfg.projection)

@@ -170,7 +170,7 @@ class Mamba2(nn.Module):
         cfg, m = self.cfg, self.cfg.mamba
         d, P, G, N = cfg.d_model, m.head_dim, m.n_groups, m.d_state
         H = m.n_heads(d)
-        proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype)
+        proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype, projection=cfg.projection)
         zxdt = Einsum("btd,dhc->bthc", (d, H, 2 * P + 1), ("embed", "mamba_heads", None),
                       cfg.init_std, name="in_zxdt", **proj)(u)
         bc = Einsum("btd,dgc->btgc", (d, G, 2 * N), ("embed", "mamba_groups", None),

@@ -136,7 +136,7 @@ class MoE(nn.Module):
                   param("up", (e, d, f), ("expert", "embed", "mlp"), cfg.init_std),
                   param("down", (e, f, d), ("expert", "mlp", "embed"), out_std(cfg)))
         logits = Einsum("btd,de->bte", (d, e), ("embed", None), cfg.init_std, "float32",
-                        cfg.param_dtype, name="router")(x)
+                        cfg.param_dtype, cfg.projection, name="router")(x)
         weights, experts, probs = route(logits, moe.top_k)
         aux = router_losses(logits, probs, experts)
 

@@ -279,6 +279,7 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     }
     log = metrics.RunLog(run_dir, resume_step=start, tensorboard=cfg.logging.tensorboard,
                          enabled=is_lead)
+    profiler = metrics.StepProfiler(run_dir / "tb", cfg.logging.profile_steps)
     if start == 0:
         log.text("config", resolved_yaml)
         log.text("parameters", "\n".join(f"{k:>14}: {v:,}" for k, v in counts.items()))
@@ -328,10 +329,12 @@ def train(cfg: ExperimentConfig, run_dir: Path,
             for step in range(start + 1, cfg.train.steps + 1):
                 if stop_requested:
                     raise KeyboardInterrupt
+                profiler.before(step)
                 with setup.context():
                     batch = setup.global_array(next(data)["tokens"])
                     fetched = step  # the data iterator is now one step ahead of the state
                     state, step_metrics = step_fn(state, batch, peak_lr)
+                profiler.after(step, state)
                 reached = step
                 progress.update(step)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -376,6 +379,7 @@ def train(cfg: ExperimentConfig, run_dir: Path,
             summary.update(state="done")
         finally:
             checkpoints.close()  # whatever happened, let a save in flight land before exiting
+            profiler.stop()
             progress.close()
             log.close()
             save_summary(step=reached)

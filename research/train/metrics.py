@@ -187,3 +187,27 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
+
+
+class StepProfiler:
+    """A jax.profiler trace of steps [first, last] (logging.profile_steps) into `log_dir`, where
+    TensorBoard's profile plugin finds it (plugins/profile/<time>/<host>.xplane.pb)."""
+
+    def __init__(self, log_dir: Path, steps: tuple[int, int] | None):
+        self.log_dir, self.steps, self.tracing = log_dir, steps, False
+
+    def before(self, step: int) -> None:
+        if self.steps is not None and step == self.steps[0]:
+            jax.profiler.start_trace(str(self.log_dir))
+            self.tracing = True
+
+    def after(self, step: int, outputs: Any) -> None:
+        """After step `step` was dispatched: the trace ends once its `outputs` are computed."""
+        if self.tracing and step == self.steps[1]:
+            jax.block_until_ready(outputs)
+            self.stop()
+
+    def stop(self) -> None:
+        if self.tracing:
+            self.tracing = False
+            jax.profiler.stop_trace()

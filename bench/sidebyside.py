@@ -1,0 +1,98 @@
+"""Training steps of several variants of one experiment timed side by side, alternating.
+
+    python bench/sidebyside.py [--steps 6] [--repeats 5] EXPERIMENT.yaml NAME:key=value,key=value ...
+
+Each variant's real train step (`research.train.loop.prepare` + `train_step`, jitted with the
+run's shardings) is compiled first; then the variants take turns, `--steps` steps each per
+round, for `--repeats` rounds, so machine load hits them alike. Prints the median step time,
+tokens/s and the ratio to the first variant, and the losses after the first round (variants
+that compute the same function should agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from research import config
+from research.data.pipeline import train_iterator
+from research.train.loop import prepare
+from research.train.state import init_state
+from research.train.step import train_step
+
+
+def compiled_step(cfg: config.ExperimentConfig):
+    """(step(state, tokens) -> (state, metrics), initial state, batch iterator) of a config."""
+    setup = prepare(cfg)
+    peak_lr = jnp.asarray(cfg.optim.lr, jnp.float32)
+    with setup.context():
+        state = init_state(setup.model, setup.tx, jnp.zeros((1, cfg.train.seq_len), jnp.int32),
+                           setup.spec, cfg.train.seed)
+        fn = jax.jit(functools.partial(train_step, model=setup.model, tx=setup.tx,
+                                       lr_multiplier=setup.lr_multiplier,
+                                       grad_accum=cfg.train.grad_accum), donate_argnums=0)
+        batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32)
+        fn = fn.lower(state, batch, peak_lr).compile()
+    data = train_iterator(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
+                          seed=cfg.train.seed)
+
+    def step(state, tokens):
+        with setup.context():
+            return fn(state, tokens, peak_lr)
+
+    return step, state, data
+
+
+def alternate(cfgs: dict[str, config.ExperimentConfig], steps: int, repeats: int) -> dict[str, dict]:
+    """Median seconds per step of each config, timed in turns; plus its first-round losses."""
+    runs = {name: list(compiled_step(cfg)) for name, cfg in cfgs.items()}
+    times: dict[str, list[float]] = {name: [] for name in cfgs}
+    losses: dict[str, list[float]] = {name: [] for name in cfgs}
+    for round_ in range(repeats + 1):  # round 0 warms up (first execution, allocator)
+        for name, run in runs.items():
+            step, state, data = run
+            batches = [jnp.asarray(next(data)["tokens"]) for _ in range(steps)]
+            start = time.perf_counter()
+            for tokens in batches:
+                state, metrics = step(state, tokens)
+            jax.block_until_ready(state)
+            if round_:
+                times[name].append((time.perf_counter() - start) / steps)
+            else:
+                losses[name] = [float(metrics["loss"])]
+            run[1] = state
+    return {name: {"step_time": float(np.median(t)), "loss": losses[name][0]}
+            for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("experiment", type=Path)
+    parser.add_argument("variants", nargs="+", help="NAME:key=value,key=value (NAME: for none)")
+    args = parser.parse_args()
+    cfgs = {}
+    for variant in args.variants:
+        name, _, overrides = variant.partition(":")
+        cfgs[name] = config.load(args.experiment, [o for o in overrides.split(",") if o])
+    results = alternate(cfgs, args.steps, args.repeats)
+    first = next(iter(results.values()))["step_time"]
+    tokens = next(iter(cfgs.values())).train.batch_size * next(iter(cfgs.values())).train.seq_len
+    print(f"| {args.experiment.stem} | step ms (median of {args.repeats}) | tokens/s | speed vs "
+          f"first | loss after {args.steps} steps |\n|---|---:|---:|---:|---:|")
+    for name, r in results.items():
+        print(f"| {name} | {r['step_time'] * 1e3:.1f} | {tokens / r['step_time']:,.0f} | "
+              f"{first / r['step_time']:.2f}x | {r['loss']:.6f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
