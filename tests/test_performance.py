@@ -1,0 +1,53 @@
+"""Profiler traces in the run's TensorBoard directory, and the persistent compilation cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from research.analysis.board import serve
+from research.train import compile_cache
+from research.train.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_profile_steps_write_a_trace_that_the_board_serves(tiny, tmp_path):
+    train(tiny("train.steps=3", "train.eval_every=3", "logging.profile_steps=[2, 3]"), tmp_path)
+    traces = list((tmp_path / "tb" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    with serve(tmp_path) as (url, _):
+        with urllib.request.urlopen(url + "data/plugins_listing", timeout=30) as response:
+            plugins = json.loads(response.read())
+    assert plugins["profile"]["enabled"], plugins["profile"]
+
+
+def test_compile_cache_location_follows_the_environment(tmp_path):
+    home = Path.home() / ".cache" / "research" / "jax"
+    assert compile_cache.cache_dir({}) == home
+    assert compile_cache.cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "research/jax"
+    assert compile_cache.cache_dir({"JAX_COMPILATION_CACHE_DIR": "/a"}) == Path("/a")
+    assert compile_cache.cache_dir({"RESEARCH_COMPILE_CACHE": "/b",
+                                    "JAX_COMPILATION_CACHE_DIR": "/a"}) == Path("/b")
+    assert compile_cache.cache_dir({"RESEARCH_COMPILE_CACHE": "off"}) is None
+
+
+def test_runs_share_compiled_steps_and_a_finished_rerun_compiles_nothing(tmp_path, tiny_overrides):
+    def run(run_dir: Path, cache: Path) -> set[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "research", "train", "experiments/dense_tiny.yaml",
+             "--run-dir", str(run_dir), *tiny_overrides, "train.steps=1", "train.eval_batches=1"],
+            cwd=ROOT, capture_output=True, text=True,
+            env={**os.environ, compile_cache.ENV: str(cache), "XLA_FLAGS": ""})
+        assert result.returncode == 0, result.stderr
+        return {p.name for p in cache.glob("*")}
+
+    cold = run(tmp_path / "a", tmp_path / "cache")
+    assert any(name.startswith("jit_train_step-") for name in cold)
+    assert run(tmp_path / "b", tmp_path / "cache") == cold  # every executable was found
+    rerun = run(tmp_path / "a", tmp_path / "empty")  # finished: restores, compiles no step
+    assert not any(name.startswith("jit_train_step-") for name in rerun)
