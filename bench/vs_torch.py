@@ -1,0 +1,222 @@
+"""Our dense decoder against an idiomatic PyTorch implementation of the same model, side by side.
+
+    PYTHONPATH=. python bench/vs_torch.py [--steps 4] [--repeats 5] [--variants ...] [EXPERIMENT.yaml ...]
+
+PyTorch is a bench-only extra (`pip install '.[bench]'`). For each experiment (default
+dense_tiny and dense_small) both frameworks start from the same weights (ours, copied into the
+PyTorch modules), and the script checks that the parameter counts are equal and that the loss
+of the first batch agrees within 1e-4 relative in float32 (2e-2 in bfloat16) before timing.
+Then every variant trains on the same batches (AdamW, global-norm clipping at 1.0), in turns:
+`--steps` steps each per round, `--repeats` rounds after a warm-up round (compilation
+excluded), and the script prints the median tokens/s and our speed relative to each PyTorch
+variant.
+
+Variants: jax (our train step, model.projection as configured), jax-plain (projection=plain),
+torch (eager), torch-compile (torch.compile of the model), each in float32 and in bfloat16
+(ours: bf16 matmul operands with float32 accumulation; PyTorch: CPU autocast to bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.sidebyside import compiled_step
+from research import config
+from research.config import ModelConfig
+from research.models.decoder import Decoder
+from research.train.step import loss_fn
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("jax", "jax-plain", "torch", "torch-compile")
+
+
+class Block(nn.Module):
+    """Pre-norm Llama block: GQA attention with rotary positions, then a SwiGLU MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, n, kv, h, f = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size, cfg.ff_size
+        self.n, self.kv, self.h = n, kv, h
+        self.attn_norm, self.mlp_norm = nn.RMSNorm(d, eps=cfg.norm_eps), nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.q, self.k = nn.Linear(d, n * h, bias=False), nn.Linear(d, kv * h, bias=False)
+        self.v, self.o = nn.Linear(d, kv * h, bias=False), nn.Linear(n * h, d, bias=False)
+        self.gate, self.up = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False)
+        self.down = nn.Linear(f, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        y = self.attn_norm(x)
+        q = self.q(y).view(b, t, self.n, self.h).transpose(1, 2)
+        k = self.k(y).view(b, t, self.kv, self.h).transpose(1, 2)
+        v = self.v(y).view(b, t, self.kv, self.h).transpose(1, 2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x + self.o(y.transpose(1, 2).reshape(b, t, -1))
+        y = self.mlp_norm(x)
+        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split rotary (Hugging Face Llama's rotate_half)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class TorchDecoder(nn.Module):
+    """The same decoder as research.models.decoder.Decoder (tied embeddings)."""
+
+    def __init__(self, cfg: ModelConfig, vocab: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(vocab, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.cfg.head_size
+        freq = self.cfg.rope_theta ** (-torch.arange(h // 2, dtype=torch.float32) / (h // 2))
+        angle = torch.arange(tokens.shape[1], dtype=torch.float32)[:, None] * freq
+        cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return F.linear(self.norm(x), self.embed.weight)
+
+
+def copy_weights(module: TorchDecoder, params: dict) -> None:
+    """Our (scanned, tied) params -> the PyTorch modules' weights."""
+    t = lambda a: torch.from_numpy(np.array(a, np.float32))  # noqa: E731 (a writable copy)
+    block = params["layers"]["block_0"]
+    with torch.no_grad():
+        module.embed.weight.copy_(t(params["embed"]["embedding"]))
+        module.norm.weight.copy_(t(params["final_norm"]["scale"]))
+        for i, layer in enumerate(module.layers):
+            attn, mlp = block["attention"], block["mlp"]
+            layer.attn_norm.weight.copy_(t(block["mixer_norm"]["scale"][i]))
+            layer.mlp_norm.weight.copy_(t(block["ffn_norm"]["scale"][i]))
+            for name in ("q", "k", "v"):  # [D, heads, H] -> Linear.weight [heads * H, D]
+                kernel = attn[name]["kernel"][i]
+                getattr(layer, name).weight.copy_(t(kernel.reshape(kernel.shape[0], -1).T))
+            layer.o.weight.copy_(t(attn["o"]["kernel"][i].reshape(-1, module.cfg.d_model).T))
+            for name in ("gate", "up", "down"):
+                getattr(layer, name).weight.copy_(t(mlp[name]["kernel"][i].T))
+
+
+def torch_step(model: nn.Module, cfg: config.ExperimentConfig, bf16: bool):
+    """One AdamW step on tokens [B, T+1] (numpy), like train_step; returns the loss."""
+    o = cfg.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            weight_decay=o.weight_decay)
+
+    def step(tokens: np.ndarray) -> float:
+        tokens = torch.from_numpy(tokens).long()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if o.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def compare(experiment: Path, variants: list[str], dtype: str, steps: int, repeats: int) -> None:
+    base = config.load(experiment, [f"model.compute_dtype={dtype}"])
+    runners, first_losses = {}, {}
+    for name in variants:
+        if name.startswith("jax"):
+            projection = "plain" if name == "jax-plain" else base.model.projection
+            cfg = config.load(experiment, [f"model.compute_dtype={dtype}",
+                                           f"model.projection={projection}"])
+            step, state, data = compiled_step(cfg)
+            params = jax.device_get(state["params"])
+            holder = {"state": state}
+
+            def run(tokens, step=step, holder=holder):
+                holder["state"], metrics = step(holder["state"], jnp.asarray(tokens))
+                return metrics["loss"]
+
+            runners[name] = run
+            if name == "jax":
+                model = Decoder(cfg.model, params["embed"]["embedding"].shape[0])
+                batch = next(data)["tokens"]
+                first_losses["jax"] = float(loss_fn(params, model, jnp.asarray(batch))[1]["loss"])
+                reference = (cfg, params, data, batch)
+        else:
+            cfg, params, _, batch = reference
+            torch_model = TorchDecoder(cfg.model, params["embed"]["embedding"].shape[0])
+            copy_weights(torch_model, params)
+            counts = (sum(p.numel() for p in torch_model.parameters()),
+                      sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)))
+            assert counts[0] == counts[1], f"parameter counts differ: torch {counts[0]}, jax {counts[1]}"
+            if name == "torch-compile":
+                torch_model = torch.compile(torch_model)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != "float32"):
+                tokens = torch.from_numpy(batch).long()
+                logits = torch_model(tokens[:, :-1]).float()
+                first_losses[name] = float(F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()))
+            runners[name] = torch_step(torch_model, cfg, bf16=dtype != "float32")
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    for name, loss in first_losses.items():
+        assert math.isclose(loss, first_losses["jax"], rel_tol=tol), \
+            f"{name}: first-batch loss {loss:.6f} vs ours {first_losses['jax']:.6f} (tol {tol})"
+
+    _, _, data, _ = reference
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for round_ in range(repeats + 1):  # round 0: compilation and warm-up
+        batches = [next(data)["tokens"] for _ in range(steps)]
+        for name, run in runners.items():
+            start = time.perf_counter()
+            for tokens in batches:
+                loss = run(tokens)
+            jax.block_until_ready(loss) if name.startswith("jax") else float(loss)
+            if round_:
+                times[name].append((time.perf_counter() - start) / steps)
+    tokens_per_step = base.train.batch_size * base.train.seq_len
+    ours = float(np.median(times["jax"])) if "jax" in times else None
+    for name, t in times.items():
+        median = float(np.median(t))
+        ratio = f"{median / ours:.2f}x" if ours else "-"
+        print(f"| {experiment.stem} | {dtype} | {name} | {median * 1e3:.0f} | "
+              f"{tokens_per_step / median:,.0f} | {ratio} | {first_losses.get(name, float('nan')):.5f} |",
+              flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"),
+                        default=["float32", "bfloat16"])
+    parser.add_argument("experiments", nargs="*", type=Path)
+    args = parser.parse_args()
+    variants = ["jax", *[v for v in args.variants if v != "jax"]]  # ours first: the reference
+    experiments = args.experiments or [ROOT / "experiments/dense_tiny.yaml",
+                                       ROOT / "experiments/dense_small.yaml"]
+    print(f"{jax.devices()[0].device_kind}, torch {torch.__version__} ({torch.get_num_threads()} "
+          f"threads), {args.repeats} rounds of {args.steps} steps per variant, alternating")
+    print("| experiment | dtype | variant | step ms | tokens/s | ours vs it (speed) | first loss |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for experiment in experiments:
+        for dtype in args.dtypes:
+            compare(experiment, variants, dtype, args.steps, args.repeats)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
