@@ -12,7 +12,6 @@ that compute the same function should agree).
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from pathlib import Path
@@ -23,29 +22,23 @@ import numpy as np
 
 from research import config
 from research.data.pipeline import train_iterator
-from research.train.loop import prepare
+from research.train.loop import compile_train_step, prepare
 from research.train.state import init_state
-from research.train.step import train_step
 
 
 def compiled_step(cfg: config.ExperimentConfig):
     """(step(state, tokens) -> (state, metrics), initial state, batch iterator) of a config."""
     setup = prepare(cfg)
-    peak_lr = jnp.asarray(cfg.optim.lr, jnp.float32)
     with setup.context():
         state = init_state(setup.model, setup.tx, jnp.zeros((1, cfg.train.seq_len), jnp.int32),
                            setup.spec, cfg.train.seed)
-        fn = jax.jit(functools.partial(train_step, model=setup.model, tx=setup.tx,
-                                       lr_multiplier=setup.lr_multiplier,
-                                       grad_accum=cfg.train.grad_accum), donate_argnums=0)
-        batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32)
-        fn = fn.lower(state, batch, peak_lr).compile()
+        fn, peak_lr = compile_train_step(setup)
     data = train_iterator(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
                           seed=cfg.train.seed)
 
     def step(state, tokens):
         with setup.context():
-            return fn(state, tokens, peak_lr)
+            return fn(state, setup.global_array(tokens), peak_lr)
 
     return step, state, data
 
@@ -58,7 +51,7 @@ def alternate(cfgs: dict[str, config.ExperimentConfig], steps: int, repeats: int
     for round_ in range(repeats + 1):  # round 0 warms up (first execution, allocator)
         for name, run in runs.items():
             step, state, data = run
-            batches = [jnp.asarray(next(data)["tokens"]) for _ in range(steps)]
+            batches = [next(data)["tokens"] for _ in range(steps)]
             start = time.perf_counter()
             for tokens in batches:
                 state, metrics = step(state, tokens)

@@ -147,7 +147,7 @@ def compare(experiment: Path, variants: list[str], dtype: str, steps: int, repea
             holder = {"state": state}
 
             def run(tokens, step=step, holder=holder):
-                holder["state"], metrics = step(holder["state"], jnp.asarray(tokens))
+                holder["state"], metrics = step(holder["state"], tokens)
                 return metrics["loss"]
 
             runners[name] = run
