@@ -305,8 +305,7 @@ def train(cfg: ExperimentConfig, run_dir: Path,
                          enabled=is_lead)
     if examples is not None:
         summary["examples"] = examples.counts
-        if is_lead:
-            tqdm.write(f"{cfg.examples.source} examples: {examples.summary()}")
+        say(f"{cfg.examples.source} examples: {examples.summary()}")
     if start == 0:
         log.text("config", resolved_yaml)
         log.text("parameters", "\n".join(f"{k:>14}: {v:,}" for k, v in counts.items()))

@@ -163,8 +163,11 @@ def _params_from_run(spec: StateSpec, cfg: ExperimentConfig, run_dir: Path, step
     line naming the field."""
     source_path = run_dir / "config.yaml"
     source = config_lib.validate(config_lib.read_yaml(source_path))
-    difference = config_lib.first_difference(cfg.model.model_dump(mode="json"),
-                                             source.model.model_dump(mode="json"), INIT_FROM_FREE)
+    vocab = spec.abstract["params"]["embed"]["embedding"].shape[0]
+    difference = config_lib.first_difference(config_lib.resolved(cfg, vocab)["model"],
+                                             config_lib.resolved(source, source.model.vocab_size
+                                                                 or vocab)["model"],
+                                             INIT_FROM_FREE)
     if difference is not None:
         key, mine, theirs = difference
         raise ConfigError(f"model.init_from: model.{key} is {mine!r} here but {theirs!r} in "
