@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,8 +140,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, tiny_overrides, request, ob
     out, err = restarted.communicate(timeout=240)
     assert restarted.returncode == 0, err
     # `step N: eval loss ...` lines (every 10 steps) show which steps this process trained
-    evals = [int(line.split(":")[0].split()[1]) for line in out.splitlines()
-             if line.startswith("step ") and ": eval loss" in line]
+    evals = [int(step) for step in re.findall(r"step (\d+): eval loss", out)]
     assert evals == [s for s in (10, 20, 30, 40) if s > resumed_from], out
 
     assert losses(killed) == losses(straight)
