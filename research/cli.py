@@ -74,6 +74,15 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_examples(args: argparse.Namespace) -> int:
+    from research.data.examples import derive_examples
+
+    for name, path in derive_examples(Path(args.out)).items():
+        lines = sum(1 for _ in path.open(encoding="utf-8"))
+        print(f"{path}: {lines:,} {name} examples")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="research", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batches", type=flags.positive,
                           help="held-out batches (default: train.eval_batches)")
     evaluate.set_defaults(func=_eval)
+
+    examples = commands.add_parser("make-examples", help="write the built-in sft and dpo example "
+                                   "files (derived from the standard library)")
+    examples.add_argument("--out", required=True, help="folder for sft.jsonl and dpo.jsonl")
+    examples.set_defaults(func=_make_examples)
 
     add_generate_command(commands)
     add_interop_commands(commands)

@@ -124,9 +124,11 @@ class ModelConfig(_Section):
     sliding_window: int | None = Field(None, gt=0, description="None: full causal attention")
     tie_embeddings: bool = True
     init_std: float = Field(0.02, gt=0)
-    init_from: str | None = Field(None, description="start a new run from these weights: a "
-                                  "Hugging Face model folder (config.json + *.safetensors) whose "
-                                  "architecture equals this section (docs/interop.md)")
+    init_from: str | None = Field(None, description="start a new run from these weights, with a "
+                                  "fresh optimizer: RUN_DIR[@STEP] (a run's params, latest "
+                                  "checkpoint or STEP; docs/post-training.md) or a Hugging Face "
+                                  "model folder (config.json + *.safetensors) whose architecture "
+                                  "equals this section (docs/interop.md)")
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"
@@ -244,6 +246,9 @@ class TrainConfig(_Section):
     eval_every: int = Field(100, gt=0)
     eval_batches: int = Field(4, gt=0)
     log_every: int = Field(10, gt=0)
+    objective: Literal["lm", "sft", "dpo"] = Field(
+        "lm", description="lm: next-token loss on data.source; sft: response tokens of the "
+        "examples; dpo: preference pairs of the examples (docs/post-training.md)")
 
     @model_validator(mode="after")
     def _accum(self) -> TrainConfig:
@@ -252,6 +257,26 @@ class TrainConfig(_Section):
                 f"train.grad_accum={self.grad_accum} must divide train.batch_size={self.batch_size}"
             )
         return self
+
+
+class ExamplesConfig(_Section):
+    """Prompt/response (sft) and preference (dpo) examples: where they are and how they fit."""
+
+    source: str = Field("builtin", description="'builtin' (derived from the standard library on "
+                        "first use) or a path/glob of .jsonl files")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="an example longer than train.seq_len+1 tokens is cut to fit, or "
+        "skipped")
+    pack: bool = Field(True, description="sft: several examples per row (attention never crosses "
+                       "them); false: one example per row, padded")
+
+
+class DPOConfig(_Section):
+    """Direct Preference Optimization (train.objective=dpo)."""
+
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL penalty")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed probability that a "
+                                   "preference label is flipped (conservative DPO)")
 
 
 class MeshConfig(_Section):
@@ -339,6 +364,16 @@ class ExperimentConfig(_Section):
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    examples: ExamplesConfig = ExamplesConfig()
+    dpo: DPOConfig = DPOConfig()
+
+    @model_validator(mode="after")
+    def _packing(self) -> ExperimentConfig:
+        if (self.train.objective == "sft" and self.examples.pack
+                and any(m == "mamba" for m, _ in self.model.period)):
+            raise ValueError("examples.pack=true needs attention-only layers (a Mamba state would "
+                             "carry across packed examples); set examples.pack=false")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -405,6 +440,24 @@ def validate(raw: dict[str, Any], model_cls: type[BaseModel] = ExperimentConfig)
         return model_cls.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc.errors()[0], model_cls)) from None
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {"section.field": value}, for field-by-field comparison."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+    return out
+
+
+def first_difference(mine: dict[str, Any], theirs: dict[str, Any], ignore: tuple[str, ...] = ()
+                     ) -> tuple[str, Any, Any] | None:
+    """(dotted field, my value, their value) of the first field (sorted) whose values differ,
+    skipping fields that start with a prefix in `ignore`; None when they all agree."""
+    a, b = flatten(mine), flatten(theirs)
+    return next(((key, a.get(key), b.get(key)) for key in sorted(a.keys() | b.keys())
+                 if not key.startswith(ignore) and a.get(key) != b.get(key)), None)
 
 
 def parse_value(text: str) -> Any:

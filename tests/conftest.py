@@ -72,6 +72,23 @@ def token_cache_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("token_cache"))
 
 
+@pytest.fixture(scope="session")
+def example_dir(tmp_path_factory):
+    """sft.jsonl and dpo.jsonl derived, as the built-in examples are, from a few stdlib modules
+    (about 25 functions; most fit train.seq_len=128)."""
+    import sysconfig
+    from pathlib import Path
+
+    from research.data.corpus import Document
+    from research.data.examples import derive_examples
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    modules = ("textwrap.py", "shlex.py", "fnmatch.py", "colorsys.py", "bisect.py")
+    out = tmp_path_factory.mktemp("examples")
+    derive_examples(out, [Document(name, (stdlib / name).read_text()) for name in modules])
+    return out
+
+
 TINY = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=8", "model.n_kv_heads=4",
     "train.batch_size=8", "train.seq_len=32", "train.steps=6", "train.log_every=1",

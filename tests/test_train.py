@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,11 +113,16 @@ def _start(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
     )
 
 
-def test_resume_after_sigkill_is_bit_exact(tmp_path, tiny_overrides):
+@pytest.mark.parametrize("objective", ["lm", "sft", "dpo"])
+def test_resume_after_sigkill_is_bit_exact(tmp_path, tiny_overrides, request, objective):
     """Killed at an arbitrary point after a checkpoint, the restarted run ends exactly as an
     uninterrupted one: same parameters, same logged losses, no duplicated log lines; and the
-    restarted process trained only the steps after that checkpoint."""
+    restarted process trained only the steps after that checkpoint. For every objective (sft
+    and dpo read example rows; dpo also checkpoints its frozen reference)."""
     overrides = ["experiments/dense_tiny.yaml", *tiny_overrides, "train.steps=40", "checkpoint.every=8", "train.eval_every=10"]
+    if objective != "lm":
+        examples = request.getfixturevalue("example_dir") / f"{objective}.jsonl"
+        overrides += [f"train.objective={objective}", f"examples.source={examples}", "train.seq_len=128"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     uninterrupted = _start(straight, overrides)
     assert uninterrupted.communicate(timeout=240) and uninterrupted.returncode == 0
@@ -134,7 +140,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, tiny_overrides):
     out, err = restarted.communicate(timeout=240)
     assert restarted.returncode == 0, err
     # `step N: eval loss ...` lines (every 10 steps) show which steps this process trained
-    evals = [int(line.split(":")[0].split()[1]) for line in out.splitlines() if ": eval loss" in line]
+    evals = [int(step) for step in re.findall(r"step (\d+): eval loss", out)]
     assert evals == [s for s in (10, 20, 30, 40) if s > resumed_from], out
 
     assert losses(killed) == losses(straight)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,35 +208,50 @@ def _windows(tokens: np.ndarray, windows: np.ndarray, seq_len: int) -> np.ndarra
     return tokens[windows[:, None] * seq_len + np.arange(seq_len + 1)].astype(np.int32)
 
 
-def train_dataset(cache: TokenCache, *, seq_len: int, global_batch: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-    """Element k: {"tokens": int32 [global_batch // process_count, seq_len+1]} for step k.
+def shuffled_batches(n: int, read: Callable[[np.ndarray], dict[str, np.ndarray]], *,
+                     global_batch: int, seed: int, process_index: int = 0,
+                     process_count: int = 1) -> grain.MapDataset:
+    """Element k: read(this process's rows of global batch k), where a global batch is
+    `global_batch` indices of an endless, per-epoch seeded shuffle of range(n).
 
-    Window indices are shuffled per epoch (seeded), batched to the global batch across epoch
-    boundaries, and then each process keeps its own contiguous rows.
+    The shuffle is over the GLOBAL batch, so the data order does not depend on how many
+    processes read it; each process keeps its own contiguous rows.
     """
     rows = _process_rows(global_batch, process_index, process_count)
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"train.seed={seed}: the data shuffle needs a seed in [0, 2**32)")
+    return (grain.MapDataset.range(n).shuffle(seed=seed).repeat().batch(global_batch)
+            .map(lambda indices: read(indices[rows])))
+
+
+def checkpointable_iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:
+    """An iterator whose position orbax saves with the run (state: {"next_index": step})."""
+    return iter(dataset.to_iter_dataset(_READ_OPTIONS))
+
+
+def train_dataset(cache: TokenCache, *, seq_len: int, global_batch: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """Element k: {"tokens": int32 [global_batch // process_count, seq_len+1]} for step k,
+    from shuffled windows of the train split (see `shuffled_batches`)."""
     n = _n_windows(cache.train, seq_len)
     if n < global_batch:
         raise ConfigError(f"data: the train split has {n} windows of train.seq_len+1={seq_len + 1} "
                           f"tokens, fewer than train.batch_size={global_batch}; use more data or "
                           "a smaller batch or sequence")
-    if not 0 <= seed < 2**32:
-        raise ConfigError(f"train.seed={seed}: the data shuffle needs a seed in [0, 2**32)")
 
     def read(windows: np.ndarray) -> dict[str, np.ndarray]:
-        return {"tokens": _windows(cache.train, windows[rows], seq_len)}
+        return {"tokens": _windows(cache.train, windows, seq_len)}
 
-    return (grain.MapDataset.range(n).shuffle(seed=seed).repeat().batch(global_batch)
-            .map(read))
+    return shuffled_batches(n, read, global_batch=global_batch, seed=seed,
+                            process_index=process_index, process_count=process_count)
 
 
 def train_iterator(cache: TokenCache, *, seq_len: int, global_batch: int, seed: int,
                    process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
     """A checkpointable iterator over `train_dataset` (state: {"next_index": step})."""
-    dataset = train_dataset(cache, seq_len=seq_len, global_batch=global_batch, seed=seed,
-                            process_index=process_index, process_count=process_count)
-    return iter(dataset.to_iter_dataset(_READ_OPTIONS))
+    return checkpointable_iterator(train_dataset(
+        cache, seq_len=seq_len, global_batch=global_batch, seed=seed,
+        process_index=process_index, process_count=process_count))
 
 
 def eval_batches(cache: TokenCache, *, seq_len: int, global_batch: int, n_batches: int,

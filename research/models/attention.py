@@ -21,16 +21,20 @@ BTKH = ("act_batch", "act_seq", "act_kv_heads", None)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                     sliding_window: int | None = None, scale: float | None = None) -> jax.Array:
+                     sliding_window: int | None = None, scale: float | None = None,
+                     segment_ids: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T * scale + causal mask) v for q [B, T, N, H] and k, v [B, T, K, H]; scale
     defaults to 1/sqrt(H) (μP-style parameterizations pass their own).
 
     K must divide N: query head n reads kv head n // (N / K) (grouped-query attention).
     With `sliding_window` = W, position t sees keys t-W+1 .. t (W keys, itself included).
+    With `segment_ids` [B, T] (packed examples), a token sees only keys of its own segment.
     Logits and softmax are float32 (jax.nn.dot_product_attention does this for bf16 inputs).
     """
     window = None if sliding_window is None else (sliding_window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+    mask = None if segment_ids is None else \
+        (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask, is_causal=True,
                                         local_window_size=window)
 
 
@@ -52,8 +56,8 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array,
-                 decode: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, x: jax.Array, positions: jax.Array, decode: bool = False,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
         d, n, kv, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
         dtype = jnp.dtype(cfg.compute_dtype)
@@ -72,7 +76,7 @@ class Attention(nn.Module):
             k, v = self._append_to_cache(k, v)
             out = cached_attention(q, k, v, positions, cfg.sliding_window, attention_scale)
         else:
-            out = causal_attention(q, k, v, cfg.sliding_window, attention_scale)
+            out = causal_attention(q, k, v, cfg.sliding_window, attention_scale, segment_ids)
         out = nn.with_logical_constraint(out, BTNH)
         y = Einsum("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), out_std(cfg),
                    name="o", **proj)(out)

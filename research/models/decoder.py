@@ -34,8 +34,8 @@ from research.models.parameterization import forward, scale
 
 Aux = dict[str, jax.Array]
 
-# Sublayer constructors, by name: MIXERS take (x, positions, decode), FFNS take (x); both return
-# (y, aux). The feed-forward "none" is no module at all (see Block).
+# Sublayer constructors, by name: MIXERS take (x, positions, decode, segment_ids), FFNS take
+# (x); both return (y, aux). The feed-forward "none" is no module at all (see Block).
 MIXERS: dict[str, Callable[..., nn.Module]] = {"attention": Attention, "mamba": Mamba2}
 FFNS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "moe": MoE}
 
@@ -92,12 +92,14 @@ class Block(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, Aux]:
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, Aux]:
         cfg = self.cfg
         norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         branch = forward(cfg).residual
         y, mixer_aux = MIXERS[self.mixer](cfg, name=self.mixer)(
-            RMSNorm(name="mixer_norm", **norm)(x), positions, decode=self.decode)
+            RMSNorm(name="mixer_norm", **norm)(x), positions, decode=self.decode,
+            segment_ids=segment_ids)
         x = nn.with_logical_constraint(x + scale(y, branch), BTD)
         if self.ffn == "none":  # a mixer-only layer (Mamba-2 style)
             return x, mixer_aux
@@ -123,11 +125,13 @@ class PeriodBlocks(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, Aux]:
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, Aux]:
         block = _block(self.cfg, scanned=True)
         auxes = []
         for j, (mixer, ffn) in enumerate(self.cfg.period):
-            x, aux = block(self.cfg, mixer, ffn, self.decode, name=f"block_{j}")(x, positions)
+            x, aux = block(self.cfg, mixer, ffn, self.decode, name=f"block_{j}")(
+                x, positions, segment_ids)
             auxes.append(aux)
         return x, stack_aux(auxes)
 
@@ -136,7 +140,9 @@ class Decoder(nn.Module):
     """tokens int32 [B, T] -> (logits float32 [B, T, vocab_size], aux).
 
     `positions` [1 or B, T] are the tokens' absolute positions (default 0..T-1); in decode mode
-    they say where the new tokens continue the cached sequence.
+    they say where the new tokens continue the cached sequence. `segment_ids` [B, T] (packed
+    examples, see research/data/examples.py) keep attention within each segment; positions
+    then restart at every segment.
     """
 
     cfg: ModelConfig
@@ -144,7 +150,8 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 decode: bool = False) -> tuple[jax.Array, Aux]:
+                 decode: bool = False, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, Aux]:
         cfg = self.cfg
         embed = Embed(self.vocab_size, cfg, name="embed")
         x = nn.with_logical_constraint(embed(tokens), BTD)
@@ -156,7 +163,7 @@ class Decoder(nn.Module):
                             split_rngs={"params": True}, in_axes=nn.broadcast,
                             length=cfg.n_layers // len(cfg.period),
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, aux = stack(cfg, decode, name="layers")(x, positions)
+            x, aux = stack(cfg, decode, name="layers")(x, positions, segment_ids)
             # [repeats, per-period count, ...] -> [layers with the key, ...], in layer order
             aux = {k: v.reshape(-1, *v.shape[2:]) for k, v in aux.items()}
         else:
@@ -164,7 +171,8 @@ class Decoder(nn.Module):
             auxes = []
             for i in range(cfg.n_layers):
                 mixer, ffn = cfg.period[i % len(cfg.period)]
-                x, layer_aux = block(cfg, mixer, ffn, decode, name=f"layer_{i}")(x, positions)
+                x, layer_aux = block(cfg, mixer, ffn, decode, name=f"layer_{i}")(
+                    x, positions, segment_ids)
                 auxes.append(layer_aux)
             aux = stack_aux(auxes)
 

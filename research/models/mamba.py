@@ -159,14 +159,16 @@ class Mamba2(nn.Module):
     in-projections -> causal conv + SiLU on x, B, C -> SSD -> + D x -> RMSNorm(y * silu(z)), per
     group -> out-projection. The input projection is held as two kernels, per head (z, x, dt)
     and per group (B, C), so that under tensor parallelism each shards along its own axis.
-    Positions are unused: the recurrence itself orders the tokens.
+    Positions are unused: the recurrence itself orders the tokens. Segment ids are unused too:
+    only padded rows reach a Mamba layer (padding follows the tokens, and the scan never reads
+    ahead); the config refuses packed examples for models with Mamba layers.
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, u: jax.Array, positions: jax.Array,
-                 decode: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, u: jax.Array, positions: jax.Array, decode: bool = False,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg, m = self.cfg, self.cfg.mamba
         d, P, G, N = cfg.d_model, m.head_dim, m.n_groups, m.d_state
         H = m.n_heads(d)

@@ -198,6 +198,22 @@ class Checkpointer:
         self.manager.reload()
         return target
 
+    def restore_params(self, step: int | None, abstract_params: Any) -> Any:
+        """Only the params of the checkpoint at `step` (default: latest), onto the shardings in
+        `abstract_params` (any mesh): the way a new run starts from another run's weights."""
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.all_steps():
+            raise CheckpointError(f"{self.directory}: no checkpoint at step {step} "
+                                  f"(available: {self.all_steps() or 'none'})")
+        reader = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            read_only=True, create=False), item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+        target = {"params": abstract_params}
+        restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
+        reader.close()
+        return restored["state"]["params"]
+
     def close(self) -> None:
         """Wait for any asynchronous save to land (and digest it), then release the manager."""
         try:

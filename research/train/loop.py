@@ -30,17 +30,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from research import config as config_lib
 from research.config import ConfigError, ExperimentConfig
+from research.data.examples import Examples, example_iterator, load_examples
 from research.data.pipeline import TokenCache, build_token_cache, eval_batches, train_iterator
 from research.data.tokenizer import load_tokenizer
-from research.interop import hf
 from research.models.decoder import Decoder, padded_vocab
 from research.parallel.mesh import (AxisRules, axis_rules, batch_sharding, check_divisibility,
                                     make_mesh)
 from research.train import flops, metrics
 from research.train.checkpoint import Checkpointer
 from research.train.optim import lr_multiplier, make_optimizer
-from research.train.state import (StateSpec, init_state, param_multipliers, param_specs,
-                                  state_from_params, state_spec)
+from research.train.objectives import make_objective
+from research.train.state import (StateSpec, init_state, load_initial_params, param_multipliers,
+                                  param_specs, state_from_params, state_spec)
 from research.train.step import eval_step, train_step
 
 # Fields that may change when a run is resumed: they do not alter the training trajectory
@@ -97,25 +98,28 @@ def prepare(cfg: ExperimentConfig, devices: list[jax.Device] | None = None,
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         multipliers = param_multipliers(model, example)
         tx = make_optimizer(cfg.optim, cfg.train.steps, param_specs(model, example), multipliers)
-        spec = state_spec(model, tx, example, mesh, rules, multipliers)
+        spec = state_spec(model, tx, example, mesh, rules, multipliers,
+                          reference=cfg.train.objective == "dpo")
     return Setup(cfg, mesh, rules, cache, model, vocab, tx,
                  lr_multiplier(cfg.optim, cfg.train.steps), spec)
 
 
-def compile_train_step(setup: Setup) -> tuple[Any, jax.Array]:
+def compile_train_step(setup: Setup, examples: Examples | None = None
+                       ) -> tuple[Any, jax.Array]:
     """The jitted, compiled training step (state donated) and the peak lr it takes; call inside
     `setup.context()`."""
     cfg = setup.cfg
     replicated = NamedSharding(setup.mesh, PartitionSpec())
     step_fn = jax.jit(
         functools.partial(train_step, model=setup.model, tx=setup.tx,
-                          lr_multiplier=setup.lr_multiplier, grad_accum=cfg.train.grad_accum),
+                          lr_multiplier=setup.lr_multiplier, grad_accum=cfg.train.grad_accum,
+                          objective=make_objective(cfg.train.objective, cfg.dpo)),
         in_shardings=(setup.spec.shardings, batch_sharding(setup.mesh), replicated),
         out_shardings=(setup.spec.shardings, None),
         donate_argnums=0,
     )
-    batch_shape = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
-                                       sharding=batch_sharding(setup.mesh))
+    batch_shape = {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(setup.mesh))
+                   for name, shape in _batch_shapes(cfg, examples).items()}
     peak_lr = jnp.asarray(cfg.optim.lr, jnp.float32)
     return step_fn.lower(setup.spec.abstract, batch_shape, peak_lr).compile(), peak_lr
 
@@ -131,7 +135,7 @@ def step_seconds(cfg: ExperimentConfig, steps: int = 3) -> float:
         state = init_state(setup.model, setup.tx, jnp.zeros((1, cfg.train.seq_len), jnp.int32),
                            setup.spec, cfg.train.seed)
         step_fn, peak_lr = compile_train_step(setup)
-        batches = [setup.global_array(next(data)["tokens"]) for _ in range(steps + 1)]
+        batches = [jax.tree.map(setup.global_array, next(data)) for _ in range(steps + 1)]
         state, out = step_fn(state, batches[0], peak_lr)
         jax.block_until_ready(out)
         start = time.perf_counter()
@@ -203,6 +207,21 @@ def _previous_final(run_dir: Path) -> dict[str, float]:
     return json.loads(path.read_text()).get("final", {}) if path.is_file() else {}
 
 
+def _latest_step(run_dir: Path, cfg: ExperimentConfig) -> int | None:
+    """The run's latest checkpoint step, None when it has none (read-only: creates nothing)."""
+    directory = run_dir / "checkpoints"
+    if not directory.is_dir():
+        return None
+    return Checkpointer(directory, cfg.checkpoint, read_only=True).latest_step()
+
+
+def _batch_shapes(cfg: ExperimentConfig, examples: Examples | None) -> dict[str, tuple[int, ...]]:
+    """Global batch shapes: token windows [B, L+1], or the example rows' fields."""
+    if examples is None:
+        return {"tokens": (cfg.train.batch_size, cfg.train.seq_len + 1)}
+    return {name: (cfg.train.batch_size, *rows.shape[1:]) for name, rows in examples.rows.items()}
+
+
 def load_run_config(run_dir: Path) -> ExperimentConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
@@ -221,16 +240,21 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     config_path = run_dir / "config.yaml"
     if config_path.exists():
         _check_resumable(load_run_config(run_dir), cfg, config_path)
-    # Everything that can fail on a bad config (shapes, data, held-out split, init_from) before
-    # anything is written, so a refused start leaves no run directory behind to refuse the next.
+    # Everything that can fail on a bad config (shapes, data, held-out split, examples,
+    # init_from) before anything is written, so a refused start leaves no run directory behind.
     setup = prepare(cfg, devices, say)
-    if cfg.model.init_from:
-        hf.check_init_from(cfg.model)
+    examples = None if cfg.train.objective == "lm" else load_examples(cfg, setup.cache.tokenizer)
+    initial_params = None
+    if cfg.model.init_from is not None and _latest_step(run_dir, cfg) is None:
+        with setup.context():
+            initial_params = load_initial_params(setup.spec, cfg)
 
     def data_iterator() -> grain.DatasetIterator:
-        return train_iterator(setup.cache, seq_len=cfg.train.seq_len,
-                              global_batch=cfg.train.batch_size, seed=cfg.train.seed,
-                              process_index=jax.process_index(), process_count=jax.process_count())
+        shards = dict(global_batch=cfg.train.batch_size, seed=cfg.train.seed,
+                      process_index=jax.process_index(), process_count=jax.process_count())
+        if examples is None:
+            return train_iterator(setup.cache, seq_len=cfg.train.seq_len, **shards)
+        return example_iterator(examples, **shards)
 
     data = data_iterator()
     heldout = eval_batches(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
@@ -252,10 +276,9 @@ def train(cfg: ExperimentConfig, run_dir: Path,
         if start is None:
             start = 0
             data = data_iterator()  # a failed restore may have moved it
-            if cfg.model.init_from:
-                say(f"loading the initial weights from {cfg.model.init_from} ...")
-                params = hf.load_params(cfg.model.init_from, cfg.model, setup.spec.abstract["params"])
-                state = state_from_params(params, setup.tx, setup.spec, cfg.train.seed)
+            if initial_params is not None:
+                say(f"starting from the weights of {cfg.model.init_from}")
+                state = state_from_params(initial_params, setup.tx, setup.spec, cfg.train.seed)
             else:
                 say(f"initialising {cfg.model.n_layers} layers, d_model={cfg.model.d_model} ...")
                 state = init_state(setup.model, setup.tx,
@@ -268,7 +291,8 @@ def train(cfg: ExperimentConfig, run_dir: Path,
             "(raise train.steps to continue it)")
 
     counts = flops.param_counts(cfg.model, setup.vocab_size)
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    rows_per_example = 2 if cfg.train.objective == "dpo" else 1  # a pair is two rows
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len * rows_per_example
     flops_per_token = flops.flops_per_token(cfg.model, setup.vocab_size, cfg.train.seq_len)
     peak = metrics.peak_flops(cfg.model.compute_dtype, cfg.logging.peak_flops) * jax.process_count()
     summary: dict[str, Any] = {
@@ -280,6 +304,9 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     log = metrics.RunLog(run_dir, resume_step=start, tensorboard=cfg.logging.tensorboard,
                          enabled=is_lead)
     profiler = metrics.StepProfiler(run_dir / "tb", cfg.logging.profile_steps)
+    if examples is not None:
+        summary["examples"] = examples.counts
+        say(f"{cfg.examples.source} examples: {examples.summary()}")
     if start == 0:
         log.text("config", resolved_yaml)
         log.text("parameters", "\n".join(f"{k:>14}: {v:,}" for k, v in counts.items()))
@@ -296,7 +323,7 @@ def train(cfg: ExperimentConfig, run_dir: Path,
             compile_start = time.perf_counter()
             if not finished:
                 say("compiling the train step ...")
-                step_fn, peak_lr = compile_train_step(setup)
+                step_fn, peak_lr = compile_train_step(setup, examples)
                 summary["compile_seconds"] = time.perf_counter() - compile_start
                 say(f"compiled in {summary['compile_seconds']:.1f}s; training steps "
                     f"{start + 1}-{cfg.train.steps}")
@@ -331,7 +358,7 @@ def train(cfg: ExperimentConfig, run_dir: Path,
                     raise KeyboardInterrupt
                 profiler.before(step)
                 with setup.context():
-                    batch = setup.global_array(next(data)["tokens"])
+                    batch = jax.tree.map(setup.global_array, next(data))
                     fetched = step  # the data iterator is now one step ahead of the state
                     state, step_metrics = step_fn(state, batch, peak_lr)
                 profiler.after(step, state)

@@ -1,12 +1,14 @@
-"""Train state and its sharded initialisation.
+"""Train state, its sharded initialisation, and starting from another run's weights.
 
-The state is a plain dict pytree {params, opt_state, step, rng}: orbax saves it as is, and its
-shardings come from the logical names the model gives its parameters.
+The state is a plain dict pytree {params, opt_state, step, rng} (+ {reference}: the frozen
+starting params DPO compares against): orbax saves it as is, and its shardings come from the
+logical names the model gives its parameters.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -15,8 +17,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from research import config as config_lib
+from research.config import ConfigError, ExperimentConfig
+from research.interop import hf
 from research.models import parameterization
 from research.parallel.mesh import AxisRules, logical_shardings
+from research.train.checkpoint import Checkpointer
 
 TrainState = dict[str, Any]
 
@@ -42,7 +48,7 @@ def _fresh(params: Any, tx: optax.GradientTransformation, state_rng: jax.Array) 
 
 
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example: jax.Array,
-             multipliers: Any):
+             multipliers: Any, reference: bool):
     def init(rng: jax.Array) -> TrainState:
         init_rng, state_rng = jax.random.split(rng)
         params = model.init(init_rng, example)["params"]
@@ -51,7 +57,8 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example: jax.Ar
                               p.replace_boxed(p.value * rule.init),
                               multipliers, params,
                               is_leaf=lambda x: isinstance(x, parameterization.Rule))
-        return _fresh(params, tx, state_rng)
+        state = _fresh(params, tx, state_rng)
+        return {**state, "reference": params} if reference else state
 
     return init
 
@@ -84,8 +91,10 @@ def param_multipliers(model: nn.Module, example: jax.Array) -> Any:
 
 
 def state_spec(model: nn.Module, tx: optax.GradientTransformation, example: jax.Array,
-               mesh: Mesh, rules: AxisRules, multipliers: Any) -> StateSpec:
-    boxed = jax.eval_shape(_init_fn(model, tx, example, multipliers), jax.random.PRNGKey(0))
+               mesh: Mesh, rules: AxisRules, multipliers: Any, *, reference: bool = False
+               ) -> StateSpec:
+    boxed = jax.eval_shape(_init_fn(model, tx, example, multipliers, reference),
+                           jax.random.PRNGKey(0))
     shardings = logical_shardings(boxed, mesh, rules)
     abstract = jax.tree.map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
@@ -97,7 +106,7 @@ def state_spec(model: nn.Module, tx: optax.GradientTransformation, example: jax.
 def init_state(model: nn.Module, tx: optax.GradientTransformation, example: jax.Array,
                spec: StateSpec, seed: int) -> TrainState:
     """Initialise directly into the target shardings (no full copy on any one device)."""
-    init = _init_fn(model, tx, example, spec.multipliers)
+    init = _init_fn(model, tx, example, spec.multipliers, "reference" in spec.abstract)
     return jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=spec.shardings)(
         jax.random.PRNGKey(seed)
     )
@@ -106,6 +115,68 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, example: jax.
 def state_from_params(params: Any, tx: optax.GradientTransformation, spec: StateSpec,
                       seed: int) -> TrainState:
     """A step-0 state around given (already sharded) params, e.g. imported weights: the same
-    optimizer state and RNG as `init_state` would give, in the target shardings."""
+    optimizer state and RNG as `init_state` would give, in the target shardings. A DPO state's
+    frozen reference is a copy of them (no buffer shared, so the state can be donated)."""
     state_rng = jax.random.split(jax.random.PRNGKey(seed))[1]
-    return jax.jit(lambda p: _fresh(p, tx, state_rng), out_shardings=spec.shardings)(params)
+    shardings = {k: v for k, v in spec.shardings.items() if k != "reference"}
+    state = jax.jit(lambda p: _fresh(p, tx, state_rng), out_shardings=shardings)(params)
+    if "reference" in spec.shardings:
+        state["reference"] = jax.tree.map(lambda x: x.copy(), state["params"])
+    return state
+
+
+# Model fields a run may change from the run it starts from: they do not change the params.
+INIT_FROM_FREE = ("init_from", "remat", "compute_dtype")
+
+
+def split_init_from(init_from: str) -> tuple[Path, int | None]:
+    """"RUN_DIR[@STEP]" -> (RUN_DIR, STEP or None for the latest checkpoint)."""
+    path, sep, step = init_from.rpartition("@")
+    if sep and path and step.isdigit():
+        return Path(path).expanduser(), int(step)
+    return Path(init_from).expanduser(), None
+
+
+def load_initial_params(spec: StateSpec, cfg: ExperimentConfig) -> Any:
+    """The params a run starts from (`model.init_from`), sharded like `spec`.
+
+    The one entry point for starting from earlier weights; it dispatches on what the path is:
+    a run directory (RUN_DIR[@STEP]: that run's checkpoint, params only) or a Hugging Face
+    model folder (research/interop/hf.py).
+    """
+    path, step = split_init_from(cfg.model.init_from)
+    if (path / "config.yaml").is_file():
+        return _params_from_run(spec, cfg, path, step)
+    folder = Path(cfg.model.init_from).expanduser()
+    if (folder / "config.json").is_file():
+        hf.check_init_from(cfg.model)
+        return hf.load_params(folder, cfg.model, spec.abstract["params"])
+    raise ConfigError(f"model.init_from: {cfg.model.init_from!r} is neither a run directory "
+                      "(RUN_DIR[@STEP] with a config.yaml) nor a Hugging Face model folder (with "
+                      "a config.json)")
+
+
+def _params_from_run(spec: StateSpec, cfg: ExperimentConfig, run_dir: Path, step: int | None
+                     ) -> Any:
+    """Params of `run_dir`'s checkpoint at `step` (default: its latest). Its model section
+    (except INIT_FROM_FREE) and tokenizer must equal this run's: the first difference is one
+    line naming the field."""
+    source_path = run_dir / "config.yaml"
+    source = config_lib.validate(config_lib.read_yaml(source_path))
+    vocab = spec.abstract["params"]["embed"]["embedding"].shape[0]
+    difference = config_lib.first_difference(config_lib.resolved(cfg, vocab)["model"],
+                                             config_lib.resolved(source, source.model.vocab_size
+                                                                 or vocab)["model"],
+                                             INIT_FROM_FREE)
+    if difference is not None:
+        key, mine, theirs = difference
+        raise ConfigError(f"model.init_from: model.{key} is {mine!r} here but {theirs!r} in "
+                          f"{source_path}; the parameter shapes must match")
+    if source.data.tokenizer != cfg.data.tokenizer:
+        raise ConfigError(f"model.init_from: data.tokenizer is {cfg.data.tokenizer!r} here but "
+                          f"{source.data.tokenizer!r} in {source_path}")
+    checkpoints = Checkpointer(run_dir / "checkpoints", source.checkpoint, read_only=True)
+    try:
+        return checkpoints.restore_params(step, spec.abstract["params"])
+    except ConfigError as exc:
+        raise ConfigError(f"model.init_from: {exc}") from None
