@@ -284,3 +284,32 @@ def test_init_from_hf_folder_starts_a_run_from_its_weights(trained, hf_dirs, tmp
     assert ours.keys() == original.keys()
     for name, array in original.items():
         np.testing.assert_allclose(ours[name], array, rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_an_experiment_trains_an_imported_run_with_its_own_settings(hf_dirs, tmp_path,
+                                                                     token_cache_dir):
+    """`research train X.yaml --run-dir IMPORTED` trains the imported weights with the
+    experiment's data, optimizer and schedule (a step-0 run directory is a starting point);
+    a model section that differs is refused naming the field, and the directory is unchanged."""
+    from research import config
+    from tests.conftest import TINY
+
+    run_dir = tmp_path / "imported"
+    settings = [o for o in TINY if not o.startswith("model.")] + [f"data.cache_dir={token_cache_dir}"]
+    assert main(["import-hf", str(hf_dirs["llama_tied"]), "--run-dir", str(run_dir),
+                 *settings]) == 0
+    imported_yaml = (run_dir / "config.yaml").read_text()
+    experiment = [*settings, *architecture(hf_dirs["llama_tied"])]
+
+    refused = config.load(None, [*experiment, "model.d_ff=48"])
+    with pytest.raises(ConfigError, match=r"model.d_ff is 48 here but 64 in .*config.yaml"):
+        train(refused, run_dir)
+    assert (run_dir / "config.yaml").read_text() == imported_yaml
+
+    cfg = config.load(None, [*experiment, "optim.lr=1e-9", "optim.schedule=constant",
+                             "train.steps=3", "checkpoint.every=3"])
+    assert load_run_config(run_dir).optim != cfg.optim  # a plain resume would refuse this
+    assert train(cfg, run_dir)["step"] == 3
+    assert load_run_config(run_dir).optim == cfg.optim
+    # trained from the folder's weights (at lr 1e-9 they stay within ~1e-8 of them)
+    assert_close(our_logits(run_dir), hf_logits(hf_dirs["llama_tied"]))

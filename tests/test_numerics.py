@@ -22,7 +22,7 @@ from research.train.loop import evaluate, prepare, train
 from research.train.metrics import read_metrics
 from research.train.optim import make_optimizer
 from research.train.state import init_state
-from research.train.step import loss_fn
+from research.train.objectives import lm_loss
 
 DENSE = ("train.steps=12", "train.eval_every=100", "checkpoint.every=100", "optim.lr=3e-3",
          "optim.warmup_steps=2", "optim.schedule=cosine", "optim.min_lr_ratio=0.1")
@@ -165,7 +165,7 @@ def test_training_loss_is_shifted_cross_entropy_plus_aux(hybrid_runs):
     setup, params = final_params(cfg, run_dir)
     tokens = np.asarray(eval_batches(setup.cache, seq_len=32, global_batch=8, n_batches=1)[0])
     with setup.context():
-        total, metrics = loss_fn(params, setup.model, jnp.asarray(tokens))
+        total, metrics = lm_loss(params, setup.model, {"tokens": jnp.asarray(tokens)})
         logits, aux = setup.model.apply({"params": params}, jnp.asarray(tokens[:, :-1]))
     ce = float(nll64(logits, tokens[:, 1:]).mean())  # position t predicts token t + 1
     moe = {k: float(np.asarray(v).sum()) for k, v in aux.items() if k.startswith("moe/")}

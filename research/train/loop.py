@@ -41,7 +41,7 @@ from research.train.checkpoint import Checkpointer
 from research.train.optim import lr_multiplier, make_optimizer
 from research.train.objectives import make_objective
 from research.train.state import (StateSpec, init_state, load_initial_params, param_multipliers,
-                                  param_specs, state_from_params, state_spec)
+                                  param_specs, params_from_run, state_from_params, state_spec)
 from research.train.step import eval_step, train_step
 
 # Fields that may change when a run is resumed: they do not alter the training trajectory
@@ -238,14 +238,25 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: is a file; a run directory is a folder")
     config_path = run_dir / "config.yaml"
-    if config_path.exists():
+    # A run directory whose only checkpoint is step 0 (what `import-hf` writes) is a starting
+    # point, not a run in progress: an experiment trains it with its own data, optimizer and
+    # schedule, as long as its model section describes the same model.
+    starting_point = config_path.exists() and _latest_step(run_dir, cfg) == 0
+    if starting_point and cfg.model.init_from is not None:
+        raise ConfigError(f"model.init_from: {run_dir} already holds its step-0 weights; drop "
+                          "model.init_from or use a new --run-dir")
+    if config_path.exists() and not starting_point:
         _check_resumable(load_run_config(run_dir), cfg, config_path)
     # Everything that can fail on a bad config (shapes, data, held-out split, examples,
     # init_from) before anything is written, so a refused start leaves no run directory behind.
     setup = prepare(cfg, devices, say)
     examples = None if cfg.train.objective == "lm" else load_examples(cfg, setup.cache.tokenizer)
-    initial_params = None
-    if cfg.model.init_from is not None and _latest_step(run_dir, cfg) is None:
+    initial_params, weights_from = None, cfg.model.init_from
+    if starting_point:
+        weights_from = f"{run_dir}@0"
+        with setup.context():
+            initial_params = params_from_run(setup.spec, cfg, run_dir, 0)
+    elif cfg.model.init_from is not None and _latest_step(run_dir, cfg) is None:
         with setup.context():
             initial_params = load_initial_params(setup.spec, cfg)
 
@@ -268,7 +279,8 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     started = time.perf_counter()
     with setup.context():
-        start, state, notes = checkpoints.resume(setup.spec.abstract, data)
+        start, state, notes = ((None, None, []) if starting_point
+                               else checkpoints.resume(setup.spec.abstract, data))
         for note in notes if is_lead else []:
             print(note, file=sys.stderr, flush=True)
         if start is not None:
@@ -277,7 +289,7 @@ def train(cfg: ExperimentConfig, run_dir: Path,
             start = 0
             data = data_iterator()  # a failed restore may have moved it
             if initial_params is not None:
-                say(f"starting from the weights of {cfg.model.init_from}")
+                say(f"starting from the weights of {weights_from}")
                 state = state_from_params(initial_params, setup.tx, setup.spec, cfg.train.seed)
             else:
                 say(f"initialising {cfg.model.n_layers} layers, d_model={cfg.model.d_model} ...")

@@ -146,7 +146,7 @@ def load_initial_params(spec: StateSpec, cfg: ExperimentConfig) -> Any:
     """
     path, step = split_init_from(cfg.model.init_from)
     if (path / "config.yaml").is_file():
-        return _params_from_run(spec, cfg, path, step)
+        return params_from_run(spec, cfg, path, step)
     folder = Path(cfg.model.init_from).expanduser()
     if (folder / "config.json").is_file():
         hf.check_init_from(cfg.model)
@@ -156,7 +156,7 @@ def load_initial_params(spec: StateSpec, cfg: ExperimentConfig) -> Any:
                       "a config.json)")
 
 
-def _params_from_run(spec: StateSpec, cfg: ExperimentConfig, run_dir: Path, step: int | None
+def params_from_run(spec: StateSpec, cfg: ExperimentConfig, run_dir: Path, step: int | None
                      ) -> Any:
     """Params of `run_dir`'s checkpoint at `step` (default: its latest). Its model section
     (except INIT_FROM_FREE) and tokenizer must equal this run's: the first difference is one
