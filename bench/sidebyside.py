@@ -38,7 +38,7 @@ def compiled_step(cfg: config.ExperimentConfig):
 
     def step(state, tokens):
         with setup.context():
-            return fn(state, setup.global_array(tokens), peak_lr)
+            return fn(state, {"tokens": setup.global_array(tokens)}, peak_lr)
 
     return step, state, data
 

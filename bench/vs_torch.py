@@ -35,7 +35,7 @@ from bench.sidebyside import compiled_step
 from research import config
 from research.config import ModelConfig
 from research.models.decoder import Decoder
-from research.train.step import loss_fn
+from research.train.objectives import lm_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("jax", "jax-plain", "torch", "torch-compile")
@@ -154,7 +154,7 @@ def compare(experiment: Path, variants: list[str], dtype: str, steps: int, repea
             if name == "jax":
                 model = Decoder(cfg.model, params["embed"]["embedding"].shape[0])
                 batch = next(data)["tokens"]
-                first_losses["jax"] = float(loss_fn(params, model, jnp.asarray(batch))[1]["loss"])
+                first_losses["jax"] = float(lm_loss(params, model, {"tokens": jnp.asarray(batch)})[1]["loss"])
                 reference = (cfg, params, data, batch)
         else:
             cfg, params, _, batch = reference

@@ -90,7 +90,8 @@ def test_init_draws_at_the_scaled_std(example):
     dense = [o for o in SHAPE if not o.startswith(("model.layer_pattern", "model.moe"))]
     cfg = config.load(None, [*dense, "model.parameterization=completep"]).model
     model = Decoder(cfg, 384)
-    init = _init_fn(model, optax.identity(), example, param_multipliers(model, example))
+    init = _init_fn(model, optax.identity(), example, param_multipliers(model, example),
+                    reference=False)
     params = dict(leaves(nn.meta.unbox(jax.jit(init)(jax.random.key(0)))["params"]))
     for name in ("attention/q/kernel", "attention/o/kernel", "mlp/up/kernel", "mlp/down/kernel"):
         r, out = HIDDEN[name]
@@ -128,7 +129,7 @@ def test_at_the_base_shape_completep_is_standard(tiny):
         model = Decoder(cfg, 256)
         mult = param_multipliers(model, tokens)
         assert all(rule == parameterization.Rule() for _, rule in leaves(mult))
-        params = nn.meta.unbox(jax.jit(_init_fn(model, optax.identity(), tokens, mult))(
+        params = nn.meta.unbox(jax.jit(_init_fn(model, optax.identity(), tokens, mult, reference=False))(
             jax.random.key(0)))["params"]
         out[p] = params, jax.jit(model.apply)({"params": params}, tokens)[0]
     assert jax.tree.all(jax.tree.map(np.array_equal, out["standard"][0], out["completep"][0]))

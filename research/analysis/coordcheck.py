@@ -74,9 +74,8 @@ def activation_means(model: Decoder, params: Any, tokens: jax.Array) -> dict[str
 def measure(cfg: ExperimentConfig, steps: int) -> dict[str, np.ndarray]:
     """Train `cfg` for `steps` steps on one device; each row's mean |activation| [steps + 1]."""
     from research.data.pipeline import eval_batches, train_iterator
-    from research.train.loop import prepare
+    from research.train.loop import compile_train_step, prepare
     from research.train.state import init_state
-    from research.train.step import train_step
 
     setup = prepare(cfg, jax.devices()[:1])
     seq = cfg.train.seq_len
@@ -87,14 +86,11 @@ def measure(cfg: ExperimentConfig, steps: int) -> dict[str, np.ndarray]:
     with setup.context():
         state = init_state(setup.model, setup.tx, jnp.zeros((1, seq), jnp.int32), setup.spec,
                            cfg.train.seed)
-        step = jax.jit(functools.partial(train_step, model=setup.model, tx=setup.tx,
-                                         lr_multiplier=setup.lr_multiplier,
-                                         grad_accum=cfg.train.grad_accum))
+        step, peak_lr = compile_train_step(setup)
         means = jax.jit(functools.partial(activation_means, setup.model))
-        peak_lr = jnp.asarray(cfg.optim.lr, jnp.float32)
         history = [means(state["params"], probe)]
         for _ in range(steps):
-            state, _ = step(state, jnp.asarray(next(data)["tokens"]), peak_lr)
+            state, _ = step(state, {"tokens": setup.global_array(next(data)["tokens"])}, peak_lr)
             history.append(means(state["params"], probe))
     history = jax.device_get(history)
     return {row: np.array([h[row] for h in history], float) for row in history[0]}
