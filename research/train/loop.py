@@ -241,7 +241,8 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     # A run directory whose only checkpoint is step 0 (what `import-hf` writes) is a starting
     # point, not a run in progress: an experiment trains it with its own data, optimizer and
     # schedule, as long as its model section describes the same model.
-    starting_point = config_path.exists() and _latest_step(run_dir, cfg) == 0
+    latest = _latest_step(run_dir, cfg)
+    starting_point = config_path.exists() and latest == 0
     if starting_point and cfg.model.init_from is not None:
         raise ConfigError(f"model.init_from: {run_dir} already holds its step-0 weights; drop "
                           "model.init_from or use a new --run-dir")
@@ -256,7 +257,7 @@ def train(cfg: ExperimentConfig, run_dir: Path,
         weights_from = f"{run_dir}@0"
         with setup.context():
             initial_params = params_from_run(setup.spec, cfg, run_dir, 0)
-    elif cfg.model.init_from is not None and _latest_step(run_dir, cfg) is None:
+    elif cfg.model.init_from is not None and latest is None:
         with setup.context():
             initial_params = load_initial_params(setup.spec, cfg)
 
@@ -287,7 +288,8 @@ def train(cfg: ExperimentConfig, run_dir: Path,
             say(f"resuming from step {start} (its checkpoint in {run_dir / 'checkpoints'})")
         if start is None:
             start = 0
-            data = data_iterator()  # a failed restore may have moved it
+            if notes:
+                data = data_iterator()  # a failed restore may have moved it
             if initial_params is not None:
                 say(f"starting from the weights of {weights_from}")
                 state = state_from_params(initial_params, setup.tx, setup.spec, cfg.train.seed)
