@@ -148,6 +148,49 @@ def test_causal_attention_matches_naive_reference(n_kv, window):
     close(causal_attention(q, k, v, window), ref_attention(q, k, v, window))
 
 
+@pytest.mark.parametrize("window, segments", [(None, False), (3, False), (None, True), (5, True)],
+                         ids=["causal", "window3", "segments", "window5-segments"])
+def test_chunked_attention_values_and_gradients_match_an_independent_implementation(window,
+                                                                                     segments):
+    """Query chunks of 4 over T=11 (the last one short, windows starting mid-chunk) against
+    jax.nn.dot_product_attention (whole score matrix, its own autodiff) at 1e-5."""
+    b, t, n, kv, h = 2, 11, 4, 2, 8
+    keys = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(keys[0], (b, t, n, h))
+    k, v = (jax.random.normal(key, (b, t, kv, h)) for key in keys[1:3])
+    weights = jax.random.normal(keys[3], (b, t, n, h))
+    segment_ids = jnp.array([[1] * 4 + [2] * 7, [1] * 9 + [2] * 2]) if segments else None
+    mask = None if segment_ids is None else \
+        (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    local = None if window is None else (window - 1, 0)
+
+    def ours(q, k, v):
+        return jnp.sum(causal_attention(q, k, v, window, None, segment_ids, query_chunk=4) * weights)
+
+    def theirs(q, k, v):
+        return jnp.sum(jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=True, local_window_size=local) * weights)
+
+    close(causal_attention(q, k, v, window, None, segment_ids, query_chunk=4),
+          jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=local))
+    for got, want in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(theirs, (0, 1, 2))(q, k, v)):
+        close(got, want)
+
+
+def test_attention_backward_runs_in_bfloat16_on_this_backend():
+    """bf16 operands, float32 scores: XLA:CPU rejects some bf16 x bf16 -> f32 gradient dots, so
+    the backward must compile here; its gradients follow float32's to bf16 precision."""
+    keys = jax.random.split(jax.random.key(4), 3)
+    q = jax.random.normal(keys[0], (2, 40, 4, 8))
+    k, v = (jax.random.normal(key, (2, 40, 2, 8)) for key in keys[1:])
+    loss = lambda q, k, v: jnp.sum(causal_attention(q, k, v).astype(jnp.float32) ** 2)  # noqa: E731
+    want = jax.grad(loss, (0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(loss, (0, 1, 2)))(*(a.astype(jnp.bfloat16) for a in (q, k, v)))
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.bfloat16
+        assert np.linalg.norm(np.asarray(g, np.float32) - w) < 3e-2 * np.linalg.norm(w)
+
+
 @pytest.mark.parametrize("window", [None, 4])
 def test_attention_module_matches_reference_projections(window):
     cfg = tiny(sliding_window=window, rope_theta=100.0)

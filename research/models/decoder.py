@@ -44,7 +44,9 @@ FFNS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "moe": MoE}
 # batch dimension) and recomputes norms, activations and the attention scores/softmax.
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names("projection")),
 }
 
 

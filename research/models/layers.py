@@ -19,6 +19,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from research.config import ModelConfig
 
@@ -74,6 +75,7 @@ def project(x: jax.Array, w: jax.Array, n_in: int, transposed: bool, dtype: jnp.
     out = w.shape[:w.ndim - n_in] if transposed else w.shape[n_in:]
     w2 = w.reshape(-1, k) if transposed else w.reshape(k, -1)
     y = _matmul_2d(x.reshape(-1, k), w2, transposed, jnp.dtype(dtype))
+    y = checkpoint_name(y, "projection")
     return y.reshape(*x.shape[:x.ndim - n_in], *out)
 
 
