@@ -19,10 +19,10 @@ from research.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
-    "float32": ["model.compute_dtype=float32"],
-    "float32 + remat": ["model.compute_dtype=float32", "model.remat=full"],
-    "bfloat16": ["model.compute_dtype=bfloat16"],
-    "bfloat16 + remat": ["model.compute_dtype=bfloat16", "model.remat=full"],
+    "float32, remat dots": ["model.compute_dtype=float32", "model.remat=dots"],
+    "float32, remat full": ["model.compute_dtype=float32", "model.remat=full"],
+    "float32, remat none": ["model.compute_dtype=float32", "model.remat=none"],
+    "bfloat16, remat dots": ["model.compute_dtype=bfloat16", "model.remat=dots"],
 }
 
 
