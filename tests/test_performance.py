@@ -51,3 +51,16 @@ def test_runs_share_compiled_steps_and_a_finished_rerun_compiles_nothing(tmp_pat
     assert run(tmp_path / "b", tmp_path / "cache") == cold  # every executable was found
     rerun = run(tmp_path / "a", tmp_path / "empty")  # finished: restores, compiles no step
     assert not any(name.startswith("jit_train_step-") for name in rerun)
+
+
+def test_a_train_command_imports_neither_plotting_nor_pytorch(tmp_path):
+    """Start-up is part of every short trial: building the CLI must not import matplotlib or
+    scipy (~2 s), and the TensorBoard writer must not import PyTorch (~1.6 s) even where it is
+    installed (the test extras install it)."""
+    code = ("import sys; import research.cli; from research.train.metrics import RunLog; "
+            f"RunLog(__import__('pathlib').Path({str(tmp_path)!r}), resume_step=0, tensorboard=True)"
+            ".close(); print(sorted(m for m in ('matplotlib', 'scipy', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert list(tmp_path.glob("tb/events.out.tfevents.*"))  # the writer did write

@@ -6,8 +6,11 @@ import argparse
 from pathlib import Path
 
 from research import flags
-from research.analysis import joint, points
 from research.config import ConfigError
+
+# The commands import their modules when they run: matplotlib and scipy take about 2 s to
+# import, which every `research train` (this parser is built for every command) would pay.
+HOLDOUT_CHOICES = ("largest",)
 
 
 def add_analysis_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +31,7 @@ def add_analysis_commands(subparsers: argparse._SubParsersAction) -> None:
                          help="with --points: CSV column names, e.g. 'params=Model Size,flops=Training FLOP'")
     analyze.add_argument("--drop-highest", type=int, default=0, metavar="K",
                          help="with --points: leave out the K highest losses (outliers)")
-    analyze.add_argument("--holdout", choices=joint.HOLDOUT_CHOICES,
+    analyze.add_argument("--holdout", choices=HOLDOUT_CHOICES,
                          help="fit L(N, D) without the largest compute budget and check its prediction")
     analyze.set_defaults(func=analyze_command)
 
@@ -71,6 +74,7 @@ def add_analysis_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def analyze_command(args: argparse.Namespace) -> int:
     """Returns the exit code; a ConfigError is left to the caller (one line, exit 2)."""
+    from research.analysis import points
     from research.analysis.report import analyze, analyze_points
 
     if args.points is None:

@@ -16,7 +16,6 @@ from research.analysis import approach3, fits, plots
 from research.analysis.points import Points
 from research.analysis.runs import si
 
-HOLDOUT_CHOICES = ("largest",)
 WIDE = 0.25  # an exponent interval wider than this fraction of the exponent is called wide
 FEW_POINTS = 20
 
