@@ -26,15 +26,23 @@ from research.train.loop import compile_train_step, prepare
 from research.train.state import init_state
 
 
-def compiled_step(cfg: config.ExperimentConfig):
-    """(step(state, tokens) -> (state, metrics), initial state, batch iterator) of a config."""
+def initial_state(cfg: config.ExperimentConfig):
+    """(setup, the run's initial state, its batch iterator) of a config, as `research train`
+    would start it (same seed: same weights and batches)."""
     setup = prepare(cfg)
     with setup.context():
         state = init_state(setup.model, setup.tx, jnp.zeros((1, cfg.train.seq_len), jnp.int32),
                            setup.spec, cfg.train.seed)
-        fn, peak_lr = compile_train_step(setup)
     data = train_iterator(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
                           seed=cfg.train.seed)
+    return setup, state, data
+
+
+def compiled_step(cfg: config.ExperimentConfig):
+    """(step(state, tokens) -> (state, metrics), initial state, batch iterator) of a config."""
+    setup, state, data = initial_state(cfg)
+    with setup.context():
+        fn, peak_lr = compile_train_step(setup)
 
     def step(state, tokens):
         with setup.context():

@@ -34,14 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.sidebyside import compiled_step
+from bench.sidebyside import compiled_step, initial_state
 from research import config
 from research.config import ModelConfig
-from research.data.pipeline import train_iterator
 from research.models.decoder import Decoder
-from research.train.loop import prepare
 from research.train.objectives import lm_loss
-from research.train.state import init_state
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("jax", "jax-plain", "torch", "torch-compile")
@@ -149,7 +146,7 @@ def _jax_runner(cfg: config.ExperimentConfig):
     first = float(lm_loss(params, model, {"tokens": jnp.asarray(batch)})[1]["loss"])
     holder = {"state": state}
 
-    def run(tokens: np.ndarray) -> None:
+    def run(tokens: np.ndarray) -> jax.Array:
         holder["state"], metrics = step(holder["state"], tokens)
         return metrics["loss"]
 
@@ -158,13 +155,8 @@ def _jax_runner(cfg: config.ExperimentConfig):
 
 def _torch_runner(cfg: config.ExperimentConfig, compiled: bool):
     """The same for the PyTorch model, from our initial weights (same seed, same init)."""
-    setup = prepare(cfg)
-    with setup.context():
-        state = init_state(setup.model, setup.tx, jnp.zeros((1, cfg.train.seq_len), jnp.int32),
-                           setup.spec, cfg.train.seed)
+    _, state, data = initial_state(cfg)
     params = jax.device_get(state["params"])
-    data = train_iterator(setup.cache, seq_len=cfg.train.seq_len,
-                          global_batch=cfg.train.batch_size, seed=cfg.train.seed)
     model = TorchDecoder(cfg.model, params["embed"]["embedding"].shape[0])
     copy_weights(model, params)
     count = sum(p.numel() for p in model.parameters())
@@ -236,7 +228,8 @@ def compare(experiment: Path, variants: list[str], dtype: str, steps: int, repea
     for process, conn in workers.values():
         conn.send(None)
         process.join()
-    tokens_per_step = config.load(experiment).train.batch_size * config.load(experiment).train.seq_len
+    train = config.load(experiment).train
+    tokens_per_step = train.batch_size * train.seq_len
     ours = float(np.median(times["jax"]))
     for name, t in times.items():
         median = float(np.median(t))
