@@ -9,7 +9,10 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from research.analysis.board import serve
+from research.launch import tcmalloc_env
 from research.train import compile_cache
 from research.train.loop import train
 
@@ -64,3 +67,25 @@ def test_a_train_command_imports_neither_plotting_nor_pytorch(tmp_path):
                          check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
     assert list(tmp_path.glob("tb/events.out.tfevents.*"))  # the writer did write
+
+
+def test_tcmalloc_is_preloaded_once_unless_turned_off(tmp_path):
+    library = tmp_path / "libtcmalloc_minimal.so.4"
+    library.write_bytes(b"")
+    paths = (str(tmp_path / "missing.so"), str(library))
+    env = tcmalloc_env({"LD_PRELOAD": "/x/other.so", "PATH": "/bin"}, paths)
+    assert env == {"LD_PRELOAD": f"{library}:/x/other.so", "PATH": "/bin"}
+    assert tcmalloc_env(env, paths) is None  # the re-executed process does not re-execute
+    assert tcmalloc_env({"RESEARCH_MALLOC": "system"}, paths) is None
+    assert tcmalloc_env({}, (str(tmp_path / "missing.so"),)) is None
+
+
+@pytest.mark.skipif(tcmalloc_env({}) is None, reason="no tcmalloc on this machine "
+                    "(apt-get install libtcmalloc-minimal4; .ci/run installs it)")
+def test_a_command_reexecutes_itself_with_tcmalloc_loaded():
+    code = ("import sys; from research.launch import preload_tcmalloc; preload_tcmalloc("
+            "[sys.executable, '-c', 'print(open(\"/proc/self/maps\").read())'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "RESEARCH_MALLOC")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, check=True)
+    assert "libtcmalloc" in out.stdout
