@@ -98,22 +98,23 @@ class TorchDecoder(nn.Module):
 
 
 def copy_weights(module: TorchDecoder, params: dict) -> None:
-    """Our (scanned, tied) params -> the PyTorch modules' weights."""
+    """Our (tied) params, scanned or unrolled layers -> the PyTorch modules' weights."""
     t = lambda a: torch.from_numpy(np.array(a, np.float32))  # noqa: E731 (a writable copy)
-    block = params["layers"]["block_0"]
     with torch.no_grad():
         module.embed.weight.copy_(t(params["embed"]["embedding"]))
         module.norm.weight.copy_(t(params["final_norm"]["scale"]))
         for i, layer in enumerate(module.layers):
+            block = (jax.tree.map(lambda a, i=i: a[i], params["layers"]["block_0"])
+                     if "layers" in params else params[f"layer_{i}"])
             attn, mlp = block["attention"], block["mlp"]
-            layer.attn_norm.weight.copy_(t(block["mixer_norm"]["scale"][i]))
-            layer.mlp_norm.weight.copy_(t(block["ffn_norm"]["scale"][i]))
+            layer.attn_norm.weight.copy_(t(block["mixer_norm"]["scale"]))
+            layer.mlp_norm.weight.copy_(t(block["ffn_norm"]["scale"]))
             for name in ("q", "k", "v"):  # [D, heads, H] -> Linear.weight [heads * H, D]
-                kernel = attn[name]["kernel"][i]
+                kernel = attn[name]["kernel"]
                 getattr(layer, name).weight.copy_(t(kernel.reshape(kernel.shape[0], -1).T))
-            layer.o.weight.copy_(t(attn["o"]["kernel"][i].reshape(-1, module.cfg.d_model).T))
+            layer.o.weight.copy_(t(attn["o"]["kernel"].reshape(-1, module.cfg.d_model).T))
             for name in ("gate", "up", "down"):
-                getattr(layer, name).weight.copy_(t(mlp[name]["kernel"][i].T))
+                getattr(layer, name).weight.copy_(t(mlp[name]["kernel"].T))
 
 
 def torch_step(model: nn.Module, cfg: config.ExperimentConfig, bf16: bool):

@@ -1,6 +1,6 @@
 """Where a train step's time goes, as a table: jax.profiler's trace joined to the compiled HLO.
 
-    PYTHONPATH=. python bench/profile.py EXPERIMENT.yaml [--steps 3] [--top 20] [key=value ...]
+    PYTHONPATH=. python bench/op_profile.py EXPERIMENT.yaml [--steps 3] [--top 20] [key=value ...]
 
 Compiles the experiment's real train step, runs two warm-up steps, traces `--steps` more and
 prints, per step: the op time by sublayer (the model's module path in each op's metadata:
