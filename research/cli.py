@@ -11,7 +11,6 @@ from research.analysis import add_analysis_commands
 from research.config import ConfigError
 from research.generate import add_generate_command
 from research.interop.cli import add_interop_commands
-from research.launch import preload_tcmalloc
 from research.sweep import add_sweep_commands
 
 DESCRIPTION = """\
@@ -127,8 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # started as a program (not called from Python): see research/launch.py
-        preload_tcmalloc([sys.executable, "-m", "research", *sys.argv[1:]])
     parser = build_parser()
     # key=value overrides may come before or after options: collect the stragglers here.
     args, extra = parser.parse_known_args(argv)

@@ -13,6 +13,7 @@ inherit the setting.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 
 TCMALLOC_PATHS = (
@@ -42,3 +43,12 @@ def preload_tcmalloc(command: list[str]) -> None:
     env = tcmalloc_env(os.environ)
     if env is not None:
         os.execve(command[0], command, env)
+
+
+def main() -> int:
+    """The `research` program: re-execute with tcmalloc first (before the ~1 s of imports the
+    CLI needs, which the re-executed process would pay again), then run the command."""
+    preload_tcmalloc([sys.executable, "-m", "research", *sys.argv[1:]])
+    from research.cli import main as run_command
+
+    return run_command()
