@@ -165,15 +165,18 @@ def test_chunked_attention_values_and_gradients_match_an_independent_implementat
     local = None if window is None else (window - 1, 0)
 
     def ours(q, k, v):
-        return jnp.sum(causal_attention(q, k, v, window, None, segment_ids, query_chunk=4) * weights)
+        return causal_attention(q, k, v, window, None, segment_ids, query_chunk=4)
 
     def theirs(q, k, v):
-        return jnp.sum(jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=True, local_window_size=local) * weights)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                            local_window_size=local)
 
-    close(causal_attention(q, k, v, window, None, segment_ids, query_chunk=4),
-          jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=local))
-    for got, want in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(theirs, (0, 1, 2))(q, k, v)):
+    def weighted(attention):
+        return lambda q, k, v: jnp.sum(attention(q, k, v) * weights)
+
+    close(ours(q, k, v), theirs(q, k, v))
+    for got, want in zip(jax.grad(weighted(ours), (0, 1, 2))(q, k, v),
+                         jax.grad(weighted(theirs), (0, 1, 2))(q, k, v)):
         close(got, want)
 
 

@@ -41,7 +41,8 @@ FFNS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "moe": MoE}
 
 # Rematerialisation: what the backward pass may keep from each block's forward.
 # "full" keeps only the block input; "dots" also keeps the projections' outputs (matmuls with no
-# batch dimension) and recomputes norms, activations and the attention scores/softmax.
+# batch dimension, and the custom projections, whose custom_vjp hides their dot from that rule:
+# they are named "projection") and recomputes norms, activations and the attention scores/softmax.
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.save_from_both_policies(
