@@ -50,20 +50,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from research.data.pipeline import eval_batches
-    from research.train import compile_cache
-    from research.train.checkpoint import Checkpointer
-    from research.train.loop import evaluate, load_run_config, prepare
-
-    run_dir = Path(args.run_dir)
-    cfg = load_run_config(run_dir)
-    compile_cache.enable()
-    setup = prepare(cfg)
-    checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
-    with setup.context():
-        state, meta = checkpoints.restore(args.step, setup.spec.abstract)
     import jax
 
+    from research.data.pipeline import eval_batches
+    from research.train import compile_cache
+    from research.train.loop import evaluate, load_run
+    from research.train.rundir import RunDir
+
+    run_dir = Path(args.run_dir)
+    compile_cache.enable()
+    setup, state, meta = load_run(RunDir(run_dir), args.step)
+    cfg = setup.cfg
     batches = eval_batches(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
                            n_batches=args.batches or cfg.train.eval_batches,
                            process_index=jax.process_index(), process_count=jax.process_count())

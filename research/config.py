@@ -9,6 +9,8 @@ names the field and what is allowed.
 from __future__ import annotations
 
 import difflib
+import re
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +24,21 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# ----------------------------------------------------------------------------- field roles
+# Most fields define the experiment: change one and it is another run. A field tagged with a role
+# says what changing it leaves alone, and every rule about "what may differ" is derived from the
+# tags (a resumed run, a run starting from another's weights, the analysis's distinguishing
+# fields), so those rules cannot disagree.
+BOOKKEEPING = "bookkeeping"  # changes neither the parameters, the trajectory nor the measurement
+EXTENT = "extent"  # changes how long the run goes on or how much it measures, not its past
+NUMERICS = "numerics"  # changes how the model computes or trains, not what its parameters are
+ALL_ROLES = (BOOKKEEPING, EXTENT, NUMERICS)  # none of them changes the parameters
+
+
+def _role(role: str) -> dict[str, Any]:
+    return {"json_schema_extra": {"role": role}}
 
 
 # Default logical-axis -> mesh-axis rules. Parameters and activations carry logical names
@@ -69,11 +86,11 @@ class MoEConfig(_Section):
     d_expert: int | None = Field(None, gt=0, description="expert hidden width; None: model.d_ff "
                                  "(smaller values give fine-grained experts)")
     dispatch: Literal["capacity", "dropless"] = Field(
-        "capacity", description="capacity: padded per-expert buffers, overflow dropped (fast on "
+        "capacity", **_role(NUMERICS), description="capacity: padded per-expert buffers, overflow dropped (fast on "
         "CPU); dropless: tokens sorted by expert into grouped matmuls (GPU/TPU)")
-    capacity_factor: float = Field(1.25, gt=0, description="buffer = factor * tokens * top_k / E")
-    balance_coef: float = Field(0.01, ge=0, description="Switch load-balancing loss coefficient")
-    z_loss_coef: float = Field(1e-3, ge=0, description="router z-loss coefficient")
+    capacity_factor: float = Field(1.25, gt=0, **_role(NUMERICS), description="buffer = factor * tokens * top_k / E")
+    balance_coef: float = Field(0.01, ge=0, **_role(NUMERICS), description="Switch load-balancing loss coefficient")
+    z_loss_coef: float = Field(1e-3, ge=0, **_role(NUMERICS), description="router z-loss coefficient")
 
     @model_validator(mode="after")
     def _k(self) -> MoEConfig:
@@ -90,12 +107,12 @@ class MambaConfig(_Section):
     head_dim: int = Field(32, gt=0, description="SSM head dim P; heads = expand*d_model/head_dim")
     expand: int = Field(2, gt=0, description="inner width = expand * d_model")
     n_groups: int = Field(1, gt=0, description="groups sharing B and C (like kv heads)")
-    chunk_size: int = Field(64, gt=0, description="SSD chunk length")
+    chunk_size: int = Field(64, gt=0, **_role(NUMERICS), description="SSD chunk length")
     conv_width: int = Field(4, gt=1, description="causal depthwise convolution width")
-    dt_min: float = Field(1e-3, gt=0)
-    dt_max: float = Field(1e-1, gt=0)
-    a_init_min: float = Field(1.0, gt=0, description="A = -U(a_init_min, a_init_max)")
-    a_init_max: float = Field(16.0, gt=0)
+    dt_min: float = Field(1e-3, gt=0, **_role(NUMERICS), description="dt initialisation range")
+    dt_max: float = Field(1e-1, gt=0, **_role(NUMERICS))
+    a_init_min: float = Field(1.0, gt=0, **_role(NUMERICS), description="A = -U(a_init_min, a_init_max)")
+    a_init_max: float = Field(16.0, gt=0, **_role(NUMERICS))
 
     @model_validator(mode="after")
     def _ranges(self) -> MambaConfig:
@@ -123,17 +140,17 @@ class ModelConfig(_Section):
     norm_eps: float = Field(1e-5, gt=0)
     sliding_window: int | None = Field(None, gt=0, description="None: full causal attention")
     tie_embeddings: bool = True
-    init_std: float = Field(0.02, gt=0)
-    init_from: str | None = Field(None, description="start a new run from these weights, with a "
+    init_std: float = Field(0.02, gt=0, **_role(NUMERICS))
+    init_from: str | None = Field(None, **_role(NUMERICS), description="start a new run from these weights, with a "
                                   "fresh optimizer: RUN_DIR[@STEP] (a run's params, latest "
                                   "checkpoint or STEP; docs/post-training.md) or a Hugging Face "
                                   "model folder (config.json + *.safetensors) whose architecture "
                                   "equals this section (docs/interop.md)")
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = Field("float32", **_role(NUMERICS))
     param_dtype: Literal["float32"] = "float32"
-    remat: Literal["none", "full", "dots"] = "none"
+    remat: Literal["none", "full", "dots"] = Field("none", **_role(NUMERICS))
     projection: Literal["custom", "plain"] = Field(
-        "custom", description="custom: projections as 2-D matmuls with a hand-written backward "
+        "custom", **_role(NUMERICS), description="custom: projections as 2-D matmuls with a hand-written backward "
         "(faster, docs/performance.md); plain: einsum + autodiff, for comparison")
     scan_layers: bool = True
     layer_pattern: tuple[str, ...] = Field(
@@ -203,10 +220,33 @@ class ModelConfig(_Section):
                 raise ValueError(f"model.mamba.n_groups={self.mamba.n_groups} must divide the "
                                  f"{heads} Mamba heads")
         if self.parameterization != "standard":
-            from research.models.parameterization import base_width_config
-
             base_width_config(self)  # the proxy's shape must be a valid model too
         return self
+
+
+def base_width_config(cfg: ModelConfig) -> ModelConfig:
+    """The model at the proxy's width (depth unchanged, so its parameter tree matches cfg's):
+    the base shapes every fan-in ratio is taken against. ValueError naming the field if invalid."""
+    ratio = Fraction(cfg.base_d_model or cfg.d_model, cfg.d_model)
+
+    def scaled(field: str, value: int | None, base: int | None) -> int | None:
+        if base is not None or value is None:
+            return base
+        if (value * ratio).denominator != 1:
+            raise ValueError(f"model.{field}={value} times base_d_model/d_model={ratio} is not an "
+                             f"integer; set model.base_{field}")
+        return int(value * ratio)
+
+    raw = cfg.model_dump()
+    raw.update(d_model=int(cfg.d_model * ratio), parameterization="standard",
+               d_ff=scaled("d_ff", cfg.d_ff, cfg.base_d_ff))
+    raw["moe"]["d_expert"] = scaled("d_expert", cfg.moe.d_expert, cfg.base_d_expert)
+    try:
+        return ModelConfig.model_validate(raw)
+    except ValidationError as exc:
+        message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ValueError(f"the base shape (model.base_d_model={raw['d_model']}) is not a valid "
+                         f"model: {message}") from None
 
 
 class DataConfig(_Section):
@@ -217,7 +257,7 @@ class DataConfig(_Section):
     text_field: str = Field("text", description="column/key holding the text in .jsonl/.parquet")
     tokenizer: str = Field("byte", description="'byte' or a path to a Hugging Face tokenizer.json")
     heldout_percent: float = Field(2.0, gt=0, lt=100, description="documents held out, by hash")
-    cache_dir: str = Field("~/.cache/research/tokens", description="token cache (content-keyed)")
+    cache_dir: str = Field("~/.cache/research/tokens", **_role(BOOKKEEPING), description="token cache (content-keyed)")
 
 
 class OptimConfig(_Section):
@@ -238,14 +278,15 @@ class OptimConfig(_Section):
 class TrainConfig(_Section):
     """Length, batch and evaluation cadence of a run."""
 
-    steps: int = Field(200, gt=0)
+    steps: int = Field(200, gt=0, **_role(EXTENT), description="a resumed run may extend or "
+                       "shorten it (a cosine schedule then follows the new length)")
     seed: int = Field(0, ge=0, lt=2**32)
     batch_size: int = Field(16, gt=0, description="global batch, in sequences")
     seq_len: int = Field(256, gt=0)
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    eval_every: int = Field(100, gt=0)
-    eval_batches: int = Field(4, gt=0)
-    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(100, gt=0, **_role(BOOKKEEPING))
+    eval_batches: int = Field(4, gt=0, **_role(EXTENT))
+    log_every: int = Field(10, gt=0, **_role(BOOKKEEPING))
     objective: Literal["lm", "sft", "dpo"] = Field(
         "lm", description="lm: next-token loss on data.source; sft: response tokens of the "
         "examples; dpo: preference pairs of the examples (docs/post-training.md)")
@@ -356,14 +397,15 @@ class LoggingConfig(_Section):
 class ExperimentConfig(_Section):
     """One training run."""
 
-    name: str = "experiment"
+    name: str = Field("experiment", **_role(BOOKKEEPING))
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
-    mesh: MeshConfig = MeshConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    logging: LoggingConfig = LoggingConfig()
+    # a new mesh reshards a checkpoint on load and changes only the float reduction order
+    mesh: MeshConfig = Field(MeshConfig(), **_role(BOOKKEEPING))
+    checkpoint: CheckpointConfig = Field(CheckpointConfig(), **_role(BOOKKEEPING))
+    logging: LoggingConfig = Field(LoggingConfig(), **_role(BOOKKEEPING))
     examples: ExamplesConfig = ExamplesConfig()
     dpo: DPOConfig = DPOConfig()
 
@@ -402,6 +444,34 @@ def resolved(cfg: ExperimentConfig, vocab_size: int | None) -> dict[str, Any]:
 
 def to_yaml(tree: dict[str, Any]) -> str:
     return yaml.safe_dump(tree, sort_keys=False)
+
+
+def fields_with_role(*roles: str, section: type[BaseModel] = ExperimentConfig) -> frozenset[str]:
+    """The dotted names of the fields tagged with one of `roles` (every field of a tagged
+    section), e.g. fields_with_role(BOOKKEEPING) holds "name" and "logging.progress"."""
+    out: set[str] = set()
+    for name, info in section.model_fields.items():
+        extra = info.json_schema_extra
+        tagged = isinstance(extra, dict) and extra.get("role") in roles
+        sub = info.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            inner = _leaves(sub) if tagged else fields_with_role(*roles, section=sub)
+            out |= {f"{name}.{leaf}" for leaf in inner}
+        elif tagged:
+            out.add(name)
+    return frozenset(out)
+
+
+def _leaves(section: type[BaseModel]) -> list[str]:
+    """Every field of a section, nested sections flattened ("moe.top_k")."""
+    out = []
+    for name, info in section.model_fields.items():
+        sub = info.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            out += [f"{name}.{leaf}" for leaf in _leaves(sub)]
+        else:
+            out.append(name)
+    return out
 
 
 # ----------------------------------------------------------------------------- loading
@@ -447,23 +517,24 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        out.update(flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+        out.update(flatten(value, name + ".") if isinstance(value, dict) and value
+                   else {name: value})
     return out
 
 
-def first_difference(mine: dict[str, Any], theirs: dict[str, Any], ignore: tuple[str, ...] = ()
-                     ) -> tuple[str, Any, Any] | None:
+def first_difference(mine: dict[str, Any], theirs: dict[str, Any],
+                     ignore: frozenset[str] = frozenset()) -> tuple[str, Any, Any] | None:
     """(dotted field, my value, their value) of the first field (sorted) whose values differ,
-    skipping fields that start with a prefix in `ignore`; None when they all agree."""
+    skipping the dotted names in `ignore`; None when they all agree."""
     a, b = flatten(mine), flatten(theirs)
     return next(((key, a.get(key), b.get(key)) for key in sorted(a.keys() | b.keys())
-                 if not key.startswith(ignore) and a.get(key) != b.get(key)), None)
+                 if key not in ignore and a.get(key) != b.get(key)), None)
 
 
 def parse_value(text: str) -> Any:
     """A `key=value` right-hand side, read as YAML so `3e-3`, `true`, `[1,2]`, `null` work."""
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        return yaml.load(text, Loader=YamlLoader) if text != "" else ""
     except yaml.YAMLError:
         return text
 
@@ -488,9 +559,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load, but a key given twice in one mapping (say, two `train:` sections) is an error
-    instead of the last one silently winning."""
+class YamlLoader(yaml.SafeLoader):
+    """The one YAML reader of experiments, sweeps and overrides: safe_load, but with YAML 1.2
+    floats (`1e-4` is a number; PyYAML's YAML 1.1 reads it as a string) and a key given twice in
+    one mapping (say, two `train:` sections) an error instead of the last one silently winning."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
@@ -503,12 +575,21 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(path: str | Path, kind: str = "config",
+              sections: str = "sections (model, train, ...)") -> dict[str, Any]:
+    """A YAML file's top-level mapping ({} when empty); any problem is one ConfigError line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+        raise ConfigError(f"{path}: no such {kind} file")
     try:
-        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+        raw = yaml.load(path.read_text(), Loader=YamlLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -516,7 +597,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections (model, train, ...)")
+        raise ConfigError(f"{path}: top level must be a mapping of {sections}")
     return raw
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research import flags
-from research.config import ConfigError, MeshConfig
+from research.config import ConfigError
 
 Cache = Any
 MAX_NEW_TOKENS = 16384  # the decode cache grows with it; each token is one device call
@@ -100,15 +100,10 @@ def generate(model: nn.Module, params: Any, prompt: Sequence[int], max_new_token
 
 def load(run_dir: Path, step: int | None = None) -> tuple[Any, Any, int]:
     """(setup, params, step) of a run's checkpoint (default: the latest), on one device."""
-    from research.train.checkpoint import Checkpointer
-    from research.train.loop import load_run_config, prepare
+    from research.train.loop import load_run
+    from research.train.rundir import RunDir
 
-    cfg = load_run_config(run_dir)
-    cfg = cfg.model_copy(update={"mesh": MeshConfig(rules=cfg.mesh.rules)})
-    setup = prepare(cfg, jax.devices()[:1])
-    checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
-    with setup.context():
-        state, meta = checkpoints.restore(step, setup.spec.abstract)
+    setup, state, meta = load_run(RunDir(run_dir), step, jax.devices()[:1])
     return setup, state["params"], meta["step"]
 
 

@@ -2,9 +2,8 @@
 machine has it.
 
 XLA:CPU allocates every step's temporary buffers afresh. With glibc's malloc the large ones
-come back from the kernel as new pages each step (17.5k page faults per dense_tiny step); with
-tcmalloc they are reused: 4x fewer faults and 1.07-1.12x faster steps measured here, for
-PyTorch as much as for us (docs/performance.md). A command started as a program re-executes
+come back from the kernel as new pages each step; tcmalloc reuses them (the page faults and
+step times it saves are in docs/performance.md). A command started as a program re-executes
 itself once with tcmalloc preloaded (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`);
 `RESEARCH_MALLOC=system` keeps the system allocator. Child processes (sweep trials, workers)
 inherit the setting.

@@ -28,7 +28,7 @@ from research.analysis.events import read_scalars, scalars_from_metrics
 from research.analysis.report import analyze, headline, scaling_fits
 from research.analysis.runs import load_runs, row
 from research.config import ConfigError
-from research.sweep import rundir
+from research.train import rundir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,7 +172,7 @@ def write_run(path: Path, *, params: int, tokens_per_step: int, steps: int, eval
         "flops_per_token": 6.0 * (active or params), "tokens_per_step": tokens_per_step,
         "error": None})
     if trial is not None:
-        rundir.write_json(path / rundir.RECORD, trial)
+        rundir.write_json(path / rundir.TRIAL_RECORD, trial)
 
 
 def write_configured_run(path: Path, eval_loss: float, *overrides: str, trial: dict | None = None,

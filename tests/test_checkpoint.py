@@ -18,18 +18,17 @@ from research import cli
 from research.config import CheckpointConfig, ConfigError
 from research.train import loop, metrics
 from research.train.checkpoint import MANIFEST, CheckpointError, Checkpointer
-from research.train.loop import load_run_config, prepare, train
-from research.train.metrics import read_metrics
+from research.train.loop import prepare, train
+from research.train.rundir import RunDir, read_metrics
 
 STEPS = ("train.steps=4", "checkpoint.every=2", "train.eval_every=100")
 
 
 def _restore_latest(run_dir: Path):
-    cfg = load_run_config(run_dir)
+    cfg = RunDir(run_dir).config()
     setup = prepare(cfg, jax.devices()[:1])
     with setup.context():
-        return Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True).restore(
-            None, setup.spec.abstract)
+        return RunDir(run_dir).restore(setup.spec.abstract)
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +194,30 @@ def test_a_refused_start_writes_nothing(tiny, tmp_path):
         train(tiny(f"data.source={text}", "train.seq_len=128"), run_dir)
     assert not run_dir.exists()
     assert train(tiny("train.steps=1"), run_dir, devices=jax.devices()[:1])["step"] == 1
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_bytes])
+def test_init_from_a_damaged_checkpoint_is_refused_in_one_line(finished_run, tmp_path, damage):
+    """model.init_from=RUN reads through the same verified path as eval and resume (it used to
+    load the garbled weights, or die with a long traceback)."""
+    cfg, original, _ = finished_run
+    source = tmp_path / "source"
+    shutil.copytree(original, source)
+    damage(source / "checkpoints" / "4")
+    new = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(source)})})
+    with pytest.raises(ConfigError, match=r"^model.init_from: checkpoint 4 is damaged: .* does not "
+                                          r"match its checksum"):
+        train(new, tmp_path / "new", devices=jax.devices()[:1])
+    assert not (tmp_path / "new").exists()  # refused before anything was written
+
+
+def test_every_command_checks_step_the_same_way(finished_run, capsys):
+    """eval, generate and export-hf: a step the run did not keep is one line naming --step and
+    the kept steps, exit code 2, before any data is read."""
+    _, run_dir, _ = finished_run
+    for command in (["eval", str(run_dir)], ["generate", str(run_dir), "--prompt", "x"],
+                    ["export-hf", str(run_dir), "--out", str(run_dir.parent / "hf")]):
+        assert cli.main([*command, "--step", "3"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: --step: {run_dir} has no checkpoint at step 3 (available: [2, 4])"
+    assert not (run_dir.parent / "hf").exists()

@@ -84,3 +84,40 @@ def test_bad_yaml_file_names_the_line(tmp_path):
     bad.write_text("model:\n  d_model: [1\n")
     result = run_cli("train", str(bad))
     assert result.returncode == 2 and str(bad) in result.stderr and "line" in result.stderr
+
+
+def test_one_yaml_reader_for_experiments_sweeps_and_overrides(tmp_path):
+    """`1e-4` is a number wherever it is written (PyYAML alone reads it as a string), and a key
+    given twice is an error in every file."""
+    from research.sweep import spec
+
+    experiment = tmp_path / "e.yaml"
+    experiment.write_text("optim:\n  lr: 1e-4\n  eps: 1.0e-8\n")
+    assert config.read_yaml(experiment)["optim"] == {"lr": 1e-4, "eps": 1e-8}
+    assert config.parse_value("1e-4") == 1e-4 and isinstance(config.parse_value("2E3"), float)
+    assert config.parse_value("1e3x") == "1e3x" and config.parse_value("3") == 3
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"base: {ROOT}/experiments/dense_tiny.yaml\nsearch:\n  method: grid\n"
+                     "  params:\n    optim.lr: [1e-4, 3e-4]\n")
+    assert spec.load(sweep, check=False).spec.search.params["optim.lr"].values == (1e-4, 3e-4)
+    experiment.write_text("train:\n  steps: 2\ntrain:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match="'train' appears twice"):
+        config.read_yaml(experiment)
+
+
+def test_field_roles_are_the_one_source_of_what_may_differ():
+    """Resume, init_from (run or Hugging Face folder) and the analysis derive their lists from
+    the schema's tags; a field without a tag defines the experiment."""
+    resumable = config.fields_with_role(config.BOOKKEEPING, config.EXTENT)
+    params_free = config.fields_with_role(*config.ALL_ROLES)
+    assert {"name", "train.steps", "train.eval_batches", "mesh.data", "checkpoint.keep_last",
+            "logging.progress", "data.cache_dir"} <= resumable
+    assert {"model.remat", "model.compute_dtype", "model.init_from", "model.moe.balance_coef",
+            "model.mamba.chunk_size"} <= params_free - resumable
+    for field in ("model.d_model", "model.layer_pattern", "optim.lr", "train.seed",
+                  "train.batch_size", "data.source", "model.moe.n_experts"):
+        assert field not in params_free, field
+    a, b = config.load(None, ["model.moe.balance_coef=0.1"]), config.load(None)
+    assert config.first_difference(a.to_dict(), b.to_dict(), params_free) is None
+    assert config.first_difference(a.to_dict(), b.to_dict(), resumable) == (
+        "model.moe.balance_coef", 0.1, 0.01)

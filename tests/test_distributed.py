@@ -16,7 +16,7 @@ import pytest
 
 from research.parallel.distributed import initialize
 from research.config import ConfigError
-from research.train.metrics import read_metrics
+from research.train.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,7 +26,8 @@ from research.generate import generate  # noqa: E402
 from research.interop import hf  # noqa: E402
 from research.interop.cli import export_hf  # noqa: E402
 from research.train.checkpoint import Checkpointer  # noqa: E402
-from research.train.loop import load_run_config, prepare, train  # noqa: E402
+from research.train.loop import prepare, train
+from research.train.rundir import RunDir  # noqa: E402
 
 TOL = 1e-4
 SMALL = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, tie_word_embeddings=False)
@@ -54,7 +55,7 @@ def hf_logits(model_dir, tokens=TOKENS) -> np.ndarray:
 
 
 def our_logits(run_dir, tokens=TOKENS, step=None) -> np.ndarray:
-    cfg = load_run_config(run_dir)
+    cfg = RunDir(run_dir).config()
     setup = prepare(cfg)
     with setup.context():
         state, _ = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True).restore(
@@ -141,8 +142,8 @@ def test_import_export_commands_round_trip(hf_dirs, tmp_path):
     assert main(["import-hf", str(hf_dir), "--run-dir", str(run_dir), f"data.source={docs}",
                  "data.heldout_percent=10", f"data.cache_dir={tmp_path / 'cache'}",
                  "train.batch_size=8", "train.seq_len=32", "model.scan_layers=false"]) == 0
-    assert load_run_config(run_dir).data.tokenizer == str(run_dir.resolve() / "tokenizer.json")
-    assert load_run_config(run_dir).model.moe.n_experts == 4
+    assert RunDir(run_dir).config().data.tokenizer == str(run_dir.resolve() / "tokenizer.json")
+    assert RunDir(run_dir).config().model.moe.n_experts == 4
     assert main(["export-hf", str(run_dir), "--out", str(out)]) == 0
     original = load_file(str(hf_dirs["mixtral"] / "model.safetensors"))
     exported = load_file(str(out / "model.safetensors"))
@@ -203,7 +204,7 @@ def test_exported_trained_run_loads_in_transformers(trained, tmp_path):
     assert tokenizer.eos_token_id == 256
 
     prompt = [256, *text.encode()]
-    setup = prepare(load_run_config(trained))
+    setup = prepare(RunDir(trained).config())
     with setup.context():
         state, _ = Checkpointer(trained / "checkpoints", setup.cfg.checkpoint,
                                 read_only=True).restore(None, setup.spec.abstract)
@@ -269,7 +270,7 @@ def test_init_from_hf_folder_starts_a_run_from_its_weights(trained, hf_dirs, tmp
     refused naming the field, before anything is written."""
     from flax.traverse_util import flatten_dict
 
-    cfg = load_run_config(trained)
+    cfg = RunDir(trained).config()
     with pytest.raises(ConfigError, match=r"^model.d_ff=48 differs from 64 in model.init_from="):
         train(cfg.model_copy(update={"model": cfg.model.model_copy(update={"d_ff": 48})}),
               tmp_path / "refused")
@@ -308,8 +309,8 @@ def test_an_experiment_trains_an_imported_run_with_its_own_settings(hf_dirs, tmp
 
     cfg = config.load(None, [*experiment, "optim.lr=1e-9", "optim.schedule=constant",
                              "train.steps=3", "checkpoint.every=3"])
-    assert load_run_config(run_dir).optim != cfg.optim  # a plain resume would refuse this
+    assert RunDir(run_dir).config().optim != cfg.optim  # a plain resume would refuse this
     assert train(cfg, run_dir)["step"] == 3
-    assert load_run_config(run_dir).optim == cfg.optim
+    assert RunDir(run_dir).config().optim == cfg.optim
     # trained from the folder's weights (at lr 1e-9 they stay within ~1e-8 of them)
     assert_close(our_logits(run_dir), hf_logits(hf_dirs["llama_tied"]))

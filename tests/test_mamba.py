@@ -18,7 +18,7 @@ from research.config import ModelConfig
 from research.models.mamba import Mamba2, ssd_chunked, ssd_sequential
 from research.train.flops import mamba_params, ssd_flops
 from research.train.loop import train
-from research.train.metrics import read_metrics
+from research.train.rundir import read_metrics
 from research.train.optim import decay_mask
 
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, init_std=0.3, layer_pattern=("mamba:mlp",),

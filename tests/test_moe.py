@@ -15,7 +15,7 @@ import pytest
 from research.config import ModelConfig
 from research.models.decoder import Decoder, layer_metrics
 from research.models.moe import MoE, capacity, router_losses
-from research.train.metrics import read_metrics
+from research.train.rundir import read_metrics
 from research.train.flops import flops_per_token, param_counts
 from research.train.loop import train
 

@@ -19,7 +19,7 @@ from research.data.pipeline import eval_batches
 from research.train import flops
 from research.train.checkpoint import Checkpointer
 from research.train.loop import evaluate, prepare, train
-from research.train.metrics import read_metrics
+from research.train.rundir import read_metrics
 from research.train.optim import make_optimizer
 from research.train.state import init_state
 from research.train.objectives import lm_loss

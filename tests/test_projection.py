@@ -15,7 +15,7 @@ from research.config import ModelConfig
 from research.models.decoder import Decoder
 from research.models.layers import matmul, projection_dims
 from research.train.loop import train
-from research.train.metrics import read_metrics
+from research.train.rundir import read_metrics
 
 VOCAB = 64
 

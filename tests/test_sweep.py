@@ -22,6 +22,7 @@ import yaml
 from research import config
 from research.config import ConfigError
 from research.sweep import rundir, spec, study
+from research.train import rundir as train_rundir
 from research.sweep.runner import exit_error, device_env, split_devices, visible_devices
 from research.sweep.spec import Objective
 from research.sweep.store import Store
@@ -342,7 +343,7 @@ def test_error_line_of_a_failed_attempt(tmp_path):
     assert exit_error(-signal.SIGKILL, "step 3") == "killed by SIGKILL (out of memory?)"
     assert exit_error(1, None) == "exit code 1" and exit_error(2, "error: x") == "error: x"
     since = time.time() - 1
-    rundir.write_json(tmp_path / "summary.json", {"state": "failed", "error": "ValueError: y"})
+    train_rundir.write_json(tmp_path / "summary.json", {"state": "failed", "error": "ValueError: y"})
     assert rundir.summary_error(tmp_path, since) == "ValueError: y"
     assert rundir.summary_error(tmp_path, time.time() + 60) is None  # an earlier attempt's
 
@@ -386,7 +387,7 @@ def _lines(path: Path) -> list[str]:
 
 
 def _attempts(run_dir: Path) -> int:
-    return (run_dir / rundir.LOG).read_text().count("=== attempt ")
+    return (run_dir / train_rundir.TRIAL_LOG).read_text().count("=== attempt ")
 
 
 def test_two_workers_run_each_grid_point_exactly_once(tmp_path, tiny_overrides):
@@ -421,8 +422,8 @@ def test_sigkilled_sweep_resumes_the_trial_from_its_checkpoint(tmp_path, tiny_ov
     runner.send_signal(signal.SIGKILL)
     runner.communicate(timeout=30)
     # The trial got SIGINT when its runner died and stopped (research train's interrupt path).
-    _wait_for(lambda: (rundir.read_json(second / "summary.json") or {}).get("state") != "running", 60)
-    assert rundir.read_json(second / "trial.json")["state"] == "running"
+    _wait_for(lambda: (train_rundir.read_json(second / "summary.json") or {}).get("state") != "running", 60)
+    assert train_rundir.read_json(second / "trial.json")["state"] == "running"
     saved = max(int(p.name) for p in (second / "checkpoints").iterdir() if p.name.isdigit())
     before = _lines(second / "metrics.jsonl")
     finished = (first / "metrics.jsonl").read_text()
@@ -443,7 +444,7 @@ def test_sigkilled_sweep_resumes_the_trial_from_its_checkpoint(tmp_path, tiny_ov
     assert [step(l) for l in after if "loss" in json.loads(l)] == list(range(1, 151))
     assert (first / "metrics.jsonl").read_text() == finished and _attempts(first) == 1
     assert _attempts(second) == 2
-    assert rundir.read_json(second / "trial.json")["state"] == "done"
+    assert train_rundir.read_json(second / "trial.json")["state"] == "done"
 
 
 def test_failed_and_pruned_trials_do_not_stop_the_sweep(tmp_path, tiny_overrides):
@@ -459,7 +460,7 @@ def test_failed_and_pruned_trials_do_not_stop_the_sweep(tmp_path, tiny_overrides
     log = runner.communicate(timeout=300)[0]
     assert runner.returncode == 0, log
     nan, good, slow = out / "t000-lr=1e+06", out / "t001-lr=0.003", out / "t002-lr=1e-07"
-    records = [rundir.read_json(d / "trial.json") for d in (nan, good, slow)]
+    records = [train_rundir.read_json(d / "trial.json") for d in (nan, good, slow)]
     assert [r["state"] for r in records] == ["failed", "done", "pruned"], log
     assert [r["params"] for r in records] == [{"optim.lr": v} for v in (1e6, 3e-3, 1e-7)]
     assert records[0]["error"].startswith("FloatingPointError: non-finite loss at step")

@@ -18,8 +18,9 @@ import pytest
 from research import config
 from research.train.checkpoint import Checkpointer
 from tests.conftest import newest_checkpoint
-from research.train.metrics import read_metrics
-from research.train.loop import load_run_config, prepare, train
+from research.train.rundir import read_metrics
+from research.train.loop import prepare, train
+from research.train.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 # CompleteP at twice the base width and depth: per-parameter init, lr, wd, eps and multipliers
@@ -31,7 +32,7 @@ def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
 
 
 def final_params(run_dir: Path):
-    cfg = load_run_config(run_dir)
+    cfg = RunDir(run_dir).config()
     setup = prepare(cfg)
     checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
     with setup.context():
@@ -72,7 +73,7 @@ def test_run_directory_layout_and_eval_command(tiny, tmp_path):
     summary = train(tiny(), run_dir)
     assert (run_dir / "config.yaml").is_file()
     # The resolved config reads back as the same run (derived sizes now explicit).
-    assert config.resolved(load_run_config(run_dir), 384) == config.resolved(tiny(), 384)
+    assert config.resolved(RunDir(run_dir).config(), 384) == config.resolved(tiny(), 384)
     rows = read_metrics(run_dir)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
@@ -181,7 +182,7 @@ def test_resume_refuses_a_changed_config(tiny, tmp_path, capsys):
     assert {k: saved["model"][k] for k in ("n_kv_heads", "head_dim", "d_ff", "vocab_size")} == {
         "n_kv_heads": 4, "head_dim": 4, "d_ff": 128, "vocab_size": 384}  # 8/3·32 → 128; 257 → 384
     assert "moe" not in saved["model"] and "mamba" not in saved["model"]
-    assert load_run_config(tmp_path / "run").model.ff_size == 128
+    assert RunDir(tmp_path / "run").config().model.ff_size == 128
 
     again = train(tiny(*flat_lr, "train.steps=2"), tmp_path / "run")
     said = capsys.readouterr().out

@@ -104,7 +104,8 @@ def predict_command(args: argparse.Namespace) -> int:
     import math
 
     from research.analysis.approach3 import JointLaw
-    from research.analysis.runs import ANALYSIS, si
+    from research.analysis.runs import ANALYSIS
+    from research.format import si
 
     where = Path(args.dir)
     path = next((p for p in (where / ANALYSIS / "fits.json", where / "fits.json") if p.is_file()),

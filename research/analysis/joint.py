@@ -14,7 +14,7 @@ import numpy as np
 
 from research.analysis import approach3, fits, plots
 from research.analysis.points import Points
-from research.analysis.runs import si
+from research.format import si
 
 WIDE = 0.25  # an exponent interval wider than this fraction of the exponent is called wide
 FEW_POINTS = 20
@@ -33,11 +33,6 @@ def holdout_mask(points: Points) -> np.ndarray:
     held = np.zeros(len(points), bool)
     held[fits.group_budgets(points.flops)[-1]] = True
     return held
-
-
-def _triple(value: tuple[float, float, float], fmt: Any = si) -> str:
-    v, low, high = value
-    return f"{fmt(v)} [{fmt(low)}, {fmt(high)}]" if np.isfinite(low) else fmt(v)
 
 
 def law_table(law: approach3.JointLaw) -> tuple[list[str], list[list[str]]]:

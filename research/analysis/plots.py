@@ -28,7 +28,8 @@ from research.analysis.approach3 import JointLaw  # noqa: E402
 from research.analysis.fits import FitError, IsoFlop, PowerLaw, group_budgets  # noqa: E402
 from research.analysis.points import Points  # noqa: E402
 from research.analysis.replicates import Group, groups  # noqa: E402
-from research.analysis.runs import Run, family, finished, format_value, si  # noqa: E402
+from research.analysis.runs import Run, family, finished, format_value  # noqa: E402
+from research.format import si  # noqa: E402
 
 LOSS = "eval loss (nats/token)"
 

@@ -21,14 +21,13 @@ import yaml
 from research import config as config_lib
 from research.analysis.events import Series, has_events, read_scalars, scalars_from_metrics
 from research.config import ConfigError
-from research.sweep import rundir
+from research.train import rundir
+from research.train.rundir import RunDir
 from research.sweep.spec import SEED_KEY
 
 ANALYSIS = "analysis"  # the output folder inside the analysed one, never read as a run
-MARKERS = ("summary.json", "metrics.jsonl", rundir.RECORD)
 # Fields that differ between runs without changing what is trained or how it is measured.
-BOOKKEEPING = ("name", "logging.", "checkpoint.", "data.cache_dir", "train.log_every",
-               "train.eval_every")
+BOOKKEEPING = config_lib.fields_with_role(config_lib.BOOKKEEPING)
 # Sizes config.resolved fills in from other fields (null in older config.yaml files): they
 # distinguish runs only where the fields they follow from do not already.
 RESOLVED = ("model.n_kv_heads", "model.head_dim", "model.d_ff", "model.vocab_size",
@@ -73,15 +72,6 @@ class Run:
         return self.scalars.get(tag, [])
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"model": {"n_layers": 4}} -> {"model.n_layers": 4}."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        out.update(flatten(value, f"{name}.") if isinstance(value, dict) else {name: value})
-    return out
-
-
 def _read_config(path: Path, check: bool = False) -> dict[str, Any] | None:
     """A config.yaml's flattened fields as resolved (config.resolved: derived sizes filled in,
     unused sections left out, whichever version wrote it); None when unreadable, or (check) not
@@ -91,15 +81,15 @@ def _read_config(path: Path, check: bool = False) -> dict[str, Any] | None:
     older schema and still name its swept values (it is then read as it is).
     """
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=config_lib.YamlLoader)
         if not isinstance(raw, dict):
             return None
         cfg = config_lib.validate(raw)
     except (OSError, yaml.YAMLError):
         return None
     except ConfigError:
-        return None if check else flatten(raw)
-    return flatten(config_lib.resolved(cfg, cfg.model.vocab_size))
+        return None if check else config_lib.flatten(raw)
+    return config_lib.flatten(config_lib.resolved(cfg, cfg.model.vocab_size))
 
 
 def find_run_dirs(root: Path) -> list[Path]:
@@ -107,8 +97,9 @@ def find_run_dirs(root: Path) -> list[Path]:
     found = []
     for here, dirs, files in os.walk(root):
         path = Path(here)
-        if any(name in files for name in MARKERS) or (
-                "config.yaml" in files and _read_config(path / "config.yaml", check=True) is not None):
+        if any(name in files for name in rundir.MARKERS) or (
+                rundir.CONFIG in files and _read_config(RunDir(path).config_path, check=True)
+                is not None):
             found.append(path)
             dirs.clear()
         else:  # not our output, nor hidden folders (a sweep's .jax_cache)
@@ -120,13 +111,14 @@ def find_run_dirs(root: Path) -> list[Path]:
 def read_run(path: Path, root: Path) -> Run:
     """A run's files; scalars from tb/, or metrics.jsonl where tb/ has no training scalars (a run
     with logging.tensorboard=false holds only what the sweep wrote there)."""
-    scalars = read_scalars(path / "tb") if has_events(path / "tb") else {}
+    run = RunDir(path)
+    scalars = read_scalars(run.tensorboard) if has_events(run.tensorboard) else {}
     if not any(tag.startswith(("train/", "eval/")) for tag in scalars):
-        scalars = scalars_from_metrics(rundir.read_metrics(path))
-    config = _read_config(path / "config.yaml")
+        scalars = scalars_from_metrics(run.metrics())
+    config = _read_config(run.config_path)
     name = path.relative_to(root).as_posix() if path != root else path.name
-    return Run(path, name, config or {}, rundir.read_json(path / "summary.json") or {},
-               rundir.read_json(path / rundir.RECORD), scalars)
+    return Run(path, name, config or {}, run.summary(), rundir.read_json(run.trial_record),
+               scalars)
 
 
 def _explained(key: str, others: list[str], runs: list[Run]) -> bool:
@@ -152,7 +144,7 @@ def distinguishing_fields(runs: list[Run]) -> list[str]:
             keys.update(dict.fromkeys([*run.trial.get("params", {}), *run.trial.get("derived", {})]))
     configs = [run.config for run in runs if run.config]
     for key in sorted({key for c in configs for key in c}):
-        if key in keys or key == SEED_KEY or key.startswith(BOOKKEEPING):
+        if key in keys or key == SEED_KEY or key in BOOKKEEPING:
             continue
         if len({repr(c[key]) for c in configs if key in c and c[key] is not None}) > 1:
             keys[key] = None
@@ -183,14 +175,6 @@ def family(run: Run, fields: list[str], free: tuple[str, ...]) -> tuple[str, ...
 
 def format_value(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def si(value: float) -> str:
-    """3 significant digits with an SI prefix: 836736 -> 837k, 2.5e15 -> 2.5P."""
-    for scale, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{prefix}"
-    return f"{value:.3g}"
 
 
 def load_runs(root: Path) -> tuple[list[Run], list[str]]:
@@ -234,7 +218,7 @@ def fixed_settings(runs: list[Run], fields: list[str]) -> dict[str, Any]:
     out = {}
     for key in sorted({key for c in configs for key in c}):
         values = {repr(c[key]) for c in configs if key in c}
-        if key not in fields and len(values) == 1 and not key.startswith(BOOKKEEPING):
+        if key not in fields and len(values) == 1 and key not in BOOKKEEPING:
             out[key] = next(c[key] for c in configs if key in c)
     return out
 

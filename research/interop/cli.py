@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from research import flags
 from research.config import ConfigError, ExperimentConfig
 from research.interop import hf
 
@@ -50,8 +51,8 @@ def import_hf(hf_dir: Path, run_dir: Path, overrides: list[str]) -> ExperimentCo
 
     from research import config as config_lib
     from research.data.pipeline import train_iterator
-    from research.train.checkpoint import Checkpointer
     from research.train.loop import prepare
+    from research.train.rundir import RunDir
     from research.train.state import state_from_params
 
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -73,12 +74,13 @@ def import_hf(hf_dir: Path, run_dir: Path, overrides: list[str]) -> ExperimentCo
     if run_dir.exists():
         run_dir.rmdir()  # empty (checked above)
     with _staged(run_dir) as tmp:
+        staged = RunDir(tmp)
         if cfg.data.tokenizer == str(tokenizer.resolve()):
-            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-            copied = str(run_dir.resolve() / "tokenizer.json")
+            shutil.copyfile(tokenizer, staged.tokenizer)
+            copied = str(RunDir(run_dir.resolve()).tokenizer)
             cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"tokenizer": copied})})
-        (tmp / "config.yaml").write_text(cfg.to_yaml())
-        checkpoints = Checkpointer(tmp / "checkpoints", cfg.checkpoint)
+        staged.write_config(cfg.to_yaml())
+        checkpoints = staged.checkpointer(cfg.checkpoint, read_only=False)
         checkpoints.save(0, state, data, {"step": 0, "config": cfg.to_dict(),
                                           "imported_from": str(hf_dir.resolve())})
         checkpoints.close()
@@ -89,9 +91,9 @@ def import_hf(hf_dir: Path, run_dir: Path, overrides: list[str]) -> ExperimentCo
 
 
 def _eval_loss(run_dir: Path, step: int) -> float | None:
-    from research.train.metrics import read_metrics
+    from research.train.rundir import RunDir
 
-    losses = [e["eval_loss"] for e in read_metrics(run_dir) if e.get("step") == step
+    losses = [e["eval_loss"] for e in RunDir(run_dir).metrics() if e.get("step") == step
               and "eval_loss" in e]
     return losses[-1] if losses else None
 
@@ -150,26 +152,24 @@ def export_step(setup: Any, params: Any, step: int, run_dir: Path, folder: Path,
 def export_hf(run_dir: Path, out: Path, step: int | None, all_steps: bool, force: bool,
               max_shard_bytes: int = MAX_SHARD_BYTES) -> list[int]:
     """Export one checkpoint (default: the latest) or every kept one into out/step_XXXXXXX/."""
-    from research.train.checkpoint import Checkpointer
-    from research.train.loop import load_run_config, prepare
+    from research.train.loop import load_run
+    from research.train.rundir import RunDir
 
-    cfg = load_run_config(run_dir)
-    hf.family_of(cfg.model)  # refuse before anything is read or written
+    run = RunDir(run_dir)
+    hf.family_of(run.config().model)  # refuse before anything is read or written
     if out.exists() and not force:
         raise ConfigError(f"--out: {out} exists; pass --force to replace it")
-    checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
-    available = checkpoints.all_steps()
-    steps = available if all_steps else [step if step is not None else checkpoints.latest_step()]
-    if not steps or steps[0] is None or any(s not in available for s in steps):
-        raise ConfigError(f"--step: {run_dir} has no checkpoint at step "
-                          f"{steps[0] if steps else None} (available: {available or 'none'})")
-    setup = prepare(cfg)
+    steps = run.steps() if all_steps else [run.check_step(step)]
+    if not steps:
+        raise ConfigError(f"--all-steps: {run_dir} has no checkpoint")
+    setup, state, _ = load_run(run, steps[0])
     with _staged(out, force) as tmp:
         for s in steps:
             folder = tmp / f"step_{s:07d}" if all_steps else tmp
             folder.mkdir(exist_ok=True)
-            with setup.context():
-                state, _ = checkpoints.restore(s, setup.spec.abstract)
+            if s != steps[0]:
+                with setup.context():
+                    state, _ = run.restore(setup.spec.abstract, s)
             export_step(setup, state["params"], s, run_dir, folder, max_shard_bytes)
     return steps
 
@@ -205,7 +205,7 @@ def add_interop_commands(subparsers: Any) -> None:
     exp = subparsers.add_parser("export-hf", help="a run's checkpoint(s) -> Hugging Face folder(s)")
     exp.add_argument("run_dir")
     which = exp.add_mutually_exclusive_group()
-    which.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    which.add_argument("--step", type=flags.non_negative, help="checkpoint step (default: latest)")
     which.add_argument("--all-steps", action="store_true",
                        help="every kept checkpoint, into OUT/step_XXXXXXX/")
     exp.add_argument("--out", required=True, help="output folder")

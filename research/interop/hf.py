@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from research import config as config_lib
 from research.config import ConfigError, ModelConfig
 from research.models.parameterization import is_standard_function
 
@@ -110,11 +111,6 @@ def _model_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-# Fields model_from_hf fills that do not change the function (training and compute choices): an
-# experiment starting from HF weights (model.init_from) may set them freely.
-TRAINING_CHOICES = ("moe.balance_coef", "mamba.dt_min", "mamba.dt_max", "mamba.chunk_size")
-
-
 def check_init_from(cfg: ModelConfig) -> None:
     """model.init_from names an HF folder whose architecture is `cfg`'s; else a ConfigError
     naming the first field that differs."""
@@ -125,8 +121,11 @@ def check_init_from(cfg: ModelConfig) -> None:
     theirs = flatten_dict(model_from_hf(read_config(hf_dir), f"{hf_dir}/config.json"), sep=".")
     mine = {**flatten_dict(cfg.model_dump(mode="json"), sep="."), "head_dim": cfg.head_size,
             "n_kv_heads": cfg.kv_heads, "d_ff": cfg.ff_size}  # None means the derived value
+    # fields that do not change the parameters (training and compute choices) may differ, as
+    # they may between two runs (research/train/state.params_from_run)
+    free = config_lib.fields_with_role(*config_lib.ALL_ROLES)
     for key, value in theirs.items():
-        if key not in TRAINING_CHOICES and mine[key] != value:
+        if f"model.{key}" not in free and mine[key] != value:
             raise ConfigError(f"model.{key}={mine[key]!r} differs from {value!r} in "
                               f"model.init_from={cfg.init_from}")
 

@@ -2,9 +2,9 @@
 
 Dtype policy (the one place it lives is `matmul`): parameters and the residual stream are
 float32; every matmul casts its operands to the config's compute dtype and accumulates in
-float32 (`preferred_element_type`). On a CPU with AMX a bf16 x bf16 -> f32 matmul runs ~3.7x
-faster than f32 (without AMX or avx512_bf16 it is slower: docs/performance.md); on accelerators
-it is the usual mixed-precision recipe.
+float32 (`preferred_element_type`): on accelerators the usual mixed-precision recipe; on a CPU
+it pays only where the CPU has bf16 matmul units (AMX, avx512_bf16; figures in
+docs/performance.md).
 Norms, rotary and the SwiGLU gate run in float32.
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`) and the main

@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 import jax
 from jax.sharding import PartitionSpec
-from pydantic import ValidationError
 
-from research.config import ModelConfig
+from research.config import ModelConfig, base_width_config
 
 ALPHA = {"standard": 0.0, "mup": 0.0, "depth_mup": 0.5, "completep": 1.0}
 DEPTH_AWARE = ("depth_mup", "completep")
@@ -52,31 +50,6 @@ class Forward:
     residual: float  # each residual branch's output
     logits: float
     attention_scale: float | None  # softmax(scale q k^T); None: 1/sqrt(head_dim)
-
-
-def base_width_config(cfg: ModelConfig) -> ModelConfig:
-    """The model at the proxy's width (depth unchanged, so its parameter tree matches cfg's):
-    the base shapes every fan-in ratio is taken against. ValueError naming the field if invalid."""
-    ratio = Fraction(cfg.base_d_model or cfg.d_model, cfg.d_model)
-
-    def scaled(field: str, value: int | None, base: int | None) -> int | None:
-        if base is not None or value is None:
-            return base
-        if (value * ratio).denominator != 1:
-            raise ValueError(f"model.{field}={value} times base_d_model/d_model={ratio} is not an "
-                             f"integer; set model.base_{field}")
-        return int(value * ratio)
-
-    raw = cfg.model_dump()
-    raw.update(d_model=int(cfg.d_model * ratio), parameterization="standard",
-               d_ff=scaled("d_ff", cfg.d_ff, cfg.base_d_ff))
-    raw["moe"]["d_expert"] = scaled("d_expert", cfg.moe.d_expert, cfg.base_d_expert)
-    try:
-        return ModelConfig.model_validate(raw)
-    except ValidationError as exc:
-        message = exc.errors()[0]["msg"].removeprefix("Value error, ")
-        raise ValueError(f"the base shape (model.base_d_model={raw['d_model']}) is not a valid "
-                         f"model: {message}") from None
 
 
 def width_ratio(cfg: ModelConfig) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from research import config as config_lib
-from research.analysis.runs import si
+from research.format import si
 from research.sweep.spec import STEPS, Sweep, model_numbers, short_name
 
 

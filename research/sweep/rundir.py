@@ -1,29 +1,17 @@
 """A trial's run directory as the sweep sees it: what `research train` wrote, and what we add.
 
-`research train` writes config.yaml, metrics.jsonl, summary.json, tb/ and checkpoints/. The sweep
+`research train` writes the run directory (research/train/rundir.py names its files). The sweep
 adds trial.log (the trial's stdout+stderr, all attempts), trial.json (swept values, state,
 objective, error; read by the analysis tools) and an HParams session in tb/.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from research.sweep.spec import Objective
-from research.train.metrics import parse_metrics, read_metrics, write_json  # noqa: F401 (used by sweep and analysis)
-
-LOG = "trial.log"
-RECORD = "trial.json"
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
+from research.train.rundir import RunDir, parse_metrics, write_json
 
 
 class MetricsTail:
@@ -60,8 +48,9 @@ def objective_value(entries: list[dict[str, Any]], objective: Objective) -> floa
 
 def progress(run_dir: Path) -> tuple[int | None, int | None]:
     """(step reached, steps planned) from metrics.jsonl and summary.json, whichever is further."""
-    summary = read_json(run_dir / "summary.json") or {}
-    steps = [e["step"] for e in read_metrics(run_dir) if isinstance(e.get("step"), int)]
+    run = RunDir(run_dir)
+    summary = run.summary()
+    steps = [e["step"] for e in run.metrics() if isinstance(e.get("step"), int)]
     reached = max([*steps, summary.get("step") or 0]) if (steps or summary) else None
     return reached, summary.get("steps")
 
@@ -71,13 +60,13 @@ def summary_error(run_dir: Path, since: float) -> str | None:
 
     Preferred to the log's last line, which output at interpreter exit can follow.
     """
-    path = run_dir / "summary.json"
+    run = RunDir(run_dir)
     try:
-        if path.stat().st_mtime < since:
+        if run.summary_path.stat().st_mtime < since:
             return None  # left by an earlier attempt
     except OSError:
         return None
-    summary = read_json(path) or {}
+    summary = run.summary()
     return summary.get("error") if summary.get("state") == "failed" else None
 
 
@@ -106,7 +95,7 @@ def write_hparams(run_dir: Path, hparams: dict[str, Any], objective_tag: str,
 
     metric_tags = [objective_tag, "eval/loss", "eval/bpb", "train/loss"]
     experiment, start, end = hparams_summary(hparams, dict.fromkeys(metric_tags, 0.0))
-    with SummaryWriter(str(run_dir / "tb")) as writer:
+    with SummaryWriter(str(RunDir(run_dir).tensorboard)) as writer:
         for summary in (experiment, start, end):
             writer.file_writer.add_summary(summary)
         if objective is not None:
@@ -120,7 +109,7 @@ def write_record(run_dir: Path, trial: dict[str, Any], state: str, objective: fl
     The overrides every trial shares are in the sweep dir's sweep.json, and the whole config in
     the trial's config.yaml, so they are not repeated here.
     """
-    write_json(run_dir / RECORD, {
+    write_json(RunDir(run_dir).trial_record, {
         "trial": trial["number"], "name": trial["name"], "params": trial["params"],
         "derived": trial["derived"], "seed": trial.get("seed"), "state": state,
         "objective": objective, "error": error,

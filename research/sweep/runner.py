@@ -28,6 +28,7 @@ from research.sweep import rundir, study
 from research.sweep.live import TrialProgress, make_view
 from research.sweep.spec import SEED_KEY, Sweep
 from research.sweep.store import Claim, LostClaim, Store
+from research.train.rundir import RunDir, read_json, write_json
 
 TRAIN_COMMAND = (sys.executable, "-m", "research", "train")
 SWEEP_FILE = "sweep.json"  # in the sweep dir: name and storage, for `research sweep status`
@@ -174,7 +175,7 @@ class Runner:
     def open(self) -> Store:
         """Attach to (or create) the sweep's store; refuses a sweep dir that holds another sweep."""
         info_path = self.sweep_dir / SWEEP_FILE
-        info = rundir.read_json(info_path)
+        info = read_json(info_path)
         if info and info.get("name") != self.spec.name:
             raise ConfigError(f"{self.sweep_dir}: holds sweep {info.get('name')!r}, not "
                               f"{self.spec.name!r}; use another --sweep-dir")
@@ -187,7 +188,7 @@ class Runner:
         store.create(self.sweep.fingerprint(), self.sweep.settings(), planned)
         if self.uses_study:
             study.open_study(self.sweep, self.storage)
-        rundir.write_json(info_path, {"name": self.spec.name, "storage": self.storage,
+        write_json(info_path, {"name": self.spec.name, "storage": self.storage,
                                       "params": list(self.spec.search.params),
                                       "seeds": self.spec.seeds,
                                       "overrides": self.sweep.fixed_overrides,
@@ -265,7 +266,7 @@ class Runner:
         command = [*self.trial_command, str(self.sweep.base), "--run-dir", str(run_dir),
                    *trial["overrides"], f"name={trial['name']}"]
         parent, started = os.getpid(), time.time()
-        with (run_dir / rundir.LOG).open("ab") as log:
+        with RunDir(run_dir).trial_log.open("ab") as log:
             log.write(f"=== attempt {claim.attempt} by {store.owner}: {' '.join(command)}\n".encode())
             log.flush()
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -281,7 +282,7 @@ class Runner:
             values[SEED_KEY] = trial["seed"]
         steps = self.sweep.trial_config(trial["overrides"]).train.steps
         return _Running(claim, trial, run_dir, proc, log_start, slot, started,
-                        rundir.MetricsTail(run_dir / "metrics.jsonl"),
+                        rundir.MetricsTail(RunDir(run_dir).metrics_path),
                         TrialProgress(trial["name"], values, steps), optuna_trial)
 
     def _poll(self, item: _Running) -> int | None:
@@ -308,7 +309,7 @@ class Runner:
 
     def _finish(self, store: Store, item: _Running, code: int) -> None:
         metric = self.spec.objective.metric
-        objective = rundir.objective_value(rundir.read_metrics(item.run_dir), self.spec.objective)
+        objective = rundir.objective_value(RunDir(item.run_dir).metrics(), self.spec.objective)
         error = None
         if item.pruned:
             state, objective = "pruned", None
@@ -317,7 +318,7 @@ class Runner:
         else:
             state, objective = "failed", None
             error = (exit_error(code, rundir.summary_error(item.run_dir, item.started)
-                                 or rundir.last_line(item.run_dir / rundir.LOG, item.log_start))
+                                 or rundir.last_line(RunDir(item.run_dir).trial_log, item.log_start))
                      if code else f"finished without a {metric!r} entry in metrics.jsonl")
         if not store.finish(item.claim, state, objective, error):
             self.view.line(f"[{item.trial['name']}] was taken over by another worker; result "

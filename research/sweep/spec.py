@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from pydantic import model_validator
 
@@ -433,7 +432,8 @@ class Sweep:
         refused rerun can name what differs."""
         spec = self.spec.model_dump(mode="json", exclude={"storage", "parallel", "lease_s", "base"})
         experiment = config_lib.load(self.base, self.fixed_overrides).to_dict()
-        return {**{f"sweep: {k}": v for k, v in _flat(spec).items()}, **_flat(experiment)}
+        return {**{f"sweep: {k}": v for k, v in config_lib.flatten(spec).items()},
+                **config_lib.flatten(experiment)}
 
     def fingerprint(self) -> str:
         """What makes two workers run the same sweep (not: storage, parallel, lease, paths)."""
@@ -443,27 +443,7 @@ class Sweep:
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        out.update(_flat(value, f"{name}.") if isinstance(value, dict) and value else {name: value})
-    return out
-
-
 # ----------------------------------------------------------------------------- loading
-
-
-class _Loader(config_lib.UniqueKeyLoader):
-    """YAML 1.2 floats: `1e-4` is a number (PyYAML's YAML 1.1 reads it as a string); a key
-    given twice is an error."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
 
 
 def _resolve_base(base: str, sweep_file: Path) -> Path:
@@ -478,16 +458,7 @@ def load(path: str | Path, cli_overrides: list[str] | tuple[str, ...] = (),
          check: bool = True) -> Sweep:
     """Read, validate and (by default) check a sweep file; any problem is one ConfigError line."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such sweep file")
-    try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping (base, search, objective, ...)")
+    raw = config_lib.read_yaml(path, "sweep", "base, search, objective, ...")
     raw.setdefault("name", path.stem)
     try:
         spec = config_lib.validate(raw, SweepSpec)

@@ -14,6 +14,7 @@ from research.sweep import rundir
 from research.sweep.runner import SWEEP_FILE
 from research.sweep.spec import short_name
 from research.sweep.store import Store
+from research.train.rundir import read_json
 
 _STYLES = {"pending": "dim", "running": "cyan", "interrupted": "yellow", "done": "green",
            "failed": "red", "pruned": "magenta"}
@@ -24,7 +25,7 @@ def trial_rows(sweep_dir: Path, storage: str | None = None) -> tuple[dict[str, A
 
     A running trial whose worker is gone shows as `interrupted` (the next worker resumes it).
     """
-    info = rundir.read_json(sweep_dir / SWEEP_FILE)
+    info = read_json(sweep_dir / SWEEP_FILE)
     if info is None:
         raise ConfigError(f"{sweep_dir}: not a sweep dir (no {SWEEP_FILE})")
     store = Store(storage or info["storage"], info["name"])

@@ -31,7 +31,6 @@ from sqlalchemy.exc import (ArgumentError, DBAPIError, IntegrityError, Interface
 
 from research.config import ConfigError
 
-STATES = ("pending", "running", "done", "failed", "pruned")
 FINAL_STATES = ("done", "failed", "pruned")
 
 SCHEMA_VERSION = 1

@@ -140,6 +140,11 @@ class Checkpointer:
                 ) -> tuple[Any, dict[str, Any]]:
         """Restore checkpoint `step` (default: the latest) onto the shardings in
         `abstract_state` (any mesh) and the iterator; a damaged one is refused."""
+        return self._read(self.verified_step(step), abstract_state, data_iterator)
+
+    def verified_step(self, step: int | None) -> int:
+        """`step` (None: the latest) if it exists and its files match their digests; else a
+        CheckpointError naming what is wrong and the newest intact step before it."""
         step = self.latest_step() if step is None else step
         if step is None or step not in self.all_steps():
             raise CheckpointError(f"{self.directory}: no checkpoint at step {step} "
@@ -149,7 +154,7 @@ class Checkpointer:
             intact = [s for s in self.all_steps() if s < step and not self.damage(s)]
             hint = f" (the newest intact one: --step {intact[-1]})" if intact else ""
             raise CheckpointError(f"checkpoint {step} is damaged: {problem}{hint}")
-        return self._read(step, abstract_state, data_iterator)
+        return step
 
     def _read(self, step: int, abstract_state: Any, data_iterator: Any | None
               ) -> tuple[Any, dict[str, Any]]:
@@ -200,18 +205,21 @@ class Checkpointer:
 
     def restore_params(self, step: int | None, abstract_params: Any) -> Any:
         """Only the params of the checkpoint at `step` (default: latest), onto the shardings in
-        `abstract_params` (any mesh): the way a new run starts from another run's weights."""
-        step = self.latest_step() if step is None else step
-        if step is None or step not in self.all_steps():
-            raise CheckpointError(f"{self.directory}: no checkpoint at step {step} "
-                                  f"(available: {self.all_steps() or 'none'})")
+        `abstract_params` (any mesh): the way a new run starts from another run's weights. A
+        damaged step is refused, as `restore` refuses it."""
+        step = self.verified_step(step)
         reader = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             read_only=True, create=False), item_handlers={"state": ocp.PyTreeCheckpointHandler()})
         target = {"params": abstract_params}
-        restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))
-        reader.close()
+        try:
+            restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True)))
+        except (ValueError, OSError, KeyError) as exc:  # an unverified step that does not read
+            first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            raise CheckpointError(f"checkpoint {step} could not be read: {first}") from None
+        finally:
+            reader.close()
         return restored["state"]["params"]
 
     def close(self) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import signal
 import sys
@@ -29,7 +28,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from research import config as config_lib
-from research.config import ConfigError, ExperimentConfig
+from research.config import ConfigError, ExperimentConfig, MeshConfig
 from research.data.examples import Examples, example_iterator, load_examples
 from research.data.pipeline import TokenCache, build_token_cache, eval_batches, train_iterator
 from research.data.tokenizer import load_tokenizer
@@ -38,17 +37,12 @@ from research.parallel.mesh import (AxisRules, axis_rules, batch_sharding, check
                                     make_mesh)
 from research.train import flops, metrics
 from research.train.checkpoint import Checkpointer
+from research.train.rundir import RunDir
 from research.train.optim import lr_multiplier, make_optimizer
 from research.train.objectives import make_objective
-from research.train.state import (StateSpec, init_state, load_initial_params, param_multipliers,
+from research.train.state import (StateSpec, TrainState, init_state, load_initial_params, param_multipliers,
                                   param_specs, params_from_run, state_from_params, state_spec)
 from research.train.step import eval_step, train_step
-
-# Fields that may change when a run is resumed: they do not alter the training trajectory
-# (train.steps extends or shortens the run; note a cosine schedule then follows the new length;
-# a new mesh reshards the checkpoint on load and changes only float reduction order).
-RESUMABLE_CHANGES = ("name", "train.steps", "train.log_every", "train.eval_every",
-                     "train.eval_batches", "checkpoint", "logging", "mesh")
 
 
 @dataclass(frozen=True)
@@ -159,23 +153,18 @@ def evaluate(setup: Setup, params: Any, batches: list[np.ndarray],
 
 def _check_resumable(saved: ExperimentConfig, new: ExperimentConfig, path: Path) -> None:
     """Compared as resolved, so a config.yaml with derived sizes filled in (or from before they
-    were) matches the null it was derived from."""
-    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
-        out = {}
-        for key, value in d.items():
-            name = f"{prefix}{key}"
-            out.update(flat(value, name + ".") if isinstance(value, dict) else {name: value})
-        return out
-
-    tokenizer_vocab = load_tokenizer(new.data.tokenizer).vocab_size
-    old, now = (flat(config_lib.resolved(c, padded_vocab(c.model, tokenizer_vocab)))
-                for c in (saved, new))
-    for key in sorted(old.keys() | now.keys()):
-        if key.startswith(RESUMABLE_CHANGES) or old.get(key) == now.get(key):
-            continue
-        raise ConfigError(f"{key}: {now.get(key)!r} differs from {old.get(key)!r} in {path}; a run "
-                          f"directory resumes with its own config (only {', '.join(RESUMABLE_CHANGES)} "
-                          "may change): use a new --run-dir")
+    were) matches the null it was derived from; only fields whose role says they leave the
+    trajectory alone (config.BOOKKEEPING, config.EXTENT) may differ."""
+    vocab = padded_vocab(new.model, load_tokenizer(new.data.tokenizer).vocab_size)
+    free = config_lib.fields_with_role(config_lib.BOOKKEEPING, config_lib.EXTENT)
+    difference = config_lib.first_difference(config_lib.resolved(new, vocab),
+                                             config_lib.resolved(saved, vocab), free)
+    if difference is not None:
+        key, now, old = difference
+        raise ConfigError(f"{key}: {now!r} differs from {old!r} in {path}; a run directory "
+                          "resumes with its own config (only fields that leave the trajectory "
+                          "alone may change, e.g. train.steps, logging, checkpoint, mesh): use "
+                          "a new --run-dir")
 
 
 @contextlib.contextmanager
@@ -201,20 +190,6 @@ def _stop_between_steps() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
-def _previous_final(run_dir: Path) -> dict[str, float]:
-    """The last metrics a resumed run had reported (what a rerun of a finished run shows)."""
-    path = run_dir / "summary.json"
-    return json.loads(path.read_text()).get("final", {}) if path.is_file() else {}
-
-
-def _latest_step(run_dir: Path, cfg: ExperimentConfig) -> int | None:
-    """The run's latest checkpoint step, None when it has none (read-only: creates nothing)."""
-    directory = run_dir / "checkpoints"
-    if not directory.is_dir():
-        return None
-    return Checkpointer(directory, cfg.checkpoint, read_only=True).latest_step()
-
-
 def _batch_shapes(cfg: ExperimentConfig, examples: Examples | None) -> dict[str, tuple[int, ...]]:
     """Global batch shapes: token windows [B, L+1], or the example rows' fields."""
     if examples is None:
@@ -222,44 +197,221 @@ def _batch_shapes(cfg: ExperimentConfig, examples: Examples | None) -> dict[str,
     return {name: (cfg.train.batch_size, *rows.shape[1:]) for name, rows in examples.rows.items()}
 
 
-def load_run_config(run_dir: Path) -> ExperimentConfig:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-    return config_lib.validate(config_lib.read_yaml(path))
+def load_run(run: RunDir, step: int | None = None, devices: list[jax.Device] | None = None
+             ) -> tuple[Setup, TrainState, dict[str, Any]]:
+    """A run's setup and its verified checkpoint at `step` (None: the latest): where every
+    command that reads a trained model starts (eval, generate, export-hf, the benches). On
+    `devices` (e.g. one device) the run's mesh shape gives way to a data-parallel one."""
+    cfg = run.config()
+    run.check_step(step)  # before the token cache is built: a wrong --step fails at once
+    if devices is not None:
+        cfg = cfg.model_copy(update={"mesh": MeshConfig(rules=cfg.mesh.rules)})
+    setup = prepare(cfg, devices)
+    with setup.context():
+        state, meta = run.restore(setup.spec.abstract, step)
+    return setup, state, meta
+
+
+# ----------------------------------------------------------------------------- the loop's parts
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    """A cadence: every `every` steps, and at the run's last step."""
+    return step % every == 0 or step == last
+
+
+def _check_start(run: RunDir, cfg: ExperimentConfig) -> tuple[int | None, bool]:
+    """(the run's latest checkpoint step, whether the directory is a starting point); refuses a
+    run directory that cannot take this config, before anything is computed or written."""
+    if run.path.exists() and not run.path.is_dir():
+        raise ConfigError(f"{run.path}: is a file; a run directory is a folder")
+    latest = run.latest_step()
+    starting_point = run.has_config() and latest == 0
+    if starting_point and cfg.model.init_from is not None:
+        raise ConfigError(f"model.init_from: {run.path} already holds its step-0 weights; drop "
+                          "model.init_from or use a new --run-dir")
+    if run.has_config() and not starting_point:
+        _check_resumable(run.config(), cfg, run.config_path)
+    return latest, starting_point
+
+
+def _initial_weights(setup: Setup, run: RunDir, latest: int | None, starting_point: bool
+                     ) -> tuple[Any, str] | None:
+    """(params, where from) when the run starts from earlier weights: its own step 0 (a starting
+    point) or model.init_from (a new run only); None when it initialises or resumes."""
+    cfg = setup.cfg
+    if starting_point:
+        with setup.context():
+            return params_from_run(setup.spec, cfg, run, 0), f"{run.path}@0"
+    if cfg.model.init_from is not None and latest is None:
+        with setup.context():
+            return load_initial_params(setup.spec, cfg), cfg.model.init_from
+    return None
+
+
+def _restore_or_init(setup: Setup, checkpoints: Checkpointer,
+                     data_iterator: Callable[[], grain.DatasetIterator], starting_point: bool,
+                     initial: tuple[Any, str] | None, say: Callable[[str], None], is_lead: bool
+                     ) -> tuple[int, TrainState, grain.DatasetIterator]:
+    """(start step, state, data iterator): the newest intact checkpoint with its data
+    position, or step 0 from the initial weights or a fresh initialisation."""
+    cfg = setup.cfg
+    data = data_iterator()
+    started = time.perf_counter()
+    with setup.context():
+        start, state, notes = ((None, None, []) if starting_point
+                               else checkpoints.resume(setup.spec.abstract, data))
+        for note in notes if is_lead else []:
+            print(note, file=sys.stderr, flush=True)
+        if start is not None:
+            say(f"resuming from step {start} (its checkpoint in {checkpoints.directory})")
+        else:
+            start = 0
+            if notes:
+                data = data_iterator()  # a failed restore may have moved it
+            if initial is not None:
+                say(f"starting from the weights of {initial[1]}")
+                state = state_from_params(initial[0], setup.tx, setup.spec, cfg.train.seed)
+            else:
+                say(f"initialising {cfg.model.n_layers} layers, d_model={cfg.model.d_model} ...")
+                state = init_state(setup.model, setup.tx,
+                                   jnp.zeros((1, cfg.train.seq_len), jnp.int32), setup.spec,
+                                   cfg.train.seed)
+    say(f"state ready in {time.perf_counter() - started:.1f}s")
+    return start, state, data
+
+
+class SpeedMonitor:
+    """Step time, tokens/s and MFU over the steps since the last measurement; time spent
+    outside training steps (evaluation, logging) is not step time."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float, step: int):
+        self.tokens_per_step, self.flops_per_token, self.peak = (tokens_per_step, flops_per_token,
+                                                                 peak_flops)
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.time, self.step = time.perf_counter(), step
+
+    def resume(self) -> None:
+        """After a pause (an evaluation): the clock restarts, the step count does not."""
+        self.time = time.perf_counter()
+
+    def measure(self, step: int) -> dict[str, float]:
+        step_time = (time.perf_counter() - self.time) / (step - self.step)
+        tokens_per_sec = self.tokens_per_step / step_time
+        return {"step_time": step_time, "tokens_per_sec": tokens_per_sec,
+                "mfu": self.flops_per_token * tokens_per_sec / self.peak,
+                "tokens": step * self.tokens_per_step}
+
+
+class CheckpointCadence:
+    """Saves every checkpoint.every steps and at the end; after a failure, `save_first` keeps
+    the steps trained since the last save."""
+
+    def __init__(self, checkpoints: Checkpointer, cfg: ExperimentConfig,
+                 data: grain.DatasetIterator, state: TrainState, start: int):
+        self.checkpoints, self.cfg, self.data, self.state = checkpoints, cfg, data, state
+        self.reached = self.fetched = self.saved = start
+
+    def stepped(self, step: int, state: TrainState) -> None:
+        self.reached, self.state = step, state
+
+    def maybe_save(self, step: int) -> None:
+        if _due(step, self.cfg.checkpoint.every, self.cfg.train.steps):
+            self.save(step)
+
+    def save(self, step: int) -> None:
+        self.checkpoints.save(step, self.state, self.data, {"step": step,
+                                                            "config": self.cfg.to_dict()})
+        self.saved = step
+
+    def can_save_first(self) -> bool:
+        """Not after a step that failed half-way: the data iterator is then a step ahead."""
+        return bool(self.reached) and self.reached in (self.fetched, self.saved)
+
+    def save_first(self) -> str:
+        """Checkpoint the latest completed step unless it is, and say so."""
+        if self.reached > self.saved:
+            try:
+                self.save(self.reached)
+                self.checkpoints.finish()
+            except Exception as exc:
+                latest = self.checkpoints.latest_step()
+                return (f"step {self.reached} could not be checkpointed ({type(exc).__name__}: "
+                        f"{exc}); latest checkpoint: {f'step {latest}' if latest else 'none'}")
+        return f"step {self.reached} is checkpointed: run the same command again to resume"
+
+
+class Reporter:
+    """Where the loop's numbers go: metrics.jsonl and TensorBoard, the progress bar, and the
+    summary (rewritten at each eval and at the end); only the lead process writes."""
+
+    def __init__(self, run: RunDir, cfg: ExperimentConfig, summary: dict[str, Any], start: int,
+                 is_lead: bool):
+        self.run, self.summary, self.is_lead = run, summary, is_lead
+        self.log = metrics.RunLog(run, resume_step=start, tensorboard=cfg.logging.tensorboard,
+                                  enabled=is_lead)
+        self.progress = metrics.Progress(cfg.name, cfg.train.steps, start,
+                                         enabled=is_lead and cfg.logging.progress)
+
+    def train_metrics(self, step: int, values: dict[str, float]) -> None:
+        self.log.write(step, values, "train")
+        self.progress.metrics(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_sec']:,.0f}",
+                              mfu=f"{values['mfu']:.1%}")
+        self.summary["final"].update(values)
+
+    def eval_metrics(self, step: int, scores: dict[str, float]) -> None:
+        self.log.write(step, scores, "eval")
+        self.summary["final"].update(scores)
+        if self.is_lead:
+            self.progress.write(f"step {step}: eval loss {scores['eval_loss']:.4f}, "
+                                f"{scores['eval_bpb']:.4f} bits/byte")
+        self.save_summary(step=step)
+
+    def save_summary(self, **changes: Any) -> None:
+        self.summary.update(changes)
+        if self.is_lead:
+            self.run.write_summary(self.summary)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.log.close()
+
+
+def _summary(cfg: ExperimentConfig, run: RunDir, start: int, counts: dict[str, int],
+             tokens_per_step: int, flops_per_token: float, peak: float) -> dict[str, Any]:
+    """summary.json as the run starts; a resumed run shows its last reported metrics."""
+    return {
+        "name": cfg.name, "state": "running", "step": start, "steps": cfg.train.steps,
+        **{f"params_{k}": v for k, v in counts.items()},
+        "flops_per_token": flops_per_token, "tokens_per_step": tokens_per_step,
+        "peak_flops": peak, "error": None,
+        "final": run.summary().get("final", {}) if start else {},
+    }
+
+
+# ----------------------------------------------------------------------------- the loop
 
 
 def train(cfg: ExperimentConfig, run_dir: Path,
           devices: list[jax.Device] | None = None) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`; returns the final summary."""
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     is_lead = jax.process_index() == 0
     say = (lambda message: print(message, flush=True)) if is_lead else _quiet
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"{run_dir}: is a file; a run directory is a folder")
-    config_path = run_dir / "config.yaml"
-    # A run directory whose only checkpoint is step 0 (what `import-hf` writes) is a starting
-    # point, not a run in progress: an experiment trains it with its own data, optimizer and
-    # schedule, as long as its model section describes the same model.
-    latest = _latest_step(run_dir, cfg)
-    starting_point = config_path.exists() and latest == 0
-    if starting_point and cfg.model.init_from is not None:
-        raise ConfigError(f"model.init_from: {run_dir} already holds its step-0 weights; drop "
-                          "model.init_from or use a new --run-dir")
-    if config_path.exists() and not starting_point:
-        _check_resumable(load_run_config(run_dir), cfg, config_path)
+    latest, starting_point = _check_start(run, cfg)
     # Everything that can fail on a bad config (shapes, data, held-out split, examples,
     # init_from) before anything is written, so a refused start leaves no run directory behind.
     setup = prepare(cfg, devices, say)
     examples = None if cfg.train.objective == "lm" else load_examples(cfg, setup.cache.tokenizer)
-    initial_params, weights_from = None, cfg.model.init_from
-    if starting_point:
-        weights_from = f"{run_dir}@0"
-        with setup.context():
-            initial_params = params_from_run(setup.spec, cfg, run_dir, 0)
-    elif cfg.model.init_from is not None and latest is None:
-        with setup.context():
-            initial_params = load_initial_params(setup.spec, cfg)
+    initial = _initial_weights(setup, run, latest, starting_point)
+    heldout = eval_batches(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
+                           n_batches=cfg.train.eval_batches, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    resolved_yaml = config_lib.to_yaml(config_lib.resolved(cfg, setup.vocab_size))
+    if is_lead:
+        run.write_config(resolved_yaml)
 
     def data_iterator() -> grain.DatasetIterator:
         shards = dict(global_batch=cfg.train.batch_size, seed=cfg.train.seed,
@@ -268,70 +420,31 @@ def train(cfg: ExperimentConfig, run_dir: Path,
             return train_iterator(setup.cache, seq_len=cfg.train.seq_len, **shards)
         return example_iterator(examples, **shards)
 
-    data = data_iterator()
-    heldout = eval_batches(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
-                           n_batches=cfg.train.eval_batches, process_index=jax.process_index(),
-                           process_count=jax.process_count())
-    resolved_yaml = config_lib.to_yaml(config_lib.resolved(cfg, setup.vocab_size))
-    if is_lead:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(resolved_yaml)
-
-    checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    started = time.perf_counter()
-    with setup.context():
-        start, state, notes = ((None, None, []) if starting_point
-                               else checkpoints.resume(setup.spec.abstract, data))
-        for note in notes if is_lead else []:
-            print(note, file=sys.stderr, flush=True)
-        if start is not None:
-            say(f"resuming from step {start} (its checkpoint in {run_dir / 'checkpoints'})")
-        if start is None:
-            start = 0
-            if notes:
-                data = data_iterator()  # a failed restore may have moved it
-            if initial_params is not None:
-                say(f"starting from the weights of {weights_from}")
-                state = state_from_params(initial_params, setup.tx, setup.spec, cfg.train.seed)
-            else:
-                say(f"initialising {cfg.model.n_layers} layers, d_model={cfg.model.d_model} ...")
-                state = init_state(setup.model, setup.tx,
-                                   jnp.zeros((1, cfg.train.seq_len), jnp.int32), setup.spec,
-                                   cfg.train.seed)
-    say(f"state ready in {time.perf_counter() - started:.1f}s")
+    checkpoints = run.checkpointer(cfg.checkpoint, read_only=False)
+    start, state, data = _restore_or_init(setup, checkpoints, data_iterator, starting_point,
+                                          initial, say, is_lead)
     finished = start >= cfg.train.steps
     if finished:
         say(f"already finished at step {start} (train.steps={cfg.train.steps}); nothing to train "
             "(raise train.steps to continue it)")
 
-    counts = flops.param_counts(cfg.model, setup.vocab_size)
     rows_per_example = 2 if cfg.train.objective == "dpo" else 1  # a pair is two rows
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len * rows_per_example
     flops_per_token = flops.flops_per_token(cfg.model, setup.vocab_size, cfg.train.seq_len)
     peak = metrics.peak_flops(cfg.model.compute_dtype, cfg.logging.peak_flops) * jax.process_count()
-    summary: dict[str, Any] = {
-        "name": cfg.name, "state": "running", "step": start, "steps": cfg.train.steps,
-        **{f"params_{k}": v for k, v in counts.items()},
-        "flops_per_token": flops_per_token, "tokens_per_step": tokens_per_step,
-        "peak_flops": peak, "error": None, "final": _previous_final(run_dir) if start else {},
-    }
-    log = metrics.RunLog(run_dir, resume_step=start, tensorboard=cfg.logging.tensorboard,
-                         enabled=is_lead)
-    profiler = metrics.StepProfiler(run_dir / "tb", cfg.logging.profile_steps)
+    counts = flops.param_counts(cfg.model, setup.vocab_size)
+    summary = _summary(cfg, run, start, counts, tokens_per_step, flops_per_token, peak)
+    report = Reporter(run, cfg, summary, start, is_lead)
+    profiler = metrics.StepProfiler(run.tensorboard, cfg.logging.profile_steps)
     if examples is not None:
         summary["examples"] = examples.counts
         say(f"{cfg.examples.source} examples: {examples.summary()}")
     if start == 0:
-        log.text("config", resolved_yaml)
-        log.text("parameters", "\n".join(f"{k:>14}: {v:,}" for k, v in counts.items()))
-
-    def save_summary(**changes: Any) -> None:
-        summary.update(changes)
-        if is_lead:
-            metrics.write_json(run_dir / "summary.json", summary)
+        report.log.text("config", resolved_yaml)
+        report.log.text("parameters", "\n".join(f"{k:>14}: {v:,}" for k, v in counts.items()))
 
     with _stop_between_steps() as stop_requested:
-        save_summary()
+        report.save_summary()
         with setup.context():
             # Compile ahead of the loop, so step times (and MFU) never include compilation.
             compile_start = time.perf_counter()
@@ -344,73 +457,36 @@ def train(cfg: ExperimentConfig, run_dir: Path,
             eval_fn = jax.jit(functools.partial(eval_step, model=setup.model),
                               in_shardings=(setup.spec.shardings["params"], batch_sharding(setup.mesh)))
 
-        progress = metrics.Progress(cfg.name, cfg.train.steps, start,
-                                    enabled=is_lead and cfg.logging.progress)
-        reached = fetched = saved = start
-
-        def checkpoint(step: int) -> None:
-            nonlocal saved
-            checkpoints.save(step, state, data, {"step": step, "config": cfg.to_dict()})
-            saved = step
-
-        def save_first() -> str:
-            """After a failure: checkpoint the latest completed step unless it is, and say so."""
-            if reached > saved:
-                try:
-                    checkpoint(reached)
-                    checkpoints.finish()
-                except Exception as exc:
-                    latest = checkpoints.latest_step()
-                    return (f"step {reached} could not be checkpointed ({type(exc).__name__}: "
-                            f"{exc}); latest checkpoint: {f'step {latest}' if latest else 'none'}")
-            return f"step {reached} is checkpointed: run the same command again to resume"
-
+        saver = CheckpointCadence(checkpoints, cfg, data, state, start)
+        speed = SpeedMonitor(tokens_per_step, flops_per_token, peak, start)
+        last = cfg.train.steps
         try:
-            last_time, last_step = time.perf_counter(), start
-            for step in range(start + 1, cfg.train.steps + 1):
+            for step in range(start + 1, last + 1):
                 if stop_requested:
                     raise KeyboardInterrupt
                 profiler.before(step)
                 with setup.context():
                     batch = jax.tree.map(setup.global_array, next(data))
-                    fetched = step  # the data iterator is now one step ahead of the state
+                    saver.fetched = step  # the data iterator is now one step ahead of the state
                     state, step_metrics = step_fn(state, batch, peak_lr)
                 profiler.after(step, state)
-                reached = step
-                progress.update(step)
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                saver.stepped(step, state)
+                report.progress.update(step)
+                if _due(step, cfg.train.log_every, last):
                     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                     if not math.isfinite(values["loss"]):
                         raise FloatingPointError(f"non-finite loss at step {step}")
-                    now = time.perf_counter()
-                    step_time = (now - last_time) / (step - last_step)
-                    tokens_per_sec = tokens_per_step / step_time
-                    values.update(step_time=step_time, tokens_per_sec=tokens_per_sec,
-                                  mfu=flops_per_token * tokens_per_sec / peak,
-                                  tokens=step * tokens_per_step)
-                    log.write(step, values, "train")
-                    progress.metrics(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
-                                     mfu=f"{values['mfu']:.1%}")
-                    summary["final"].update(values)
-                    last_time, last_step = time.perf_counter(), step
-                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                    scores = evaluate(setup, state["params"], heldout, eval_fn)
-                    log.write(step, scores, "eval")
-                    summary["final"].update(scores)
-                    if is_lead:
-                        progress.write(f"step {step}: eval loss {scores['eval_loss']:.4f}, "
-                                   f"{scores['eval_bpb']:.4f} bits/byte")
-                    save_summary(step=step)
-                    last_time = time.perf_counter()  # eval time is not step time
-                if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
-                    checkpoint(step)
+                    report.train_metrics(step, {**values, **speed.measure(step)})
+                    speed.restart(step)
+                if _due(step, cfg.train.eval_every, last):
+                    report.eval_metrics(step, evaluate(setup, state["params"], heldout, eval_fn))
+                    speed.resume()  # eval time is not step time
+                saver.maybe_save(step)
         except BaseException as exc:
             # Save first: whatever failed (eval, logging, a full disk, a signal), the steps
             # trained since the last checkpoint are kept, unless the state itself went bad.
-            # (not after a step that failed half-way: the data iterator is then one step ahead)
-            if reached and (fetched == reached or reached == saved) and \
-                    not isinstance(exc, FloatingPointError):
-                exc.add_note(save_first())
+            if saver.can_save_first() and not isinstance(exc, FloatingPointError):
+                exc.add_note(saver.save_first())
             if isinstance(exc, KeyboardInterrupt):
                 summary.update(state="interrupted")
             else:
@@ -421,7 +497,6 @@ def train(cfg: ExperimentConfig, run_dir: Path,
         finally:
             checkpoints.close()  # whatever happened, let a save in flight land before exiting
             profiler.stop()
-            progress.close()
-            log.close()
-            save_summary(step=reached)
+            report.close()
+            report.save_summary(step=saver.reached)
     return summary

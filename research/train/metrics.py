@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from research.train.rundir import RunDir, parse_metrics, write_json
+
 # Dense peak FLOP/s per device, (bfloat16, float32), from vendors' published figures.
 # float32 on NVIDIA counts TF32 tensor cores, which XLA uses for f32 matmuls by default.
 KNOWN_PEAKS: dict[str, tuple[float, float]] = {
@@ -30,9 +32,6 @@ KNOWN_PEAKS: dict[str, tuple[float, float]] = {
     "tpu v5e": (197e12, 197e12),
     "tpu v4": (275e12, 275e12),
 }
-
-TRAIN_TAGS = ("loss", "lr", "grad_norm", "param_norm", "step_time", "tokens_per_sec", "mfu")
-
 
 def _cpu_name() -> str:
     try:
@@ -80,25 +79,6 @@ def peak_flops(dtype: str, override: float | None = None,
     return cache[key]
 
 
-def parse_metrics(text: str) -> list[dict[str, Any]]:
-    """metrics.jsonl entries; a line cut short by a kill is skipped."""
-    entries = []
-    for line in text.splitlines():
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return entries
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """A run directory's metrics.jsonl entries ([] when it has none yet)."""
-    try:
-        return parse_metrics((run_dir / "metrics.jsonl").read_text())
-    except OSError:
-        return []
-
-
 def _summary_writer() -> type:
     """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch when
     it is installed, only to accept torch tensors (we log floats), and that import took 1.6 s of
@@ -117,8 +97,8 @@ def _summary_writer() -> type:
 class RunLog:
     """metrics.jsonl + TensorBoard scalars for one run directory; resumable without duplicates."""
 
-    def __init__(self, run_dir: Path, *, resume_step: int, tensorboard: bool, enabled: bool = True):
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, run: RunDir, *, resume_step: int, tensorboard: bool, enabled: bool = True):
+        self.path = run.metrics_path
         self.enabled = enabled
         self.tb = None
         if not enabled:
@@ -127,7 +107,8 @@ class RunLog:
         if tensorboard:
             SummaryWriter = _summary_writer()
             # purge_step makes TensorBoard drop what an interrupted run logged past the checkpoint.
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            self.tb = SummaryWriter(str(run.tensorboard),
+                                    purge_step=resume_step + 1 if resume_step else None)
 
     def _truncate_after(self, step: int) -> None:
         """Drop what an interrupted run logged past the checkpoint it resumes from."""
@@ -194,13 +175,6 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic replace (summary.json, trial.json): a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 class StepProfiler:

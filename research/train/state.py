@@ -22,7 +22,7 @@ from research.config import ConfigError, ExperimentConfig
 from research.interop import hf
 from research.models import parameterization
 from research.parallel.mesh import AxisRules, logical_shardings
-from research.train.checkpoint import Checkpointer
+from research.train.rundir import RunDir
 
 TrainState = dict[str, Any]
 
@@ -85,7 +85,7 @@ def param_multipliers(model: nn.Module, example: jax.Array) -> Any:
 
     boxed = shapes(model)
     base = boxed if model.cfg.parameterization == "standard" else shapes(
-        model.clone(cfg=parameterization.base_width_config(model.cfg)))
+        model.clone(cfg=config_lib.base_width_config(model.cfg)))
     return parameterization.rules(model.cfg, nn.get_partition_spec(boxed), _strip_names(boxed),
                                   _strip_names(base))
 
@@ -125,10 +125,6 @@ def state_from_params(params: Any, tx: optax.GradientTransformation, spec: State
     return state
 
 
-# Model fields a run may change from the run it starts from: they do not change the params.
-INIT_FROM_FREE = ("init_from", "remat", "compute_dtype")
-
-
 def split_init_from(init_from: str) -> tuple[Path, int | None]:
     """"RUN_DIR[@STEP]" -> (RUN_DIR, STEP or None for the latest checkpoint)."""
     path, sep, step = init_from.rpartition("@")
@@ -145,8 +141,8 @@ def load_initial_params(spec: StateSpec, cfg: ExperimentConfig) -> Any:
     model folder (research/interop/hf.py).
     """
     path, step = split_init_from(cfg.model.init_from)
-    if (path / "config.yaml").is_file():
-        return params_from_run(spec, cfg, path, step)
+    if RunDir(path).has_config():
+        return params_from_run(spec, cfg, RunDir(path), step)
     folder = Path(cfg.model.init_from).expanduser()
     if (folder / "config.json").is_file():
         hf.check_init_from(cfg.model)
@@ -156,27 +152,28 @@ def load_initial_params(spec: StateSpec, cfg: ExperimentConfig) -> Any:
                       "a config.json)")
 
 
-def params_from_run(spec: StateSpec, cfg: ExperimentConfig, run_dir: Path, step: int | None
-                     ) -> Any:
-    """Params of `run_dir`'s checkpoint at `step` (default: its latest). Its model section
-    (except INIT_FROM_FREE) and tokenizer must equal this run's: the first difference is one
+def params_from_run(spec: StateSpec, cfg: ExperimentConfig, run: RunDir, step: int | None
+                    ) -> Any:
+    """Params of `run`'s checkpoint at `step` (default: its latest), verified against its
+    digests. Its model section (but the fields that do not change the parameters, see
+    config.fields_with_role) and tokenizer must equal this run's: the first difference is one
     line naming the field."""
-    source_path = run_dir / "config.yaml"
-    source = config_lib.validate(config_lib.read_yaml(source_path))
+    source = run.config()
     vocab = spec.abstract["params"]["embed"]["embedding"].shape[0]
+    free = {name.removeprefix("model.") for name in config_lib.fields_with_role(
+        *config_lib.ALL_ROLES) if name.startswith("model.")}
     difference = config_lib.first_difference(config_lib.resolved(cfg, vocab)["model"],
                                              config_lib.resolved(source, source.model.vocab_size
                                                                  or vocab)["model"],
-                                             INIT_FROM_FREE)
+                                             frozenset(free))
     if difference is not None:
         key, mine, theirs = difference
         raise ConfigError(f"model.init_from: model.{key} is {mine!r} here but {theirs!r} in "
-                          f"{source_path}; the parameter shapes must match")
+                          f"{run.config_path}; the parameter shapes must match")
     if source.data.tokenizer != cfg.data.tokenizer:
         raise ConfigError(f"model.init_from: data.tokenizer is {cfg.data.tokenizer!r} here but "
-                          f"{source.data.tokenizer!r} in {source_path}")
-    checkpoints = Checkpointer(run_dir / "checkpoints", source.checkpoint, read_only=True)
+                          f"{source.data.tokenizer!r} in {run.config_path}")
     try:
-        return checkpoints.restore_params(step, spec.abstract["params"])
+        return run.restore_params(spec.abstract["params"], step)
     except ConfigError as exc:
         raise ConfigError(f"model.init_from: {exc}") from None
