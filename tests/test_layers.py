@@ -112,3 +112,13 @@ def test_the_checks_see_a_climbing_import(tmp_path):
     fake["research.models.x"].write_text("def f():\n    from research.train.loop import train\n")
     assert _imports("research.models.x", fake["research.models.x"], fake) == {"research.train.loop"}
     assert _layer("research.train.loop") > _layer("research.models.x")
+
+
+def test_one_registry_of_mixers_and_feed_forwards():
+    """The schema's names (config.MIXERS/FFNS, validated in model.layer_pattern) are exactly the
+    decoder's constructors ("none" is no module), so a new sublayer is added in one place."""
+    from research import config
+    from research.models import decoder
+
+    assert tuple(decoder.MIXERS) == config.MIXERS
+    assert (*decoder.FFNS, "none") == config.FFNS

@@ -114,12 +114,10 @@ def _model_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
 def check_init_from(cfg: ModelConfig) -> None:
     """model.init_from names an HF folder whose architecture is `cfg`'s; else a ConfigError
     naming the first field that differs."""
-    from flax.traverse_util import flatten_dict
-
     family_of(cfg)  # a model no HF class expresses cannot start from HF weights either
     hf_dir = Path(cfg.init_from).expanduser()
-    theirs = flatten_dict(model_from_hf(read_config(hf_dir), f"{hf_dir}/config.json"), sep=".")
-    mine = {**flatten_dict(cfg.model_dump(mode="json"), sep="."), "head_dim": cfg.head_size,
+    theirs = config_lib.flatten(model_from_hf(read_config(hf_dir), f"{hf_dir}/config.json"))
+    mine = {**config_lib.flatten(cfg.model_dump(mode="json")), "head_dim": cfg.head_size,
             "n_kv_heads": cfg.kv_heads, "d_ff": cfg.ff_size}  # None means the derived value
     # fields that do not change the parameters (training and compute choices) may differ, as
     # they may between two runs (research/train/state.params_from_run)

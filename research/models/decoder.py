@@ -34,8 +34,9 @@ from research.models.parameterization import forward, scale
 
 Aux = dict[str, jax.Array]
 
-# Sublayer constructors, by name: MIXERS take (x, positions, decode, segment_ids), FFNS take
-# (x); both return (y, aux). The feed-forward "none" is no module at all (see Block).
+# Sublayer constructors, by the names the schema validates (config.MIXERS, config.FFNS): MIXERS
+# take (x, positions, decode, segment_ids), FFNS take (x); both return (y, aux). The
+# feed-forward "none" is no module at all (see Block).
 MIXERS: dict[str, Callable[..., nn.Module]] = {"attention": Attention, "mamba": Mamba2}
 FFNS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "moe": MoE}
 
