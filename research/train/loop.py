@@ -222,7 +222,11 @@ def _due(step: int, every: int, last: int) -> bool:
 
 def _check_start(run: RunDir, cfg: ExperimentConfig) -> tuple[int | None, bool]:
     """(the run's latest checkpoint step, whether the directory is a starting point); refuses a
-    run directory that cannot take this config, before anything is computed or written."""
+    run directory that cannot take this config, before anything is computed or written.
+
+    A run directory whose only checkpoint is step 0 (what `import-hf` writes) is a starting
+    point, not a run in progress: an experiment trains it with its own data, optimizer and
+    schedule, as long as its model section describes the same model."""
     if run.path.exists() and not run.path.is_dir():
         raise ConfigError(f"{run.path}: is a file; a run directory is a folder")
     latest = run.latest_step()

@@ -158,12 +158,6 @@ class RunDir:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def is_starting_point(self) -> bool:
-        """A run directory whose only checkpoint is step 0 (what `import-hf` writes) is a
-        starting point, not a run in progress: an experiment trains it with its own data,
-        optimizer and schedule, as long as its model section describes the same model."""
-        return self.has_config() and self.latest_step() == 0
-
     def restore(self, abstract_state: Any, step: int | None = None,
                 data_iterator: Any | None = None) -> tuple[Any, dict[str, Any]]:
         """The full state (and the data iterator's position) at `step` (None: the latest),
