@@ -253,14 +253,13 @@ def _initial_weights(setup: Setup, run: RunDir, latest: int | None, starting_poi
     return None
 
 
-def _restore_or_init(setup: Setup, checkpoints: Checkpointer,
+def _restore_or_init(setup: Setup, checkpoints: Checkpointer, data: grain.DatasetIterator,
                      data_iterator: Callable[[], grain.DatasetIterator], starting_point: bool,
                      initial: tuple[Any, str] | None, say: Callable[[str], None], is_lead: bool
                      ) -> tuple[int, TrainState, grain.DatasetIterator]:
     """(start step, state, data iterator): the newest intact checkpoint with its data
     position, or step 0 from the initial weights or a fresh initialisation."""
     cfg = setup.cfg
-    data = data_iterator()
     started = time.perf_counter()
     with setup.context():
         start, state, notes = ((None, None, []) if starting_point
@@ -410,12 +409,6 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     setup = prepare(cfg, devices, say)
     examples = None if cfg.train.objective == "lm" else load_examples(cfg, setup.cache.tokenizer)
     initial = _initial_weights(setup, run, latest, starting_point)
-    heldout = eval_batches(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
-                           n_batches=cfg.train.eval_batches, process_index=jax.process_index(),
-                           process_count=jax.process_count())
-    resolved_yaml = config_lib.to_yaml(config_lib.resolved(cfg, setup.vocab_size))
-    if is_lead:
-        run.write_config(resolved_yaml)
 
     def data_iterator() -> grain.DatasetIterator:
         shards = dict(global_batch=cfg.train.batch_size, seed=cfg.train.seed,
@@ -424,8 +417,15 @@ def train(cfg: ExperimentConfig, run_dir: Path,
             return train_iterator(setup.cache, seq_len=cfg.train.seq_len, **shards)
         return example_iterator(examples, **shards)
 
+    data = data_iterator()
+    heldout = eval_batches(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
+                           n_batches=cfg.train.eval_batches, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    resolved_yaml = config_lib.to_yaml(config_lib.resolved(cfg, setup.vocab_size))
+    if is_lead:
+        run.write_config(resolved_yaml)
     checkpoints = run.checkpointer(cfg.checkpoint, read_only=False)
-    start, state, data = _restore_or_init(setup, checkpoints, data_iterator, starting_point,
+    start, state, data = _restore_or_init(setup, checkpoints, data, data_iterator, starting_point,
                                           initial, say, is_lead)
     finished = start >= cfg.train.steps
     if finished:
