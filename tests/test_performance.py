@@ -61,7 +61,8 @@ def test_a_train_command_imports_neither_plotting_nor_pytorch(tmp_path):
     scipy (~2 s), and the TensorBoard writer must not import PyTorch (~1.6 s) even where it is
     installed (the test extras install it)."""
     code = ("import sys; import research.cli; from research.train.metrics import RunLog; "
-            f"RunLog(__import__('pathlib').Path({str(tmp_path)!r}), resume_step=0, tensorboard=True)"
+            "from research.train.rundir import RunDir; "
+            f"RunLog(RunDir({str(tmp_path)!r}), resume_step=0, tensorboard=True)"
             ".close(); print(sorted(m for m in ('matplotlib', 'scipy', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True)

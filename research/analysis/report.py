@@ -25,7 +25,8 @@ import numpy as np
 
 from research.analysis import fits, joint, plots, points, replicates, transfer
 from research.analysis.runs import (ANALYSIS, COLUMNS, Run, family, finished, fixed_settings,
-                                   format_value, load_runs, row, si)
+                                   format_value, load_runs, row)
+from research.format import si
 
 # (table column, axis label, symbol in the fitted formula)
 SCALING_AXES = (("params_total", "parameters (total)", "N"),
