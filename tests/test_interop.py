@@ -177,7 +177,7 @@ def trained(hf_dirs, tmp_path_factory, token_cache_dir):
     HF folder and trained for 6 steps (checkpoints 3 and 6) at a 1e-9 learning rate, so its
     weights stay within ~1e-8 of the folder's."""
     from research import config
-    from tests.conftest import TINY
+    from conftest import TINY
 
     run_dir = tmp_path_factory.mktemp("trained")
     cfg = config.load(None, [*TINY, f"data.cache_dir={token_cache_dir}",
@@ -293,7 +293,7 @@ def test_an_experiment_trains_an_imported_run_with_its_own_settings(hf_dirs, tmp
     experiment's data, optimizer and schedule (a step-0 run directory is a starting point);
     a model section that differs is refused naming the field, and the directory is unchanged."""
     from research import config
-    from tests.conftest import TINY
+    from conftest import TINY
 
     run_dir = tmp_path / "imported"
     settings = [o for o in TINY if not o.startswith("model.")] + [f"data.cache_dir={token_cache_dir}"]

@@ -21,6 +21,7 @@ from research.config import ConfigError
 from research.sweep import store as store_module
 from research.sweep.status import trial_rows
 from research.sweep.store import Store
+from conftest import process_gone
 from test_sweep import CLI, REPO, _env, _lines, _wait_for, write_sweep
 
 FAKE_TRIAL = Path(__file__).resolve().parent / "sweep_fake_trial.py"
@@ -208,7 +209,7 @@ def test_a_sigkilled_workers_trial_is_taken_over(store_url, tmp_path):
     doomed.kill()
     doomed.communicate(timeout=30)
     [(_, trial_pid)] = _calls(out)["t000-lr=0.001"]
-    _wait_for(lambda: not Path(f"/proc/{trial_pid}").exists())  # SIGINTed when its worker died
+    _wait_for(lambda: process_gone(trial_pid))  # SIGINTed when its worker died
     _, rows = trial_rows(out, store_url)
     assert [r["state"] for r in rows] == ["interrupted", "pending", "pending", "pending"]
     [log] = _finish([_worker(sweep, out, store_url)])

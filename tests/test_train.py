@@ -17,10 +17,9 @@ import pytest
 
 from research import config
 from research.train.checkpoint import Checkpointer
-from tests.conftest import newest_checkpoint
-from research.train.rundir import read_metrics
 from research.train.loop import prepare, train
-from research.train.rundir import RunDir
+from research.train.rundir import RunDir, read_metrics
+from conftest import newest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # CompleteP at twice the base width and depth: per-parameter init, lr, wd, eps and multipliers
