@@ -39,6 +39,18 @@ def final_params(run_dir: Path):
     return jax.device_get(state)
 
 
+def initial_params(run_dir: Path):
+    """The step-0 params of a run started from scratch (its seed's initialisation)."""
+    from research.train.state import init_state
+
+    cfg = load_run_config(run_dir)
+    setup = prepare(cfg)
+    with setup.context():
+        state = init_state(setup.model, setup.tx, jax.numpy.zeros((1, cfg.train.seq_len), "int32"),
+                           setup.spec, cfg.train.seed)
+    return jax.device_get(state["params"])
+
+
 @pytest.mark.parametrize("layout", [
     ("mesh.data=8",),
     ("mesh.data=1", "mesh.fsdp=8"),
@@ -149,6 +161,10 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, tiny_overrides, request, ob
     assert len(lines) == len(set(lines))
     a, b = final_params(straight), final_params(killed)
     assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
+    if objective == "dpo":  # 40 steps later the frozen reference is still the step-0 params
+        start = initial_params(straight)
+        assert jax.tree.all(jax.tree.map(np.array_equal, a["reference"], start))
+        assert not any(jax.tree.leaves(jax.tree.map(np.array_equal, a["params"], start)))
 
 
 def test_resume_under_completep_is_bit_exact(tiny, tmp_path):
