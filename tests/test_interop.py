@@ -265,6 +265,26 @@ def test_import_refuses_unsupported_hf_configs(change, field, hf_dirs, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("damage", ["truncated", "header", "index"])
+def test_import_refuses_a_damaged_safetensors_file(damage, hf_dirs, tmp_path, capsys):
+    """A download cut short, a file that is not safetensors, a broken shard index: one line
+    naming the file, exit code 2, nothing written."""
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").symlink_to(hf_dirs["llama"] / "config.json")
+    weights = (hf_dirs["llama"] / "model.safetensors").read_bytes()
+    damaged = {"truncated": ("model.safetensors", weights[: len(weights) // 2]),
+               "header": ("model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" + weights[24:]),
+               "index": ("model.safetensors.index.json", b'{"weight_map": ')}[damage]
+    if damage == "index":
+        (hf_dir / "model.safetensors").write_bytes(weights)
+    (hf_dir / damaged[0]).write_bytes(damaged[1])
+    assert main(["import-hf", str(hf_dir), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {hf_dir / damaged[0]}: ") and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_init_from_hf_folder_starts_a_run_from_its_weights(trained, hf_dirs, tmp_path):
     """model.init_from: the run starts from the HF weights; a model section that differs is
     refused naming the field, before anything is written."""

@@ -58,6 +58,7 @@ def import_hf(hf_dir: Path, run_dir: Path, overrides: list[str]) -> ExperimentCo
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"--run-dir: {run_dir} is not empty; import into a new directory")
     model = hf.model_from_hf(hf.read_config(hf_dir), f"{hf_dir}/config.json")
+    hf.SafetensorsReader(hf_dir)  # a missing, truncated or malformed file: refused before any work
     raw: dict[str, Any] = {"name": hf_dir.resolve().name, "model": model}
     tokenizer = hf_dir / "tokenizer.json"
     if tokenizer.is_file():

@@ -359,23 +359,41 @@ class SafetensorsReader:
 
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise ConfigError(f"{index}: not a safetensors index (JSON with a weight_map of "
+                                  "tensor name -> file)") from None
         else:
             files = ["model.safetensors"]
         missing = [f for f in files if not (folder / f).is_file()]
         if missing:
             raise ConfigError(f"{folder}: {missing[0]} is missing (an HF model folder holds "
                               "config.json and model.safetensors or a sharded index)")
-        self.handles = [safe_open(str(folder / f), framework="np") for f in files]
-        self.where = {name: h for h in self.handles for name in h.keys()}
-        self.used: set[str] = set()
         self.folder = folder
+        self.handles = {f: self._read(f, lambda f=f: safe_open(str(folder / f), framework="np"))
+                        for f in files}
+        self.where = {name: f for f, h in self.handles.items() for name in h.keys()}
+        self.used: set[str] = set()
+
+    def _read(self, file: str, read: Callable[[], Any]) -> Any:
+        """`read()`, with a truncated or malformed file (the library's SafetensorError, or the
+        OS's error on a short read) turned into one line naming it."""
+        from safetensors import SafetensorError
+
+        try:
+            return read()
+        except (SafetensorError, OSError, ValueError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"{self.folder / file}: not a readable safetensors file ({reason}); "
+                              "is it truncated? download it again") from None
 
     def __call__(self, name: str) -> np.ndarray:
         if name not in self.where:
             raise ConfigError(f"{self.folder}: tensor {name} is missing from the safetensors files")
         self.used.add(name)
-        return self.where[name].get_tensor(name)
+        file = self.where[name]
+        return self._read(file, lambda: self.handles[file].get_tensor(name))
 
     def unused(self) -> list[str]:
         return sorted(n for n in self.where if n not in self.used
