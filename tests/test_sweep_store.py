@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -86,6 +87,24 @@ def test_bad_storage_url_is_one_line_and_creates_nothing(tmp_path):
                          cwd=REPO, env=_env(), timeout=120)
     assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
     assert "storage 'postgres:/nowhere': not a database URL" in run.stderr
+    assert not out.exists()
+
+
+def test_a_server_that_never_answers_is_one_line_at_once_and_creates_nothing(tmp_path):
+    """Nothing listens at the URL when the sweep starts: no retrying for minutes (that is for a
+    server lost mid-sweep), one line, exit 2, no sweep directory."""
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver: pip install 'research[postgres]'")
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "out"
+    url = f"postgresql://postgres:secret@127.0.0.1:{port}/sweeps"
+    run = subprocess.run([*CLI, "sweep", str(_grid(tmp_path)), "--sweep-dir", str(out),
+                          "--storage", url], capture_output=True, text=True, cwd=REPO,
+                         env=_env(), timeout=60)  # the retrying it replaces waited 300 s
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith(f"error: storage 'postgresql://postgres:***@127.0.0.1:{port}/"
+                                 "sweeps': cannot connect (") and "secret" not in run.stderr
     assert not out.exists()
 
 
