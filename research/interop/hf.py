@@ -466,6 +466,29 @@ def write_safetensors(tensors: dict[str, np.ndarray], folder: Path, max_shard_by
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
+def document_start(hf: dict[str, Any], tokenizer_json: Path | None, eos_id: int) -> str | int:
+    """data.document_start for an imported model, so a prompt starts as its own tokenizer starts
+    a text for transformers: the token its tokenizer.json's post-processor puts first (Llama's
+    BOS), or nothing ('none'); without a tokenizer.json, config.json's bos_token_id. A BOS that
+    is the eos token is this framework's own convention, 'eos'."""
+    if tokenizer_json is not None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer_json))
+        plain = tok.encode("a", add_special_tokens=False).ids
+        full = tok.encode("a", add_special_tokens=True).ids
+        starts = [i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain]
+        prefix = full[:starts[0]] if starts else []
+        if len(prefix) > 1:
+            raise _refuse(str(tokenizer_json), "post_processor", prefix,
+                          "at most one token before a text")
+        bos = prefix[0] if prefix else None
+    else:
+        bos = hf.get("bos_token_id")
+        bos = bos if isinstance(bos, int) else None
+    return "none" if bos is None else "eos" if bos == eos_id else bos
+
+
 def byte_tokenizer_json() -> str:
     """A `tokenizers` tokenizer.json equal to data.tokenizer='byte': token b is UTF-8 byte b
     (a byte-level BPE with the 256 bytes and no merges), 256 is <|endoftext|>."""
