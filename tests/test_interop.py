@@ -189,7 +189,7 @@ def test_generate_from_an_imported_run_starts_prompts_as_its_tokenizer_does(hf_d
     assert main(["import-hf", str(hf_dir), "--run-dir", str(run_dir), f"data.source={docs}",
                  "data.heldout_percent=10", f"data.cache_dir={tmp_path / 'cache'}",
                  "train.batch_size=8", "train.seq_len=32"]) == 0
-    assert load_run_config(run_dir).data.document_start == 257
+    assert RunDir(run_dir).config().data.document_start == 257
 
     setup, params, _ = gen.load(run_dir)
     tokens = np.asarray(setup.cache.train)
@@ -244,12 +244,11 @@ def test_export_all_steps_command_gives_each_step_its_model_and_card(trained, tm
     """`export-hf --all-steps`: one folder per kept step, each loaded by transformers with that
     step's logits (steps 3 and 6 apart by far more than the tolerance) and a card naming that
     step, its tokens and its held-out loss."""
-    from research.train.metrics import read_metrics
-
     out = tmp_path / "trajectory"
     assert main(["export-hf", str(trained), "--all-steps", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["step_0000003", "step_0000006"]
-    eval_loss = {row["step"]: row["eval_loss"] for row in read_metrics(trained) if "eval_loss" in row}
+    eval_loss = {row["step"]: row["eval_loss"] for row in RunDir(trained).metrics()
+                 if "eval_loss" in row}
     theirs = {}
     for step in (3, 6):
         folder = out / f"step_{step:07d}"

@@ -43,7 +43,7 @@ def initial_params(run_dir: Path):
     """The step-0 params of a run started from scratch (its seed's initialisation)."""
     from research.train.state import init_state
 
-    cfg = load_run_config(run_dir)
+    cfg = RunDir(run_dir).config()
     setup = prepare(cfg)
     with setup.context():
         state = init_state(setup.model, setup.tx, jax.numpy.zeros((1, cfg.train.seq_len), "int32"),
