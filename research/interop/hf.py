@@ -383,7 +383,7 @@ class SafetensorsReader:
 
         try:
             return read()
-        except (SafetensorError, OSError, ValueError) as exc:
+        except (SafetensorError, OSError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(f"{self.folder / file}: not a readable safetensors file ({reason}); "
                               "is it truncated? download it again") from None

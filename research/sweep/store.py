@@ -159,6 +159,11 @@ def _database_error(exc: BaseException | None) -> DBAPIError | None:
     return exc
 
 
+def _reason(error: DBAPIError) -> str:
+    """The driver's message in one line (e.g. "connection refused")."""
+    return (str(error.orig).strip().splitlines() or [type(error.orig).__name__])[0]
+
+
 def patiently(fn: Callable[[], T], label: str, retry_s: float = RETRY_S,
               landed: Callable[[], bool] | None = None) -> T:
     """Run `fn`, waiting out a lost database (`label` names it) with exponential backoff.
@@ -175,7 +180,7 @@ def patiently(fn: Callable[[], T], label: str, retry_s: float = RETRY_S,
             error = _database_error(exc)
             if error is None or not transient(error):
                 raise
-            reason = (str(error.orig).strip().splitlines() or [type(error.orig).__name__])[0]
+            reason = _reason(error)
             if time.monotonic() + delay > deadline:
                 raise ConfigError(f"{label}: database unreachable for {retry_s:.0f}s ({reason})"
                                   ) from None
@@ -221,9 +226,8 @@ def check_reachable(url: str, timeout_s: int = CHECK_TIMEOUT_S) -> None:
         with engine.connect():
             pass
     except DBAPIError as exc:
-        reason = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
         raise ConfigError(f"storage {parsed.render_as_string(hide_password=True)!r}: cannot "
-                          f"connect ({reason}); is the server running and the URL right?"
+                          f"connect ({_reason(exc)}); is the server running and the URL right?"
                           ) from None
     finally:
         engine.dispose()
