@@ -240,6 +240,16 @@ def test_a_sigkilled_workers_trial_is_taken_over(store_url, tmp_path):
     assert [(r["state"], r["attempt"]) for r in rows] == [("done", 2)] + [("done", 1)] * 3
 
 
+def test_an_exited_child_not_yet_reaped_counts_as_gone():
+    """What the wait above relies on: a process that has exited but whose parent has not yet
+    reaped it (a zombie) still has its /proc entry, and counts as gone."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    _wait_for(lambda: process_gone(child.pid))
+    assert Path(f"/proc/{child.pid}").exists()  # not reaped: a zombie
+    child.wait()
+    assert process_gone(child.pid)
+
+
 def test_a_sweep_survives_a_database_outage(store_url, tmp_path, request):
     # A pruner that never prunes: every trial also asks, reports to and tells optuna's tables.
     sweep, out = _grid(tmp_path, pruner={"type": "median", "startup_trials": 100}), tmp_path / "out"
