@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -258,6 +259,19 @@ class DataConfig(_Section):
     tokenizer: str = Field("byte", description="'byte' or a path to a Hugging Face tokenizer.json")
     heldout_percent: float = Field(2.0, gt=0, lt=100, description="documents held out, by hash")
     cache_dir: str = Field("~/.cache/research/tokens", **_role(BOOKKEEPING), description="token cache (content-keyed)")
+    document_start: str | int = Field(
+        "eos", description="what a document starts after: 'eos' (this framework's separator, "
+        "which ends every document), a token id written before each document (a Hugging Face "
+        "tokenizer's BOS), or 'none'; import-hf sets it from the model folder, and generate "
+        "starts a prompt the same way (docs/interop.md)")
+
+    @field_validator("document_start", mode="before")
+    @classmethod
+    def _document_start(cls, value: Any) -> str | int:
+        if value in ("eos", "none") or (type(value) is int and value >= 0):
+            return value
+        raise ValueError(f"data.document_start={value!r}: allowed are 'eos', 'none' or a token "
+                         "id >= 0")
 
 
 class OptimConfig(_Section):

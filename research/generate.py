@@ -1,7 +1,8 @@
 """Sampling from a trained run: `research generate RUN_DIR --prompt TEXT [options]`.
 
-The prompt, after an eos token (the document separator the model saw in training, so the
-continuation starts as a fresh document would), is prefilled in one decode call; then tokens are
+The prompt, after what a document starts after in the run's data (data.document_start: the eos
+separator of runs trained here, an imported model's BOS, or nothing; so the continuation starts
+as a fresh document would), is prefilled in one decode call; then tokens are
 sampled one at a time, each a jitted call that reads and updates the decode cache (attention's
 KV buffers, Mamba's convolution and SSM state; see research/models/decoder.py). Sampling:
 temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to the nucleus, the
@@ -24,6 +25,7 @@ import numpy as np
 
 from research import flags
 from research.config import ConfigError
+from research.data.tokenizer import Tokenizer, start_tokens
 
 Cache = Any
 MAX_NEW_TOKENS = 16384  # the decode cache grows with it; each token is one device call
@@ -98,6 +100,16 @@ def generate(model: nn.Module, params: Any, prompt: Sequence[int], max_new_token
     return list(stream(model, params, prompt, max_new_tokens, **options))
 
 
+def prompt_tokens(document_start: str | int, tokenizer: Tokenizer, text: str) -> list[int]:
+    """The prompt as a document starts in training (data.document_start: after this
+    framework's eos, or an imported tokenizer's BOS, or nothing), then the text's tokens."""
+    prompt = [*start_tokens(document_start, tokenizer), *tokenizer.encode(text).tolist()]
+    if not prompt:
+        raise ConfigError(f"--prompt: empty, and this run's documents start with no token "
+                          f"(data.document_start={document_start!r}): give a prompt")
+    return prompt
+
+
 def load(run_dir: Path, step: int | None = None) -> tuple[Any, Any, int]:
     """(setup, params, step) of a run's checkpoint (default: the latest), on one device."""
     from research.train.loop import load_run
@@ -115,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top-p={args.top_p}: must be in (0, 1]")
     setup, params, _ = load(Path(args.run_dir), args.step)
     tokenizer = setup.cache.tokenizer
-    prompt = [tokenizer.eos_id, *tokenizer.encode(args.prompt).tolist()]
+    prompt = prompt_tokens(setup.cfg.data.document_start, tokenizer, args.prompt)
     print(args.prompt, end="", flush=True)
     new: list[int] = []
     shown = ""

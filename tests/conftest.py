@@ -1,6 +1,10 @@
-"""Suite-wide set-up: 8 virtual CPU devices (before jax is imported), a private token cache, a
-throwaway PostgreSQL server for the sweep store's tests, and no test leaves a process behind."""
+"""Suite-wide set-up: 8 virtual CPU devices (before jax is imported), a private token cache and
+compilation cache, a throwaway PostgreSQL server for the sweep store's tests, and no test leaves
+a process behind.
 
+Tests import the helpers here as `from conftest import ...` (pytest puts tests/ on sys.path)."""
+
+import atexit
 import glob
 import itertools
 import os
@@ -15,6 +19,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
+
+from research.train import compile_cache  # noqa: E402
+
+# The commands the tests run (in process and as subprocesses) turn on JAX's persistent
+# compilation cache: this run gets a cache of its own, shared by its tests and removed at exit,
+# so the suite neither reads executables from nor fills the user's ~/.cache/research/jax.
+os.environ[compile_cache.ENV] = tempfile.mkdtemp(prefix="research-test-jax-")
+atexit.register(shutil.rmtree, os.environ[compile_cache.ENV], ignore_errors=True)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -56,6 +68,15 @@ def _kill_started_processes(monkeypatch):
                 except ProcessLookupError:
                     pass
             proc.wait()
+
+
+def process_gone(pid: int) -> bool:
+    """Whether `pid` has exited: no /proc entry, or a zombie (state Z) its parent has not reaped
+    yet (a reaped-late zombie would otherwise look alive for as long as the parent lives)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def newest_checkpoint(run_dir: Path) -> int:

@@ -127,7 +127,7 @@ def test_welch_comparison_matches_a_float64_reference():
     va, vb = a.var(ddof=1) / 4, b.var(ddof=1) / 3
     df = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 2)
     t = (b.mean() - a.mean()) / math.sqrt(va + vb)
-    from scipy import integrate, special
+    from scipy import integrate, optimize, special
 
     density = lambda x: special.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * special.gamma(df / 2)) \
         * (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
@@ -136,6 +136,10 @@ def test_welch_comparison_matches_a_float64_reference():
     assert c.p_value == pytest.approx(p, rel=1e-6)
     low, high = c.interval  # the interval excludes 0 exactly when p < 0.05
     assert (low > 0) == (c.p_value < 0.05) and high - c.difference == pytest.approx(c.difference - low)
+    # its half-width is the t quantile (solved from the density above) times the standard error
+    tail = lambda q: 2 * integrate.quad(density, q, np.inf)[0] - 0.05  # noqa: E731
+    quantile = optimize.brentq(tail, 0.0, 50.0, xtol=1e-12)
+    assert high - low == pytest.approx(2 * quantile * math.sqrt(va + vb), rel=1e-6)
     assert not replicates.compare([3.1], b).tested  # one run: noise unknown, nothing tested
     assert "noise is unknown" in replicates.compare([3.1], b).verdict()
 
@@ -374,9 +378,10 @@ def test_report_from_real_runs_shows_failed_and_eval_less_runs(trained, tmp_path
 
 
 def test_a_real_sweep_over_seeds_shows_live_progress_and_reports_mean_and_spread(
-        tmp_path, tiny_overrides):
+        tmp_path, tiny_overrides, monkeypatch):
     """One point over two seeds: the runner's output names each trial's steps while it trains,
     each trial.log is plain lines naming its trial, and the report gives the seeds' mean ± sd."""
+    from research.sweep import runner as runner_module
     from research.sweep import spec
     from research.sweep.runner import Runner, default_storage
 
@@ -387,6 +392,7 @@ def test_a_real_sweep_over_seeds_shows_live_progress_and_reports_mean_and_spread
     out = tmp_path / "sweep"
     overrides = [o for o in tiny_overrides if not o.startswith(("model.n_layers=", "logging.progress"))]
     lines: list[str] = []
+    monkeypatch.setattr(runner_module, "POLL_S", 0.02)  # read each trial's steps as they come
     runner = Runner(spec.load(sweep_file, overrides), out, default_storage(out), say=lines.append,
                     progress_s=0.0)
     assert runner.run() == 0
@@ -394,7 +400,8 @@ def test_a_real_sweep_over_seeds_shows_live_progress_and_reports_mean_and_spread
     for name in names:
         done = lines.index(next(line for line in lines if line.startswith(f"[{name}] done")))
         steps = [int(m[1]) for line in lines[:done] if (m := re.match(rf"\[{name}\] step (\d)/6, ", line))]
-        assert steps and steps == sorted(steps) and steps[-1] == 6, lines
+        # progress while the trial still ran (a step before its last), then its last step
+        assert steps and steps == sorted(steps) and steps[0] < 6 and steps[-1] == 6, lines
         log = (out / name / "trial.log").read_text()
         assert "\r" not in log and re.search(rf"^{name}: step 6/6 loss=", log, re.M), log
         assert "overrides" not in rundir.read_json(out / name / "trial.json")

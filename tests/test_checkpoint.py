@@ -34,7 +34,7 @@ def _restore_latest(run_dir: Path):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, token_cache_dir):
     """A tiny run with checkpoints at steps 2 and 4, and its final parameters."""
-    from tests.conftest import TINY
+    from conftest import TINY
     from research import config
 
     cfg = config.load(None, [*TINY, f"data.cache_dir={token_cache_dir}", *STEPS])

@@ -312,6 +312,34 @@ def test_remat_policies_give_the_same_loss_and_gradients():
         jax.tree.map(lambda a, b: close(a, b, 1e-6), other_grads, want)
 
 
+def test_remat_dots_saves_the_projection_outputs_and_full_saves_none():
+    """What the backward pass keeps (jax's own account of the residuals): under "dots" each
+    layer's named projection outputs it needs (q, k, v and o; the MLP's gate and up; its down
+    output is only added), under "full" none of them. Dropping the checkpoint_name in
+    layers.project or the policy's name rule leaves "dots" saving no projection at all."""
+    import contextlib
+    import io
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    toks = tokens(t=9)[:, :-1]  # 2 x 8 = 16 tokens
+
+    def named_projections(remat: str) -> list[tuple[int, ...]]:
+        model = Decoder(tiny(remat=remat, scan_layers=False), VOCAB)
+        params = init(model, toks)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_saved_residuals(lambda p: model.apply(p, toks)[0].sum(), params)
+        return sorted(tuple(int(n) for n in line.split("[", 1)[1].split("]")[0].split(","))
+                      for line in out.getvalue().splitlines() if "named 'projection'" in line)
+
+    heads, kv, head_size, d_ff = TINY["n_heads"], TINY["n_kv_heads"], 32 // TINY["n_heads"], TINY["d_ff"]
+    per_layer = [(16, heads * head_size), (16, kv * head_size), (16, kv * head_size),  # q k v
+                 (16, 32), (16, d_ff), (16, d_ff)]  # o, gate, up
+    assert named_projections("dots") == sorted(per_layer * TINY["n_layers"])
+    assert named_projections("full") == []
+
+
 def test_bfloat16_compute_stays_close_to_float32():
     """bf16 operands (8-bit mantissa) with f32 accumulation: logits within 3% relative L2 of
     float32, loss within 1e-3 relative, gradients within 5% relative L2."""

@@ -56,7 +56,7 @@ def final_params(cfg, run_dir):
 @pytest.fixture(scope="module")
 def dense_runs(tmp_path_factory, token_cache_dir):
     from research import config
-    from tests.conftest import TINY
+    from conftest import TINY
 
     base = [*TINY, f"data.cache_dir={token_cache_dir}", *DENSE]
     out = {}
@@ -136,7 +136,7 @@ def hybrid_runs(tmp_path_factory, token_cache_dir):
     """Dropless MoE with full remat, and the capacity path with room for every token and no
     remat (the reference: same function, other code paths)."""
     from research import config
-    from tests.conftest import TINY
+    from conftest import TINY
 
     base = [*TINY, f"data.cache_dir={token_cache_dir}", *HYBRID]
     out = {}

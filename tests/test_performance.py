@@ -39,6 +39,15 @@ def test_compile_cache_location_follows_the_environment(tmp_path):
     assert compile_cache.cache_dir({"RESEARCH_COMPILE_CACHE": "off"}) is None
 
 
+def test_the_suite_compiles_into_a_cache_of_its_own():
+    """tests/conftest.py points every command the tests run at a fresh folder of this run."""
+    import tempfile
+
+    used = compile_cache.cache_dir()
+    assert used is not None and used.is_dir() and used != compile_cache.cache_dir({})
+    assert used.parent == Path(tempfile.gettempdir()) and used.name.startswith("research-test-jax-")
+
+
 def test_runs_share_compiled_steps_and_a_finished_rerun_compiles_nothing(tmp_path, tiny_overrides):
     def run(run_dir: Path, cache: Path) -> set[str]:
         result = subprocess.run(

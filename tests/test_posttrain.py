@@ -213,6 +213,49 @@ def test_dpo_loss_is_log_2_when_the_policy_is_the_reference(small_model):
     assert float(jnp.abs(grads["embed"]["embedding"]).sum()) > 0  # the reference is frozen, not the policy
 
 
+def test_dpo_loss_with_policy_unlike_the_reference_matches_float64(small_model, tiny, tmp_path):
+    """Policy != reference (so the margin is not 0): loss and rewards against float64 sums of
+    the chosen and rejected responses as the example file names them (a swap flips every
+    margin), and no gradient reaches the reference."""
+    model, reference = small_model
+    noise = iter(jax.random.split(jax.random.key(7), len(jax.tree.leaves(reference))))
+    policy = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(noise), p.shape), reference)
+    pairs = [("def f():\n", "  return 1\n", "  1 nruter\n"), ("a = ", "[]\n", "{}\n"),
+             ("x = 2", " + 2\n", " - 2\n"), ("# a\n", "b = 1\n", "1 = b\n")]
+    path = tmp_path / "dpo.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n"
+                            for p, c, r in pairs))
+    rows = load_examples(tiny("train.objective=dpo", f"examples.source={path}",
+                              "train.seq_len=24", "train.batch_size=2"), BYTES).rows
+    for (prompt, chosen, rejected), tokens in zip(pairs, rows["tokens"], strict=True):
+        assert [BYTES.decode(row) for row in tokens] == [prompt + chosen, prompt + rejected]
+
+    flat = {k: v.reshape(-1, v.shape[-1]) for k, v in rows.items()}
+    targets, mask = flat["tokens"][:, 1:], flat["loss_mask"][:, 1:].astype(bool)
+
+    def sequence_logp(params) -> np.ndarray:  # float64 [pairs, 2]: (chosen, rejected)
+        picked = np.take_along_axis(log_softmax64(forward(model, params, flat)),
+                                    targets[..., None], -1)[..., 0]
+        return np.where(mask, picked, 0.0).sum(-1).reshape(-1, 2)
+
+    beta = 0.5
+    pi, ref = sequence_logp(policy), sequence_logp(reference)
+    chosen, rejected = beta * (pi[:, 0] - ref[:, 0]), beta * (pi[:, 1] - ref[:, 1])
+    margin = chosen - rejected
+    assert np.abs(margin).min() > 1e-3  # the policy moved: every pair has a margin to get right
+    batch = {k: jnp.asarray(v) for k, v in rows.items()}
+    loss, metrics = jax.jit(lambda p, b, r: dpo_loss(p, model, b, r, beta=beta,
+                                                     label_smoothing=0.0))(policy, batch, reference)
+    assert float(loss) == pytest.approx(np.mean(np.log1p(np.exp(-margin))), rel=1e-5)
+    assert float(metrics["rewards/chosen"]) == pytest.approx(chosen.mean(), rel=1e-4, abs=1e-6)
+    assert float(metrics["rewards/rejected"]) == pytest.approx(rejected.mean(), rel=1e-4, abs=1e-6)
+    assert float(metrics["accuracy"]) == np.mean(margin > 0)
+
+    to_reference = jax.jit(jax.grad(lambda r: dpo_loss(policy, model, batch, r, beta=beta,
+                                                        label_smoothing=0.0)[0]))(reference)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(to_reference))
+
+
 # ----------------------------------------------------------------------------- init_from
 
 

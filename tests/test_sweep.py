@@ -26,7 +26,7 @@ from research.train import rundir as train_rundir
 from research.sweep.runner import exit_error, device_env, split_devices, visible_devices
 from research.sweep.spec import Objective
 from research.sweep.store import Store
-from tests.conftest import newest_checkpoint
+from conftest import newest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "experiments" / "dense_tiny.yaml"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from research.config import ConfigError
 from research.sweep import store as store_module
 from research.sweep.status import trial_rows
 from research.sweep.store import Store
+from conftest import process_gone
 from test_sweep import CLI, REPO, _env, _lines, _wait_for, write_sweep
 
 FAKE_TRIAL = Path(__file__).resolve().parent / "sweep_fake_trial.py"
@@ -85,6 +87,24 @@ def test_bad_storage_url_is_one_line_and_creates_nothing(tmp_path):
                          cwd=REPO, env=_env(), timeout=120)
     assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
     assert "storage 'postgres:/nowhere': not a database URL" in run.stderr
+    assert not out.exists()
+
+
+def test_a_server_that_never_answers_is_one_line_at_once_and_creates_nothing(tmp_path):
+    """Nothing listens at the URL when the sweep starts: no retrying for minutes (that is for a
+    server lost mid-sweep), one line, exit 2, no sweep directory."""
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver: pip install 'research[postgres]'")
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "out"
+    url = f"postgresql://postgres:secret@127.0.0.1:{port}/sweeps"
+    run = subprocess.run([*CLI, "sweep", str(_grid(tmp_path)), "--sweep-dir", str(out),
+                          "--storage", url], capture_output=True, text=True, cwd=REPO,
+                         env=_env(), timeout=60)  # the retrying it replaces waited 300 s
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith(f"error: storage 'postgresql://postgres:***@127.0.0.1:{port}/"
+                                 "sweeps': cannot connect (") and "secret" not in run.stderr
     assert not out.exists()
 
 
@@ -208,7 +228,7 @@ def test_a_sigkilled_workers_trial_is_taken_over(store_url, tmp_path):
     doomed.kill()
     doomed.communicate(timeout=30)
     [(_, trial_pid)] = _calls(out)["t000-lr=0.001"]
-    _wait_for(lambda: not Path(f"/proc/{trial_pid}").exists())  # SIGINTed when its worker died
+    _wait_for(lambda: process_gone(trial_pid))  # SIGINTed when its worker died
     _, rows = trial_rows(out, store_url)
     assert [r["state"] for r in rows] == ["interrupted", "pending", "pending", "pending"]
     [log] = _finish([_worker(sweep, out, store_url)])
@@ -218,6 +238,16 @@ def test_a_sigkilled_workers_trial_is_taken_over(store_url, tmp_path):
     assert calls["t000-lr=0.001"][0][0] == doomed.pid  # the first attempt was the killed worker's
     rows = Store(store_url, "grid").rows()
     assert [(r["state"], r["attempt"]) for r in rows] == [("done", 2)] + [("done", 1)] * 3
+
+
+def test_an_exited_child_not_yet_reaped_counts_as_gone():
+    """What the wait above relies on: a process that has exited but whose parent has not yet
+    reaped it (a zombie) still has its /proc entry, and counts as gone."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    _wait_for(lambda: process_gone(child.pid))
+    assert Path(f"/proc/{child.pid}").exists()  # not reaped: a zombie
+    child.wait()
+    assert process_gone(child.pid)
 
 
 def test_a_sweep_survives_a_database_outage(store_url, tmp_path, request):

@@ -17,10 +17,9 @@ import pytest
 
 from research import config
 from research.train.checkpoint import Checkpointer
-from tests.conftest import newest_checkpoint
-from research.train.rundir import read_metrics
 from research.train.loop import prepare, train
-from research.train.rundir import RunDir
+from research.train.rundir import RunDir, read_metrics
+from conftest import newest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # CompleteP at twice the base width and depth: per-parameter init, lr, wd, eps and multipliers
@@ -38,6 +37,18 @@ def final_params(run_dir: Path):
     with setup.context():
         state, _ = checkpoints.restore(None, setup.spec.abstract)
     return jax.device_get(state)
+
+
+def initial_params(run_dir: Path):
+    """The step-0 params of a run started from scratch (its seed's initialisation)."""
+    from research.train.state import init_state
+
+    cfg = RunDir(run_dir).config()
+    setup = prepare(cfg)
+    with setup.context():
+        state = init_state(setup.model, setup.tx, jax.numpy.zeros((1, cfg.train.seq_len), "int32"),
+                           setup.spec, cfg.train.seed)
+    return jax.device_get(state["params"])
 
 
 @pytest.mark.parametrize("layout", [
@@ -150,6 +161,10 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, tiny_overrides, request, ob
     assert len(lines) == len(set(lines))
     a, b = final_params(straight), final_params(killed)
     assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
+    if objective == "dpo":  # 40 steps later the frozen reference is still the step-0 params
+        start = initial_params(straight)
+        assert jax.tree.all(jax.tree.map(np.array_equal, a["reference"], start))
+        assert not any(jax.tree.leaves(jax.tree.map(np.array_equal, a["params"], start)))
 
 
 def test_resume_under_completep_is_bit_exact(tiny, tmp_path):

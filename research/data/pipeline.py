@@ -21,7 +21,7 @@ import numpy as np
 
 from research.config import ConfigError, DataConfig
 from research.data.corpus import SourceFile, is_heldout, read_documents, source_files
-from research.data.tokenizer import Tokenizer, load_tokenizer
+from research.data.tokenizer import Tokenizer, bos_tokens, load_tokenizer
 
 CACHE_VERSION = 2  # bump when the layout or the tokenization rules change
 SPLITS = ("train", "heldout")
@@ -31,7 +31,8 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
 
 @dataclass(frozen=True)
 class TokenCache:
-    """Both splits as 1-D memory-mapped token arrays: documents back to back, each + eos.
+    """Both splits as 1-D memory-mapped token arrays: documents back to back, each + eos (and
+    after a BOS when data.document_start names one, as an imported model was trained).
 
     heldout_bytes_per_token = UTF-8 bytes of the held-out documents / held-out tokens, where
     the tokens include one eos per document (eos carries no bytes). Bits per byte of a mean
@@ -45,8 +46,10 @@ class TokenCache:
     path: Path
 
 
-def _hasher(tokenizer: Tokenizer, heldout_percent: float) -> hashlib._Hash:
-    return hashlib.sha256(json.dumps([CACHE_VERSION, tokenizer.name, heldout_percent]).encode())
+def _hasher(tokenizer: Tokenizer, cfg: DataConfig) -> hashlib._Hash:
+    # a BOS before each document is part of the key (the key of other caches is unchanged)
+    key = [CACHE_VERSION, tokenizer.name, cfg.heldout_percent, *bos_tokens(cfg.document_start)]
+    return hashlib.sha256(json.dumps(key).encode())
 
 
 def _update(h: hashlib._Hash, doc_id: str, data: bytes) -> None:
@@ -57,7 +60,7 @@ def _update(h: hashlib._Hash, doc_id: str, data: bytes) -> None:
 
 
 def _content_key(files: list[SourceFile], cfg: DataConfig, tokenizer: Tokenizer) -> str:
-    h = _hasher(tokenizer, cfg.heldout_percent)
+    h = _hasher(tokenizer, cfg)
     for doc in read_documents(files, cfg.text_field):
         _update(h, doc.doc_id, doc.text.encode("utf-8", "replace"))
     return h.hexdigest()
@@ -65,7 +68,7 @@ def _content_key(files: list[SourceFile], cfg: DataConfig, tokenizer: Tokenizer)
 
 def _pre_key(files: list[SourceFile], cfg: DataConfig, tokenizer: Tokenizer) -> str:
     """Cheap stand-in for the content key: file names, sizes and mtimes (no reading)."""
-    h = _hasher(tokenizer, cfg.heldout_percent)
+    h = _hasher(tokenizer, cfg)
     h.update(cfg.text_field.encode())
     for f in files:
         st = f.path.stat()
@@ -80,9 +83,11 @@ def _token_dtype(vocab_size: int) -> np.dtype:
 
 def _tokenize(files: list[SourceFile], cfg: DataConfig, tokenizer: Tokenizer, out: Path) -> dict:
     """Write out/{train,heldout}.bin; returns the metadata, with the key of the content read."""
-    h = _hasher(tokenizer, cfg.heldout_percent)
+    h = _hasher(tokenizer, cfg)
     dtype = _token_dtype(tokenizer.vocab_size)
     eos = np.array([tokenizer.eos_id], dtype).tobytes()
+    start = bos_tokens(cfg.document_start)
+    bos = np.array(start, dtype).tobytes()
     meta = {"version": CACHE_VERSION, "tokenizer": tokenizer.name, "dtype": dtype.name,
             "heldout_percent": cfg.heldout_percent, "heldout_bytes": 0}
     meta |= {f"{split}_{n}": 0 for split in SPLITS for n in ("docs", "tokens")}
@@ -93,28 +98,28 @@ def _tokenize(files: list[SourceFile], cfg: DataConfig, tokenizer: Tokenizer, ou
             _update(h, doc.doc_id, data)
             split = "heldout" if is_heldout(doc.doc_id, cfg.heldout_percent) else "train"
             ids = tokenizer.encode(doc.text)
-            sinks[split].write(ids.astype(dtype).tobytes() + eos)
+            sinks[split].write(bos + ids.astype(dtype).tobytes() + eos)
             meta[f"{split}_docs"] += 1
-            meta[f"{split}_tokens"] += len(ids) + 1
+            meta[f"{split}_tokens"] += len(start) + len(ids) + 1
             meta["heldout_bytes"] += len(data) if split == "heldout" else 0
     finally:
         for sink in sinks.values():
             sink.close()
     if not meta["heldout_docs"] and meta["train_tokens"] > 1:
-        _hold_out_tail(out, meta, tokenizer, dtype, cfg.heldout_percent)
+        _hold_out_tail(out, meta, tokenizer, dtype, cfg)
     return meta | {"key": h.hexdigest()}
 
 
 def _hold_out_tail(out: Path, meta: dict, tokenizer: Tokenizer, dtype: np.dtype,
-                   percent: float) -> None:
+                   cfg: DataConfig) -> None:
     """Too few documents for a hashed split (say, one book in one .txt file): hold out the last
-    `percent` of the train tokens instead, so every corpus has a held-out set."""
+    heldout_percent of the train tokens instead, so every corpus has a held-out set."""
     train = np.fromfile(out / "train.bin", dtype)
-    cut = len(train) - max(int(len(train) * percent / 100), 1)
+    cut = len(train) - max(int(len(train) * cfg.heldout_percent / 100), 1)
     tail = train[cut:]
     tail.tofile(out / "heldout.bin")
     train[:cut].tofile(out / "train.bin")
-    text_ids = tail[tail != tokenizer.eos_id]
+    text_ids = tail[~np.isin(tail, [tokenizer.eos_id, *bos_tokens(cfg.document_start)])]
     meta.update(train_tokens=cut, heldout_tokens=len(tail), heldout_docs=1,
                 heldout_bytes=len(tokenizer.decode(text_ids).encode("utf-8")), heldout_tail=True)
 
@@ -167,10 +172,14 @@ def _load(path: Path, tokenizer: Tokenizer) -> TokenCache:
 def build_token_cache(cfg: DataConfig) -> TokenCache:
     """Tokenize data.source once into data.cache_dir/<content key>/, or load it from there.
 
-    The key is a sha256 over the tokenizer's name, heldout_percent and every document's id and
-    text. A pointer from a cheap pre-key (paths, sizes, mtimes) skips re-reading unchanged files.
+    The key is a sha256 over the tokenizer's name, heldout_percent (the BOS, if any) and every
+    document's id and text. A pointer from a cheap pre-key (paths, sizes, mtimes) skips
+    re-reading unchanged files.
     """
     tokenizer = load_tokenizer(cfg.tokenizer)
+    if any(bos >= tokenizer.vocab_size for bos in bos_tokens(cfg.document_start)):
+        raise ConfigError(f"data.document_start={cfg.document_start}: not a token of the tokenizer "
+                          f"({tokenizer.vocab_size} tokens)")
     root = Path(cfg.cache_dir).expanduser()
     (root / "prekeys").mkdir(parents=True, exist_ok=True)
     files = source_files(cfg)

@@ -1,7 +1,8 @@
 """Tokenizers: raw UTF-8 bytes, or a Hugging Face `tokenizer.json`.
 
 Each has a stable `name` that identifies its exact vocabulary, so the token cache can be keyed
-by it. Documents are separated by `eos_id`, which the pipeline appends after every document.
+by it. Documents are separated by `eos_id`, which the pipeline appends after every document;
+`data.document_start` says what a document starts after (see `start_tokens`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,19 @@ class HFTokenizer:
         ids = np.asarray(ids)
         ids = ids[(ids >= 0) & (ids < self.vocab_size) & (ids != self.eos_id)]
         return self._tok.decode(ids.tolist(), skip_special_tokens=False)
+
+
+def bos_tokens(document_start: str | int) -> list[int]:
+    """The token written before each document (a token id in data.document_start: an imported
+    tokenizer's BOS); none for 'eos' and 'none'."""
+    return [document_start] if isinstance(document_start, int) else []
+
+
+def start_tokens(document_start: str | int, tokenizer: Tokenizer) -> list[int]:
+    """What a document starts after in training, so a prompt starts the same way: the eos that
+    ends the document before ('eos', this framework's convention), the BOS (a token id), or
+    nothing ('none')."""
+    return [tokenizer.eos_id] if document_start == "eos" else bos_tokens(document_start)
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

@@ -51,17 +51,23 @@ def import_hf(hf_dir: Path, run_dir: Path, overrides: list[str]) -> ExperimentCo
 
     from research import config as config_lib
     from research.data.pipeline import train_iterator
+    from research.data.tokenizer import load_tokenizer
     from research.train.loop import prepare
     from research.train.rundir import RunDir
     from research.train.state import state_from_params
 
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"--run-dir: {run_dir} is not empty; import into a new directory")
-    model = hf.model_from_hf(hf.read_config(hf_dir), f"{hf_dir}/config.json")
+    hf_config = hf.read_config(hf_dir)
+    model = hf.model_from_hf(hf_config, f"{hf_dir}/config.json")
+    hf.SafetensorsReader(hf_dir)  # a missing, truncated or malformed file: refused before any work
     raw: dict[str, Any] = {"name": hf_dir.resolve().name, "model": model}
     tokenizer = hf_dir / "tokenizer.json"
-    if tokenizer.is_file():
-        raw["data"] = {"tokenizer": str(tokenizer.resolve())}
+    found = tokenizer if tokenizer.is_file() else None
+    raw["data"] = {"tokenizer": str(tokenizer.resolve()) if found else "byte"}
+    # documents (and prompts) start as this model's own tokenizer starts a text
+    raw["data"]["document_start"] = hf.document_start(
+        hf_config, found, load_tokenizer(raw["data"]["tokenizer"]).eos_id)
     cfg = config_lib.validate(config_lib.apply_overrides(raw, overrides))
     setup = prepare(cfg)
     with setup.context():

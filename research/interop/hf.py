@@ -359,23 +359,41 @@ class SafetensorsReader:
 
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise ConfigError(f"{index}: not a safetensors index (JSON with a weight_map of "
+                                  "tensor name -> file)") from None
         else:
             files = ["model.safetensors"]
         missing = [f for f in files if not (folder / f).is_file()]
         if missing:
             raise ConfigError(f"{folder}: {missing[0]} is missing (an HF model folder holds "
                               "config.json and model.safetensors or a sharded index)")
-        self.handles = [safe_open(str(folder / f), framework="np") for f in files]
-        self.where = {name: h for h in self.handles for name in h.keys()}
-        self.used: set[str] = set()
         self.folder = folder
+        self.handles = {f: self._read(f, lambda f=f: safe_open(str(folder / f), framework="np"))
+                        for f in files}
+        self.where = {name: f for f, h in self.handles.items() for name in h.keys()}
+        self.used: set[str] = set()
+
+    def _read(self, file: str, read: Callable[[], Any]) -> Any:
+        """`read()`, with a truncated or malformed file (the library's SafetensorError, or the
+        OS's error on a short read) turned into one line naming it."""
+        from safetensors import SafetensorError
+
+        try:
+            return read()
+        except (SafetensorError, OSError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"{self.folder / file}: not a readable safetensors file ({reason}); "
+                              "is it truncated? download it again") from None
 
     def __call__(self, name: str) -> np.ndarray:
         if name not in self.where:
             raise ConfigError(f"{self.folder}: tensor {name} is missing from the safetensors files")
         self.used.add(name)
-        return self.where[name].get_tensor(name)
+        file = self.where[name]
+        return self._read(file, lambda: self.handles[file].get_tensor(name))
 
     def unused(self) -> list[str]:
         return sorted(n for n in self.where if n not in self.used
@@ -446,6 +464,29 @@ def write_safetensors(tensors: dict[str, np.ndarray], folder: Path, max_shard_by
     index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
              "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
+def document_start(hf: dict[str, Any], tokenizer_json: Path | None, eos_id: int) -> str | int:
+    """data.document_start for an imported model, so a prompt starts as its own tokenizer starts
+    a text for transformers: the token its tokenizer.json's post-processor puts first (Llama's
+    BOS), or nothing ('none'); without a tokenizer.json, config.json's bos_token_id. A BOS that
+    is the eos token is this framework's own convention, 'eos'."""
+    if tokenizer_json is not None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer_json))
+        plain = tok.encode("a", add_special_tokens=False).ids
+        full = tok.encode("a", add_special_tokens=True).ids
+        starts = [i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain]
+        prefix = full[:starts[0]] if starts else []
+        if len(prefix) > 1:
+            raise _refuse(str(tokenizer_json), "post_processor", prefix,
+                          "at most one token before a text")
+        bos = prefix[0] if prefix else None
+    else:
+        bos = hf.get("bos_token_id")
+        bos = bos if isinstance(bos, int) else None
+    return "none" if bos is None else "eos" if bos == eos_id else bos
 
 
 def byte_tokenizer_json() -> str:

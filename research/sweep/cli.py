@@ -37,7 +37,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     from research.sweep import spec
     from research.sweep.runner import Runner, default_storage, default_sweep_dir
     from research.sweep.status import print_status
-    from research.sweep.store import parse_url
+    from research.sweep.store import check_reachable
 
     if args.sweep == "status":
         if len(args.overrides) != 1:
@@ -54,7 +54,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     sweep = spec.load(args.sweep, args.overrides)
     sweep_dir = Path(args.sweep_dir) if args.sweep_dir else default_sweep_dir(sweep.spec.name)
     storage = args.storage or sweep.spec.storage or default_storage(sweep_dir)
-    parse_url(storage)  # before the sweep dir or store is created
+    check_reachable(storage)  # before the sweep dir or store is created
     if sweep_dir.exists() and not sweep_dir.is_dir():
         raise ConfigError(f"--sweep-dir {sweep_dir}: is a file; a sweep directory is a folder")
     runner = Runner(sweep, sweep_dir, storage, worker=args.worker, live=None)

@@ -38,6 +38,7 @@ SCHEMA_VERSION = 1
 # the tables adds its step here, so that it reads every store written before it.
 MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {}
 RETRY_S = 300.0  # how long a worker waits out a lost database before giving up
+CHECK_TIMEOUT_S = 5  # how long the first connection of a command may take (check_reachable)
 _MAX_BACKOFF_S = 30.0
 _SCHEMA_LOCK = 0x7377656570  # PostgreSQL advisory lock that serialises schema changes ("sweep")
 # SQLSTATE classes worth waiting for: connection exception, transaction rollback (serialisation,
@@ -158,6 +159,11 @@ def _database_error(exc: BaseException | None) -> DBAPIError | None:
     return exc
 
 
+def _reason(error: DBAPIError) -> str:
+    """The driver's message in one line (e.g. "connection refused")."""
+    return (str(error.orig).strip().splitlines() or [type(error.orig).__name__])[0]
+
+
 def patiently(fn: Callable[[], T], label: str, retry_s: float = RETRY_S,
               landed: Callable[[], bool] | None = None) -> T:
     """Run `fn`, waiting out a lost database (`label` names it) with exponential backoff.
@@ -174,7 +180,7 @@ def patiently(fn: Callable[[], T], label: str, retry_s: float = RETRY_S,
             error = _database_error(exc)
             if error is None or not transient(error):
                 raise
-            reason = (str(error.orig).strip().splitlines() or [type(error.orig).__name__])[0]
+            reason = _reason(error)
             if time.monotonic() + delay > deadline:
                 raise ConfigError(f"{label}: database unreachable for {retry_s:.0f}s ({reason})"
                                   ) from None
@@ -182,6 +188,12 @@ def patiently(fn: Callable[[], T], label: str, retry_s: float = RETRY_S,
             log.warning("%s: %s; retrying in %.1fs", label, reason, delay)
             time.sleep(delay)
             delay = min(2 * delay, _MAX_BACKOFF_S)
+
+
+def _server_connect_args(parsed: sa.URL, timeout_s: int) -> dict[str, Any]:
+    """libpq's own limit on one connection attempt, so an unreachable host fails rather than
+    hanging (other drivers: their default)."""
+    return {"connect_timeout": timeout_s} if parsed.get_driver_name().startswith("psycopg") else {}
 
 
 def engine_for(url: str) -> sa.Engine:
@@ -195,9 +207,30 @@ def engine_for(url: str) -> sa.Engine:
             dbapi_connection.execute("PRAGMA journal_mode=WAL")
 
         return engine
-    # libpq's own limit, so an unreachable host fails (and is retried) rather than hanging
-    connect_args = {"connect_timeout": 10} if parsed.get_driver_name().startswith("psycopg") else {}
-    return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+    # a failed connection is retried (patiently): a lost server may come back
+    return sa.create_engine(parsed, pool_pre_ping=True,
+                            connect_args=_server_connect_args(parsed, 10))
+
+
+def check_reachable(url: str, timeout_s: int = CHECK_TIMEOUT_S) -> None:
+    """Connect once to a database server (a SQLite file needs no check): one that does not
+    answer when a sweep starts is a wrong URL or a server not started, not an outage to wait
+    out, so it is a ConfigError within seconds, before anything is created. A connection lost
+    later is still retried (see `patiently`)."""
+    parsed = parse_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return
+    engine = sa.create_engine(parsed, poolclass=sa.pool.NullPool,
+                              connect_args=_server_connect_args(parsed, timeout_s))
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as exc:
+        raise ConfigError(f"storage {parsed.render_as_string(hide_password=True)!r}: cannot "
+                          f"connect ({_reason(exc)}); is the server running and the URL right?"
+                          ) from None
+    finally:
+        engine.dispose()
 
 
 @dataclass(frozen=True)
