@@ -9,6 +9,7 @@ from pathlib import Path
 from research import flags
 from research.analysis import add_analysis_commands
 from research.config import ConfigError
+from research.evaluation.cli import add_evaluation_commands, add_task_arguments
 from research.generate import add_generate_command
 from research.interop.cli import add_interop_commands
 from research.sweep import add_sweep_commands
@@ -50,6 +51,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.tasks is not None:
+        from research.evaluation.cli import eval_tasks
+
+        return eval_tasks(args)
+    if args.all_steps or args.json:
+        raise ConfigError("--all-steps and --json go with --tasks")
     import jax
 
     from research.data.pipeline import eval_batches
@@ -103,11 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="survivors fail this long after a process dies (default 60)")
     train.set_defaults(func=_train)
 
-    evaluate = commands.add_parser("eval", help="held-out loss and bits per byte of a checkpoint")
+    evaluate = commands.add_parser("eval", help="held-out loss and bits per byte of a checkpoint, "
+                                   "or its downstream accuracy (--tasks)")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--step", type=flags.non_negative, help="checkpoint step (default: latest)")
     evaluate.add_argument("--batches", type=flags.positive,
                           help="held-out batches (default: train.eval_batches)")
+    add_task_arguments(evaluate)
     evaluate.set_defaults(func=_eval)
 
     examples = commands.add_parser("make-examples", help="write the built-in sft and dpo example "
@@ -115,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     examples.add_argument("--out", required=True, help="folder for sft.jsonl and dpo.jsonl")
     examples.set_defaults(func=_make_examples)
 
+    add_evaluation_commands(commands)
     add_generate_command(commands)
     add_interop_commands(commands)
     add_sweep_commands(commands)

@@ -314,6 +314,16 @@ class TrainConfig(_Section):
         return self
 
 
+class EvalConfig(_Section):
+    """Downstream ranked-choice tasks scored during training (docs/evaluation.md)."""
+
+    tasks: str | None = Field(None, **_role(EXTENT), description="'builtin' (the built-in tasks), built-in task "
+                              "names, folders of .jsonl tasks or .jsonl files, comma-separated; "
+                              "None: no downstream evaluation")
+    tasks_every: int | None = Field(None, gt=0, **_role(BOOKKEEPING), description="score the tasks every N steps (and "
+                                    "at the end); None: train.eval_every")
+
+
 class ExamplesConfig(_Section):
     """Prompt/response (sft) and preference (dpo) examples: where they are and how they fit."""
 
@@ -422,6 +432,7 @@ class ExperimentConfig(_Section):
     logging: LoggingConfig = Field(LoggingConfig(), **_role(BOOKKEEPING))
     examples: ExamplesConfig = ExamplesConfig()
     dpo: DPOConfig = DPOConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _packing(self) -> ExperimentConfig:

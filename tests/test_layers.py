@@ -10,13 +10,17 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "research"
 
 # Bottom to top; a module may import its own layer and the layers below it. The pure Hugging
-# Face mapping sits below train/ (a run may start from HF weights), its commands above it.
+# Face mapping sits below train/ (a run may start from HF weights), its commands above it; so do
+# the downstream evaluator (the loop calls it) and its commands and harness adapter (which
+# decodes with research.generate).
 LAYERS = (
     ("research.flags", "research.format", "research.config"),
     ("research.models", "research.parallel"),
     ("research.data", "research.interop.hf"),
-    ("research.train", "research.evaluation"),
-    ("research.generate", "research.interop.cli"),
+    ("research.train", "research.evaluation.tasks", "research.evaluation.scoring",
+     "research.evaluation.evaluator"),
+    ("research.generate", "research.interop.cli", "research.evaluation.cli",
+     "research.evaluation.harness"),
     ("research.sweep",),
     ("research.analysis",),
     ("research.cli", "research.launch", "research.__main__"),

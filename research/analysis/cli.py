@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from research import flags
 from research.config import ConfigError
@@ -32,14 +33,17 @@ def add_analysis_commands(subparsers: argparse._SubParsersAction) -> None:
     analyze.add_argument("--drop-highest", type=int, default=0, metavar="K",
                          help="with --points: leave out the K highest losses (outliers)")
     analyze.add_argument("--holdout", choices=HOLDOUT_CHOICES,
-                         help="fit L(N, D) without the largest compute budget and check its prediction")
+                         help="fit L(N, D) (and downstream accuracy) without the largest compute "
+                              "budget and check the predictions")
     analyze.set_defaults(func=analyze_command)
 
     predict = subparsers.add_parser(
         "predict", help="compute-optimal size, tokens and loss at a budget, from a fitted L(N, D)",
         description="Read the Approach 3 fit that `research analyze` wrote (DIR/analysis/fits.json, "
                     "or DIR/fits.json for --points) and print N_opt, D_opt and the loss at each "
-                    "budget C with 95% intervals. See docs/analysis.md.")
+                    "budget C with 95% intervals, and each downstream task's predicted accuracy "
+                    "where the runs had downstream metrics. See docs/analysis.md and "
+                    "docs/evaluation.md.")
     predict.add_argument("dir", metavar="DIR", help="an analysed folder, or an analyze --out folder")
     predict.add_argument("--flops", type=float, nargs="+", required=True, metavar="C",
                          help="training compute budgets in FLOPs, e.g. 1e18")
@@ -104,8 +108,8 @@ def predict_command(args: argparse.Namespace) -> int:
     import math
 
     from research.analysis.approach3 import JointLaw
+    from research.analysis.downstream import TwoStep
     from research.analysis.runs import ANALYSIS
-    from research.format import si
 
     where = Path(args.dir)
     path = next((p for p in (where / ANALYSIS / "fits.json", where / "fits.json") if p.is_file()),
@@ -114,26 +118,44 @@ def predict_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"{where}: no fits.json (in DIR/{ANALYSIS}/ or DIR/); run `research "
                           "analyze` first")
     try:
-        record = json.loads(path.read_text()).get("approach3")
-    except (OSError, ValueError, AttributeError) as exc:
+        record = json.loads(path.read_text())
+        tasks = {task: TwoStep.from_record(fit) for task, fit in
+                 (record.get("downstream") or {}).items() if "error" not in fit}
+        record = record.get("approach3")
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path}: unreadable fits.json ({exc})") from None
-    if not record or "error" in record:
+    if (not record or "error" in record) and not tasks:
         raise ConfigError(f"{path}: no L(N, D) fit" + (f" ({record['error']})" if record else ""))
     bad = [c for c in args.flops if not (math.isfinite(c) and c > 0)]
     if bad:
         raise ConfigError(f"--flops: budgets must be positive FLOPs, got {bad[0]}")
-    law = JointLaw.from_record(record)
+    if record and "error" not in record:
+        _predict_loss(JointLaw.from_record(record), record, args.flops)
+    for task, law in tasks.items():
+        for c in args.flops:
+            p = law.predict(c)
+            loss, acc = p["loss"], p["accuracy"]
+            note = (f"  extrapolating {c / law.flops_range[1]:.3g}x past the largest fitted C"
+                    if c > law.flops_range[1] else "")
+            print(f"C = {c:.3g}: {task} accuracy {acc[0]:.3f} [{acc[1]:.3f}, {acc[2]:.3f}], task "
+                  f"loss {loss[0]:.4f} [{loss[1]:.4f}, {loss[2]:.4f}] bits/byte{note}")
+    return 0
+
+
+def _predict_loss(law: Any, record: dict[str, Any], budgets: list[float]) -> None:
+    """N_opt, D_opt and the loss at each budget from the L(N, D) fit."""
+    from research.format import si
+
     largest = record["flops_range"][1]
     print(f"{law.formula()}  (fitted to {law.n_points} points up to C = {largest:.3g}; C = "
           f"{law.k:.3g}·N·D; 95% intervals)")
-    for c in args.flops:
+    for c in budgets:
         opt = law.optimal(c)
         n, d, loss = opt["n_opt"], opt["d_opt"], opt["loss"]
         note = f"  extrapolating {c / largest:.3g}x past the largest fitted C" if c > largest else ""
         print(f"C = {c:.3g}: N_opt {si(n[0])} [{si(n[1])}, {si(n[2])}], D_opt {si(d[0])} "
               f"[{si(d[1])}, {si(d[2])}], D/N {d[0] / n[0]:.3g}, loss {loss[0]:.4f} "
               f"[{loss[1]:.4f}, {loss[2]:.4f}]{note}")
-    return 0
 
 
 def _sizes(flag: str, text: str) -> list[int]:

@@ -49,6 +49,7 @@ def scalars_from_metrics(entries: list[dict[str, Any]]) -> Series:
         prefix = "eval" if any(key.startswith("eval_") for key in entry) else "train"
         for key, value in entry.items():
             if key != "step" and isinstance(value, (int, float)):
-                series.setdefault(f"{prefix}/{key.removeprefix(prefix + '_')}", []).append(
-                    (int(entry["step"]), float(value)))
+                tag = key if key.startswith("downstream/") else \
+                    f"{prefix}/{key.removeprefix(prefix + '_')}"  # as RunLog.write names them
+                series.setdefault(tag, []).append((int(entry["step"]), float(value)))
     return series

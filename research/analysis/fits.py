@@ -39,6 +39,8 @@ class PowerLaw:
     alpha: float
     n_points: int
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    draws: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)), repr=False)  # (E, A, alpha)
+    # of each bootstrap resample
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.E + self.A * np.asarray(x, float) ** -self.alpha
@@ -112,13 +114,15 @@ def fit_power_law(x: np.ndarray, y: np.ndarray, bootstrap: int = BOOTSTRAP,
         if len(np.unique(x[pick])) >= 3:
             samples.append(_minimize([theta], lx[pick], ly[pick], bounds))
     intervals = {}
+    draws = np.zeros((0, 3))
     if samples:
         s = np.array(samples)
-        for name, values in (("E", np.exp(s[:, 0])), ("A", np.exp(s[:, 1]) * x_ref ** s[:, 2]),
-                             ("alpha", s[:, 2])):
+        draws = np.stack([np.exp(s[:, 0]), np.exp(s[:, 1]) * x_ref ** s[:, 2], s[:, 2]], axis=1)
+        for name, values in zip(("E", "A", "alpha"), draws.T):
             intervals[name] = (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5)))
     e, a, alpha = theta
-    return PowerLaw(float(np.exp(e)), float(np.exp(a) * x_ref**alpha), float(alpha), len(x), intervals)
+    return PowerLaw(float(np.exp(e)), float(np.exp(a) * x_ref**alpha), float(alpha), len(x),
+                    intervals, draws)
 
 
 def frontier(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -27,6 +27,12 @@ class Section:
     figures: list[tuple[str, str, Any]] = field(default_factory=list)  # (stem, title, Figure)
     text: str = ""
 
+    def extend(self, other: Section) -> Section:
+        """This section followed by `other` (records merged)."""
+        return Section({**self.record, **other.record}, [*self.tables, *other.tables],
+                       [*self.figures, *other.figures],
+                       "\n\n".join(filter(None, [self.text, other.text])))
+
 
 def holdout_mask(points: Points) -> np.ndarray:
     """True for the points of the largest compute budget (fits.group_budgets), held out of the fit."""

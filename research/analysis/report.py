@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from research.analysis import fits, joint, plots, points, replicates, transfer
+from research.analysis import downstream, fits, joint, plots, points, replicates, transfer
 from research.analysis.runs import (ANALYSIS, COLUMNS, Run, family, finished, fixed_settings,
                                    format_value, load_runs, row)
 from research.format import si
@@ -378,6 +378,7 @@ def analyze(root: Path, holdout: str | None = None) -> tuple[Path, str]:
     scaling = scaling_fits(runs, rows, fields)
     iso, arrays = compute_optimal(runs, rows, fields)
     law = joint.section(points.from_rows([r for _, r in finished(runs, rows)]), iso, holdout)
+    law = law.extend(downstream.section(runs, finished(runs, rows), holdout))
     transfers = transfer.grids(runs, rows, fields)
     answer = " ".join(filter(None, [headline(runs, rows, scaling, iso), transfer.summary(transfers)]))
     groups = replicates.groups([(run, r["final_eval_loss"]) for run, r in finished(runs, rows)])

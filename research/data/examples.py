@@ -300,10 +300,17 @@ def derive_examples(out: Path, documents: Iterable[Document] | None = None) -> d
 def builtin_examples(data: DataConfig) -> dict[str, Path]:
     """The built-in example files, derived on first use under data.cache_dir (keyed by this
     Python's version and standard-library path, which decide their content)."""
-    stdlib = sysconfig.get_paths()["stdlib"]
-    key = hashlib.sha256(json.dumps([BUILTIN_VERSION, sys.version, stdlib]).encode()).hexdigest()
-    out = Path(data.cache_dir).expanduser() / f"examples-{key[:16]}"
+    out = builtin_cache_dir(data, "examples", BUILTIN_VERSION)
     paths = {"sft": out / "sft.jsonl", "dpo": out / "dpo.jsonl"}
     if not all(p.is_file() for p in paths.values()):
         derive_examples(out)
     return paths
+
+
+def builtin_cache_dir(data: DataConfig, kind: str, version: int) -> Path:
+    """Where files derived from the standard library are kept under data.cache_dir: keyed by
+    the derivation's version, this Python's version and standard-library path, which decide
+    their content."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    key = hashlib.sha256(json.dumps([version, sys.version, stdlib]).encode()).hexdigest()
+    return Path(data.cache_dir).expanduser() / f"{kind}-{key[:16]}"

@@ -32,6 +32,7 @@ from research.config import ConfigError, ExperimentConfig, MeshConfig
 from research.data.examples import Examples, example_iterator, load_examples
 from research.data.pipeline import TokenCache, build_token_cache, eval_batches, train_iterator
 from research.data.tokenizer import load_tokenizer
+from research.evaluation.evaluator import Downstream
 from research.models.decoder import Decoder, padded_vocab
 from research.parallel.mesh import (AxisRules, axis_rules, batch_sharding, check_divisibility,
                                     make_mesh)
@@ -372,6 +373,20 @@ class Reporter:
                                 f"{scores['eval_bpb']:.4f} bits/byte")
         self.save_summary(step=step)
 
+    def downstream_metrics(self, step: int, scores: dict[str, float], seconds: float) -> None:
+        """Downstream task metrics (none when every task failed)."""
+        if not scores:
+            return
+        self.log.write(step, scores, "downstream")
+        self.summary["final"].update(scores)
+        self.note(f"step {step}: downstream macro accuracy {scores['downstream/macro_acc']:.3f} "
+                  f"({seconds:.1f}s)")
+
+    def note(self, text: str) -> None:
+        """A line that stays, above the progress bar (lead process only)."""
+        if self.is_lead:
+            self.progress.write(text)
+
     def save_summary(self, **changes: Any) -> None:
         self.summary.update(changes)
         if self.is_lead:
@@ -408,6 +423,9 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     # init_from) before anything is written, so a refused start leaves no run directory behind.
     setup = prepare(cfg, devices, say)
     examples = None if cfg.train.objective == "lm" else load_examples(cfg, setup.cache.tokenizer)
+    downstream = None if cfg.eval.tasks is None else Downstream.build(
+        cfg, cfg.eval.tasks, setup.model, setup.mesh, setup.spec.shardings["params"],
+        setup.cache.tokenizer)
     initial = _initial_weights(setup, run, latest, starting_point)
 
     def data_iterator() -> grain.DatasetIterator:
@@ -443,6 +461,8 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     if examples is not None:
         summary["examples"] = examples.counts
         say(f"{cfg.examples.source} examples: {examples.summary()}")
+    for line in downstream.describe() if downstream is not None else []:
+        say(line)
     if start == 0:
         report.log.text("config", resolved_yaml)
         report.log.text("parameters", "\n".join(f"{k:>14}: {v:,}" for k, v in counts.items()))
@@ -485,6 +505,11 @@ def train(cfg: ExperimentConfig, run_dir: Path,
                 if _due(step, cfg.train.eval_every, last):
                     report.eval_metrics(step, evaluate(setup, state["params"], heldout, eval_fn))
                     speed.resume()  # eval time is not step time
+                if downstream is not None and downstream.due(step, last):
+                    with setup.context():
+                        scores = downstream.log_scores(state["params"], report.note)
+                    report.downstream_metrics(step, scores, downstream.seconds)
+                    speed.resume()
                 saver.maybe_save(step)
         except BaseException as exc:
             # Save first: whatever failed (eval, logging, a full disk, a signal), the steps

@@ -131,8 +131,10 @@ class RunLog:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if self.tb is not None:
             for key, value in values.items():
-                tag = key.removeprefix(f"{prefix}_")
-                self.tb.add_scalar(f"{prefix}/{tag}", value, step)
+                # eval_loss -> eval/loss; downstream/x/acc (under its prefix already) stays
+                tag = key if key.startswith(f"{prefix}/") else \
+                    f"{prefix}/{key.removeprefix(f'{prefix}_')}"
+                self.tb.add_scalar(tag, value, step)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -34,6 +34,7 @@ CHECKPOINTS = "checkpoints"
 TOKENIZER = "tokenizer.json"
 TRIAL_LOG = "trial.log"
 TRIAL_RECORD = "trial.json"
+HARNESS = "harness"  # `research harness` results, one step_N.json per checkpoint step
 # A folder holding one of these is a run (analysis finds runs by them).
 MARKERS = (SUMMARY, METRICS, TRIAL_RECORD)
 
@@ -104,6 +105,10 @@ class RunDir:
     @property
     def tokenizer(self) -> Path:
         return self.path / TOKENIZER
+
+    @property
+    def harness(self) -> Path:
+        return self.path / HARNESS
 
     @property
     def trial_log(self) -> Path:
