@@ -22,7 +22,7 @@ from research.evaluation.evaluator import Downstream
 from research.evaluation.scoring import Scorer, task_metrics, task_rows
 from research.evaluation.tasks import Item, Task, harness_yaml, read_task
 from research.train.loop import prepare, train
-from research.train.metrics import read_metrics
+from research.train.rundir import read_metrics
 from research.train.state import init_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def memorized_run(tmp_path_factory, token_cache_dir):
     """A tiny run trained on four repeated phrases, scoring its tasks in the loop: `memorized`
     (true rest vs noise), `mixed` (unknowable) and `broken` (its scoring fails at step 15)."""
     from research import config
-    from tests.conftest import TINY
+    from conftest import TINY
 
     root = tmp_path_factory.mktemp("memorized")
     rng = random.Random(0)
@@ -154,7 +154,7 @@ def log_softmax64(logits: np.ndarray) -> np.ndarray:
 def scoring_setup(token_cache_dir):
     """A tiny untrained model on all 8 devices, and a task with a context longer than seq_len."""
     from research import config
-    from tests.conftest import TINY
+    from conftest import TINY
 
     cfg = config.load(None, [*TINY, f"data.cache_dir={token_cache_dir}", "train.seq_len=64"])
     rng = random.Random(1)
