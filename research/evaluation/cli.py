@@ -101,7 +101,11 @@ def harness(args: argparse.Namespace) -> int:
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise ConfigError(f"--include-path: {args.include_path} is not a folder")
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
-    manager = TaskManager(include_path=args.include_path)
+    # the harness's own task index takes seconds to build: only when local YAMLs do not suffice
+    manager = TaskManager(include_path=args.include_path, include_defaults=False) \
+        if args.include_path is not None else None
+    if manager is None or any(n not in manager.all_tasks for n in names):
+        manager = TaskManager(include_path=args.include_path)
     unknown = [n for n in names if n not in manager.all_tasks]
     if not names or unknown:
         where = f" (nor in {args.include_path})" if args.include_path else ""
