@@ -35,6 +35,22 @@ def add_analysis_commands(subparsers: argparse._SubParsersAction) -> None:
     analyze.add_argument("--holdout", choices=HOLDOUT_CHOICES,
                          help="fit L(N, D) (and downstream accuracy) without the largest compute "
                               "budget and check the predictions")
+    analyze.add_argument("--mixture-points", metavar="FILE.csv",
+                         help="fit mixture laws to a table instead (a weight column per source, "
+                              "metric columns); needs --sources, --metric and --out")
+    analyze.add_argument("--sources", metavar="A,B,...",
+                         help="with --mixture-points: the weight columns, one per source")
+    analyze.add_argument("--metric", metavar="M1[,M2,...]",
+                         help="mixture laws: the metric(s) to fit; the objective is their mean, or "
+                              "a weighted sum given as M1=0.7,M2=0.3 (default for DIR: the "
+                              "per-domain metrics in the sweep objective's unit)")
+    analyze.add_argument("--kl", type=float, default=0.0, metavar="LAMBDA",
+                         help="mixture proposal: add LAMBDA x KL(mix || natural mix) (default 0)")
+    analyze.add_argument("--natural", metavar="A=W,...",
+                         help="with --mixture-points: the natural mix (the proposal is compared "
+                              "with it, and --kl pulls towards it)")
+    analyze.add_argument("--max-weight", metavar="A=W,...",
+                         help="with --mixture-points: caps on each source's weight (repetition)")
     analyze.set_defaults(func=analyze_command)
 
     predict = subparsers.add_parser(
@@ -81,15 +97,32 @@ def analyze_command(args: argparse.Namespace) -> int:
     from research.analysis import points
     from research.analysis.report import analyze, analyze_points
 
-    if args.points is None:
+    if not (args.kl >= 0 and args.kl < float("inf")):
+        raise ConfigError(f"--kl: must be a number >= 0, got {args.kl}")
+    if args.mixture_points is None:
+        for flag, value in (("--sources", args.sources), ("--natural", args.natural),
+                            ("--max-weight", args.max_weight)):
+            if value:
+                raise ConfigError(f"{flag} goes with --mixture-points FILE.csv")
+    if args.mixture_points is not None:
+        if args.points is not None or args.dir is not None or args.out is None:
+            raise ConfigError("--mixture-points FILE.csv takes --out DIR (where the report goes), "
+                              "not DIR or --points")
+        if not args.sources or not args.metric:
+            raise ConfigError("--mixture-points FILE.csv needs --sources A,B,... (its weight "
+                              "columns) and --metric M1[,M2,...] (its metric columns)")
+        out, answer = _mixture_points(args)
+    elif args.points is None:
         for flag, value in (("--out", args.out), ("--columns", args.columns),
                             ("--drop-highest", args.drop_highest)):
             if value:
                 raise ConfigError(f"{flag} goes with --points FILE.csv")
         if args.dir is None:
             raise ConfigError("analyze needs DIR, or --points FILE.csv --out DIR")
-        out, answer = analyze(Path(args.dir), args.holdout)
+        out, answer = analyze(Path(args.dir), args.holdout, args.metric, args.kl)
     else:
+        if args.metric or args.kl:
+            raise ConfigError("--metric and --kl go with DIR or --mixture-points FILE.csv")
         if args.dir is not None or args.out is None:
             raise ConfigError("--points FILE.csv takes --out DIR (where the report goes), not DIR")
         if args.drop_highest < 0:
@@ -98,9 +131,43 @@ def analyze_command(args: argparse.Namespace) -> int:
                                 args.drop_highest)
         out, answer = analyze_points(table, Path(args.points), Path(args.out), args.holdout)
     print(answer)
-    table = "" if args.points else " table.csv,"
+    _print_proposal(out / "fits.json")
+    table = "" if args.points or args.mixture_points else " table.csv,"
     print(f"wrote {out}/: report.html, report.md,{table} fits.json, figures (also in {out / 'tb'})")
     return 0
+
+
+def _mixture_points(args: argparse.Namespace) -> tuple[Path, str]:
+    from research.analysis import mixture
+    from research.analysis.report import analyze_mixture_points
+
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    coefficients = mixture.parse_metrics(args.metric)
+    natural = mixture.parse_assignments("--natural", args.natural, sources)
+    caps = mixture.parse_assignments("--max-weight", args.max_weight, sources)
+    if caps is not None and caps.sum() < 1:
+        raise ConfigError(f"--max-weight: the caps sum to {caps.sum():.4g} < 1; no mix meets them")
+    if args.kl > 0 and natural is None:
+        raise ConfigError("--kl: a pull towards the natural mix needs --natural A=W,...")
+    if natural is not None and abs(natural.sum() - 1) > mixture.SUM_TOLERANCE:
+        raise ConfigError(f"--natural: the weights must sum to 1, got {natural.sum():.6g}")
+    table = mixture.read_points(Path(args.mixture_points), sources, list(coefficients))
+    return analyze_mixture_points(table, coefficients, caps, natural, args.kl,
+                                  Path(args.mixture_points), Path(args.out))
+
+
+def _print_proposal(fits_json: Path) -> None:
+    """The proposed mix, ready to paste: a data.sources block and the same as overrides."""
+    import json
+
+    from research.analysis import mixture
+
+    entry = json.loads(fits_json.read_text()).get("mixture") if fits_json.is_file() else None
+    if entry and "weights" in entry:
+        low, high = entry["interval"]
+        print(f"proposed mix ({entry['regressor']} law; predicted {entry['objective']} "
+              f"{entry['predicted']:.4f}, 95% bootstrap [{low:.4f}, {high:.4f}]):\n"
+              f"{entry['block']}\nas overrides: {mixture.overrides(entry['weights'])}")
 
 
 def predict_command(args: argparse.Namespace) -> int:

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from research.analysis import downstream, fits, joint, plots, points, replicates, transfer
+from research.analysis import (downstream, fits, joint, mixture, mixture_report, plots, points,
+                               replicates, transfer)
 from research.analysis.runs import (ANALYSIS, COLUMNS, Run, family, finished, fixed_settings,
                                    format_value, load_runs, row)
 from research.format import si
@@ -369,9 +370,14 @@ def figures(runs: list[Run], rows: list[dict[str, Any]], fields: list[str],
     return out
 
 
-def analyze(root: Path, holdout: str | None = None) -> tuple[Path, str]:
+def analyze(root: Path, holdout: str | None = None, metric: str | None = None,
+            kl: float = 0.0) -> tuple[Path, str]:
     """Write DIR/analysis/ for the runs below `root`; returns that folder and the answer paragraph.
-    `holdout="largest"` fits L(N, D) without the largest compute budget and checks its prediction."""
+    `holdout="largest"` fits L(N, D) without the largest compute budget and checks its prediction;
+    `metric` and `kl`: the data-mixture part's objective and pull to the natural mix."""
+    from research.sweep.runner import SWEEP_FILE
+    from research.train.rundir import read_json
+
     root = Path(root)
     runs, fields = load_runs(root)
     rows = [row(run) for run in runs]
@@ -379,6 +385,7 @@ def analyze(root: Path, holdout: str | None = None) -> tuple[Path, str]:
     iso, arrays = compute_optimal(runs, rows, fields)
     law = joint.section(points.from_rows([r for _, r in finished(runs, rows)]), iso, holdout)
     law = law.extend(downstream.section(runs, finished(runs, rows), holdout))
+    law = law.extend(mixture_report.section(runs, fields, read_json(root / SWEEP_FILE), metric, kl))
     transfers = transfer.grids(runs, rows, fields)
     answer = " ".join(filter(None, [headline(runs, rows, scaling, iso), transfer.summary(transfers)]))
     groups = replicates.groups([(run, r["final_eval_loss"]) for run, r in finished(runs, rows)])
@@ -425,6 +432,19 @@ def analyze_points(table: points.Points, source: Path, out: Path,
     shutil.rmtree(out / "tb", ignore_errors=True)  # not _clear: `out` may hold the user's PNGs
     record = {**fits_record([], iso), **law.record}
     write_report(out, f"Scaling laws of {source.name}", answer, record, tables, drawn, law)
+    return out, answer
+
+
+def analyze_mixture_points(table: mixture.Table, coefficients: dict[str, float],
+                           caps: np.ndarray | None, natural: np.ndarray | None, kl: float,
+                           source: Path, out: Path) -> tuple[Path, str]:
+    """Write fits.json (its "mixture" entry), the report and its figures to `out` for a table of
+    mixtures (`--mixture-points`)."""
+    part = mixture_report.build(table, coefficients, caps, natural, kl, {})
+    answer = f"{len(table.names)} mixtures of {', '.join(table.sources)} from {source}."
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "tb", ignore_errors=True)  # not _clear: `out` may hold the user's PNGs
+    write_report(out, f"Mixture laws of {source.name}", answer, part.record, [], [], part)
     return out, answer
 
 

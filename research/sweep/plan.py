@@ -52,7 +52,7 @@ def print_plan(sweep: Sweep, measure: bool = True) -> None:
               "nothing to plan")
         return
     rows = plan(sweep, measure)
-    swept = [short_name(k) for k in sweep.spec.search.params]
+    swept = [short_name(k) for k in sweep.swept]
     header = ["trial", *swept, "params", "tokens", STEPS, "FLOPs", "vs budget", "est. time"]
     table = [[r["trial"], *(str(r[k]) for k in swept), si(r["params"]), si(r["tokens"]),
               str(r["steps"]), f"{r['flops']:.3g}",

@@ -189,13 +189,21 @@ class Runner:
         if self.uses_study:
             study.open_study(self.sweep, self.storage)
         write_json(info_path, {"name": self.spec.name, "storage": self.storage,
-                                      "params": list(self.spec.search.params),
-                                      "seeds": self.spec.seeds,
-                                      "overrides": self.sweep.fixed_overrides,
-                                      "metric": self.spec.objective.metric,
-                                      "direction": self.spec.objective.direction,
-                                      "budget": self.budget})
+                               "params": self.sweep.swept,
+                               "seeds": self.spec.seeds,
+                               "overrides": self.sweep.fixed_overrides,
+                               "metric": self.spec.objective.metric,
+                               "direction": self.spec.objective.direction,
+                               "budget": self.budget, **self._mixture()})
         return store
+
+    def _mixture(self) -> dict[str, Any]:
+        """A mixture sweep's sources, token counts, natural mix and caps, for the analysis."""
+        if self.spec.search.method != "mixture":
+            return {}
+        plan = self.sweep.mixture_plan
+        return {"mixture": {k: plan[k] for k in ("sources", "tokens", "natural", "caps",
+                                                  "train_tokens")}}
 
     def run(self) -> int:
         """Run trials until none is left; 0 when done, 130 when interrupted (resumable)."""
@@ -207,7 +215,7 @@ class Runner:
         running: list[_Running] = []
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
         self.view = make_view(f"sweep {self.spec.name} ({self.sweep_dir})",
-                              list(self.spec.search.params), self.say, self.progress_s, self.live)
+                              self.sweep.swept, self.say, self.progress_s, self.live)
         try:
             last_beat = time.time()
             while True:

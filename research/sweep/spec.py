@@ -18,6 +18,7 @@ import operator
 import random
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -26,6 +27,7 @@ from pydantic import model_validator
 
 from research import config as config_lib
 from research.config import ConfigError
+from research.sweep import mixture
 
 Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr, None]
 SEED_KEY = "train.seed"  # what `seeds:` varies between the replicates of a point
@@ -97,13 +99,44 @@ class Dimension(_Strict):
 
 class Search(_Strict):
     """What is swept and how points are chosen. `isoflop`: the grid of `params` at each compute
-    budget, `train.steps` set so that steps x tokens/step x FLOPs/token is the budget."""
+    budget, `train.steps` set so that steps x tokens/step x FLOPs/token is the budget.
+    `mixture`: `trials` mixtures of the base experiment's data sources (research/sweep/mixture.py)
+    at every point of the grid of `params` (which may be empty)."""
 
-    method: Literal["grid", "random", "tpe", "isoflop"] = "grid"
-    params: dict[str, Dimension] = Field(min_length=1, description="dotted config field -> values")
+    method: Literal["grid", "random", "tpe", "isoflop", "mixture"] = "grid"
+    params: dict[str, Dimension] = Field({}, description="dotted config field -> values")
     startup_trials: int = Field(5, ge=1, description="tpe: random trials before the model kicks in")
     budgets: tuple[Annotated[float, Field(gt=0)], ...] = Field(
         (), description="isoflop: training compute budgets in FLOPs")
+    sources: tuple[str, ...] = Field((), description="mixture: names from the base experiment's "
+                                     "data.sources whose weights are drawn")
+    trials: int | None = Field(None, gt=0, description="mixture: how many mixtures, the natural "
+                               "and the uniform one included")
+    concentration: float = Field(1.0, gt=0, description="mixture: Dirichlet concentration; larger "
+                                 "keeps draws nearer the natural mix")
+    max_repetition: float | None = Field(None, gt=0, description="mixture: no source is read more "
+                                         "than this many times over at train.steps")
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> Search:
+        if self.method != "mixture":
+            if not self.params:
+                raise ValueError(f"params: a {self.method} search needs at least one swept field")
+            given = [k for k in ("sources", "trials", "max_repetition") if getattr(self, k)]
+            if given or self.concentration != 1.0:
+                raise ValueError(f"{(given or ['concentration'])[0]}: only a mixture search takes it")
+            return self
+        if len(self.sources) < 2 or len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"sources: a mixture search needs two or more distinct source names, "
+                             f"got {list(self.sources)}")
+        least = mixture.min_trials(len(self.sources))
+        if self.trials is None or self.trials < least:
+            raise ValueError(
+                f"trials: the mixture laws over {len(self.sources)} sources have "
+                f"{mixture.law_parameters(len(self.sources))} parameters and are cross-validated "
+                f"leaving 1/{mixture.CV_FOLDS} out: they need at least {least} mixtures, got "
+                f"{self.trials}")
+        return self
 
 
 class Objective(_Strict):
@@ -152,7 +185,7 @@ class SweepSpec(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> SweepSpec:
         params, method = self.search.params, self.search.method
-        if method in ("grid", "isoflop"):
+        if method in ("grid", "isoflop", "mixture"):
             for key, dim in params.items():
                 if dim.kind != "values":
                     raise ValueError(f"search.params.{key}: {method} search needs a list of values, "
@@ -163,20 +196,24 @@ class SweepSpec(_Strict):
         if method == "isoflop" and STEPS in {*params, *self.derived, *self.overrides}:
             raise ValueError(f"{STEPS}: an isoflop search sets it from each budget; do not sweep, "
                              "derive or override it")
-        if method not in ("grid", "isoflop") and self.trials is None:
+        if method not in ("grid", "isoflop", "mixture") and self.trials is None:
             raise ValueError(f"trials: a {self.search.method} search needs a trial budget")
+        if method == "mixture" and self.trials is not None:
+            raise ValueError("trials: a mixture search takes its number of mixtures as "
+                             "search.trials (and runs each at every grid point)")
+        weights = [mixture.weight_key(name) for name in self.search.sources]
         short: dict[str, str] = {name: "a name of the expression language" for name in MODEL_NAMES}
-        for key in [*params, *self.derived]:
+        for key in [*params, *weights, *self.derived]:
             name = short_name(key)
             if name in short:
                 raise ValueError(f"{key} and {short[name]} share the short name {name!r} used in "
                                  "trial names and derived expressions")
             short[name] = key
         for key in self.derived:
-            if key in params:
-                raise ValueError(f"derived.{key}: already swept in search.params")
+            if key in params or key in weights:
+                raise ValueError(f"derived.{key}: already swept in search")
         for key in self.overrides:
-            if key in params or key in self.derived:
+            if key in params or key in weights or key in self.derived:
                 raise ValueError(f"overrides.{key}: also swept or derived; set it in one place")
         if self.seeds > 1:
             if self.search.method == "tpe":
@@ -185,7 +222,7 @@ class SweepSpec(_Strict):
             if SEED_KEY in {*params, *self.derived, *self.overrides}:
                 raise ValueError(f"seeds: {self.seeds} sets {SEED_KEY} for every trial; do not also "
                                  "sweep, derive or override it")
-        known = {short_name(k) for k in params} | set(MODEL_NAMES)
+        known = {short_name(k) for k in [*params, *weights]} | set(MODEL_NAMES)
         for key, expr in self.derived.items():
             check_expression(expr, known, f"derived.{key}")
             known.add(short_name(key))
@@ -273,8 +310,9 @@ def evaluate(expr: str, names: dict[str, Any], where: str) -> Any:
 
 
 def short_name(key: str) -> str:
-    """`model.n_layers` -> `n_layers`: the name used in trial names and expressions."""
-    return key.rsplit(".", 1)[-1]
+    """`model.n_layers` -> `n_layers`, `data.sources.code.weight` -> `code`: the name used in
+    trial names and expressions."""
+    return mixture.source_of(key) or key.rsplit(".", 1)[-1]
 
 
 def render(key: str, value: Any) -> str:
@@ -380,15 +418,69 @@ class Sweep:
                 f"{BUDGET_TOLERANCE:.0%}): raise the budget or make the model or batch smaller")
         return steps
 
+    @property
+    def swept(self) -> list[str]:
+        """Every key a trial sets from the search: the params, then a mixture's source weights."""
+        return [*self.spec.search.params,
+                *(mixture.weight_key(name) for name in self.spec.search.sources)]
+
+    def _grid(self) -> list[dict[str, Any]]:
+        params = self.spec.search.params
+        return [dict(zip(params, values))
+                for values in itertools.product(*(d.values for d in params.values()))]
+
+    @cached_property
+    def mixture_plan(self) -> dict[str, Any]:
+        """A mixture search's source token counts, natural mix, caps (at the largest run of the
+        grid) and its mixtures, each {source: weight}; checked against the base experiment."""
+        search = self.spec.search
+        where = f"{self.path}: search"
+        try:
+            tokens = mixture.source_tokens(config_lib.load(self.base, self.fixed_overrides))
+        except ConfigError as exc:
+            raise ConfigError(f"{self.path}: {exc}") from None
+        unknown = [name for name in search.sources if name not in tokens]
+        if unknown:
+            raise ConfigError(f"{where}.sources: {unknown[0]!r} is not a training source of the "
+                              f"base experiment (its data.sources: {', '.join(tokens)})")
+        if set(tokens) - set(search.sources):
+            raise ConfigError(f"{where}.sources: list every training source of the base "
+                              f"experiment ({', '.join(tokens)}); one left out would keep its "
+                              "weight beside the drawn ones")
+        tokens = {name: tokens[name] for name in search.sources}
+        p = mixture.natural(tokens)
+        natural = {mixture.weight_key(name): float(w) for name, w in zip(tokens, p)}
+        train = max(self._train_tokens({**grid, **natural}) for grid in self._grid())
+        upper = mixture.caps(tokens, train, search.max_repetition)
+        try:
+            mixes = mixture.draw(tokens, search.trials, search.concentration, upper, self.spec.seed)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{where}.max_repetition: {search.max_repetition:g}: the sources hold "
+                f"{sum(tokens.values())} training tokens and a run trains on {train}: {exc}"
+            ) from None
+        return {"sources": list(tokens), "tokens": tokens,
+                "natural": dict(zip(tokens, p.tolist())),
+                "caps": dict(zip(tokens, upper.tolist())), "train_tokens": train,
+                "mixtures": mixes}
+
+    def _train_tokens(self, point: dict[str, Any]) -> int:
+        cfg = self.trial_config(self.make_trial(0, point).overrides)
+        return cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
+
     def planned_trials(self) -> list[Trial]:
-        """The fixed trial list of a grid, isoflop (the grid at each budget, budgets outermost) or
-        random sweep (TPE trials are asked one at a time)."""
+        """The fixed trial list of a grid, isoflop (the grid at each budget, budgets outermost),
+        random or mixture sweep (each mixture at each grid point, the grid outermost; TPE trials
+        are asked one at a time)."""
         params, method = self.spec.search.params, self.spec.search.method
         if method in ("grid", "isoflop"):
-            grid = [dict(zip(params, values))
-                    for values in itertools.product(*(d.values for d in params.values()))]
+            grid = self._grid()
             budgets: list[float | None] = [*self.spec.search.budgets] or [None]
             points = [(c, p) for c in budgets for p in grid][: self.spec.trials]
+        elif method == "mixture":
+            mixes = [{mixture.weight_key(k): w for k, w in mix.items()}
+                     for mix in self.mixture_plan["mixtures"]]
+            points = [(None, {**g, **m}) for g in self._grid() for m in mixes]
         elif method == "random":
             rng = random.Random(self.spec.seed)
             points = [(None, {k: d.sample(rng) for k, d in params.items()})
@@ -466,7 +558,7 @@ def load(path: str | Path, cli_overrides: list[str] | tuple[str, ...] = (),
         raise ConfigError(f"{path}: {exc}") from None
     for item in cli_overrides:
         key = item.partition("=")[0]
-        if key in spec.search.params or key in spec.derived:
+        if key in spec.search.params or key in spec.derived or mixture.source_of(key) in spec.search.sources:
             raise ConfigError(f"override {item!r}: {key} is swept or derived by {path}")
     sweep = Sweep(spec, path, _resolve_base(spec.base, path), tuple(cli_overrides))
     if check:

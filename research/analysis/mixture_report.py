@@ -1,0 +1,177 @@
+"""The "Data mixture" part of a report: mixture laws fitted to runs (or a CSV), the proposal, its
+figures and a sentence on trust. research/analysis/report.py places the Section it returns.
+
+Runs at several data mixtures are found by their `data.sources.<name>.weight` config fields; runs
+that differ in anything else (a model size of the grid) form families and the largest is fitted.
+Runs whose folder name starts with `proposal` are a proposal's validation runs (the recipe in
+docs/analysis.md): they are not fitted, and the report sets their measured objective beside the
+prediction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from research.analysis import mixture, plots
+from research.analysis.joint import Section
+from research.analysis.runs import Run, family
+from research.config import ConfigError
+from research.sweep.mixture import SOURCE_KEY, source_of
+
+PROPOSAL = "proposal"  # folder-name prefix of a proposal's validation runs
+
+
+def final(run: Run, metric: str) -> float | None:
+    """A metric's last value, named as in metrics.jsonl (`eval_loss`, `eval/code/bpb`) or as a
+    TensorBoard tag."""
+    for tag in (metric, f"eval/{metric.removeprefix('eval_')}", f"eval/{metric}"):
+        if series := run.series(tag):
+            return series[-1][1]
+    return None
+
+
+def run_weights(run: Run) -> dict[str, float]:
+    """A run's normalized source weights from its config ({} when it has no named sources)."""
+    raw = {name: float(v) for k, v in run.config.items()
+           if (name := source_of(k)) is not None and isinstance(v, (int, float))}
+    total = sum(raw.values())
+    return {k: v / total for k, v in raw.items()} if total > 0 else {}
+
+
+def default_metrics(runs: list[Run], sources: list[str], objective: str) -> dict[str, float]:
+    """The mean of the per-domain metrics in the objective's unit (bpb or loss) when the runs
+    logged them, else the objective itself."""
+    unit = "bpb" if "bpb" in objective else "loss"
+    per_domain = [f"eval/{s}/{unit}" for s in sources]
+    if all(any(final(r, m) is not None for r in runs) for m in per_domain):
+        return {m: 1 / len(per_domain) for m in per_domain}
+    return {objective: 1.0}
+
+
+def table_from_runs(runs: list[Run], fields: list[str], metrics: list[str]
+                    ) -> tuple[mixture.Table, dict[str, list[float]], list[str]] | None:
+    """The largest family's mixtures (seeds averaged), the validation runs' measured metrics
+    (by run name), and the runs left out with why; None without two or more mixtures."""
+    weighted = [(r, w) for r in runs if len(w := run_weights(r)) >= 2]
+    if not weighted:
+        return None
+    sources = list(weighted[0][1])
+    usable, validation, left_out = [], {}, []
+    for run, w in weighted:
+        values = [final(run, m) for m in metrics]
+        if list(w) != sources or None in values:
+            left_out.append(f"{run.name} (no {metrics[values.index(None)]})" if None in values
+                            else f"{run.name} (other sources)")
+        elif run.name.startswith(PROPOSAL):
+            validation[run.name] = values
+        else:
+            usable.append((run, np.array([w[s] for s in sources]), values))
+    families: dict[tuple, list] = {}
+    for item in usable:
+        families.setdefault(family(item[0], fields, ("data.sources.",)), []).append(item)
+    if not families:
+        return None
+    chosen = max(families.values(), key=len)
+    left_out += [f"{item[0].name} (another setting)" for item in usable if item not in chosen]
+    points: dict[tuple, list] = {}
+    for run, w, values in chosen:
+        points.setdefault(tuple(np.round(w, 6)), []).append((run, values))
+    if len(points) < 2:
+        return None
+    names = [" / ".join(r.name for r, _ in members) for members in points.values()]
+    weights = np.array([list(key) for key in points])
+    table = {m: np.array([np.mean([v[i] for _, v in members]) for members in points.values()])
+             for i, m in enumerate(metrics)}
+    return mixture.Table(names, sources, weights, table), validation, left_out
+
+
+def _figures(result: mixture.MixtureFit, validation: dict[str, float]) -> list[tuple[str, str, Any]]:
+    table, form = result.table, result.best
+    k = len(table.sources)
+    fig, axes = plots._figure(k)
+    for j, (ax, source) in enumerate(zip(axes, table.sources)):
+        for m, y in table.metrics.items():
+            ax.plot(table.weights[:, j], y, "o", ms=4, label=m)
+        ax.axvline(result.proposal["weights"][source], color="k", lw=0.8, ls="--")
+        ax.set_xlabel(f"weight of {source}")
+    axes[0].set_ylabel("metric")
+    axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    plots._title(fig, "Each metric against each source's weight (dashed: the proposal)")
+    out = [("mixture_weights", "Data mixture: metrics against weights", fig)]
+
+    fig, (ax,) = plots._figure(1)
+    measured = result.measured()
+    ax.plot(measured, result.objective(form, table.weights), "o", ms=5, label="fitted to all")
+    ax.plot(measured, result.held_out[form]["objective"], "o", ms=7, mfc="none",
+            label=f"held out (leave-{len(mixture.folds(len(measured))[0])}-out)")
+    for name, value in validation.items():
+        ax.plot(value, result.proposal["predicted"], "*", ms=14, label=f"proposal: {name}")
+    low, high = ax.get_xlim()
+    ax.plot([low, high], [low, high], color="0.6", lw=0.8)
+    ax.set_xlabel("measured objective")
+    ax.set_ylabel(f"predicted objective ({mixture.TITLES[form]} law)")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    plots._title(fig, "Predicted against measured, every mixture")
+    out.append(("mixture_predicted", "Data mixture: predicted against measured", fig))
+    return out
+
+
+def build(table: mixture.Table, coefficients: dict[str, float], caps: np.ndarray | None,
+          natural: np.ndarray | None, kl: float, validation: dict[str, list[float]],
+          origins: dict[str, str] | None = None, left_out: list[str] = ()) -> Section:
+    """Fit, propose, and everything that reports it."""
+    result = mixture.fit_table(table, coefficients)
+    mixture.propose(result, caps, natural, kl)
+    label = mixture.label(coefficients)
+    measured = {name: float(sum(c * v for c, v in zip(coefficients.values(), values)))
+                for name, values in validation.items()}
+    text = mixture.trust(result, label)
+    if measured:
+        text += " Measured at the proposal: " + ", ".join(
+            f"{name} {v:.4f}" for name, v in measured.items()) + "."
+    if left_out:
+        text += f" Not fitted: {'; '.join(left_out)}."
+    p = result.proposal
+    text += f" Proposed mix: {mixture.overrides(p['weights'])}."
+    entry = mixture.record(result, label)
+    entry["block"] = mixture.sources_block(p["weights"], origins)
+    if measured:
+        entry["measured"] = measured
+    header, body = mixture.proposal_table(result)
+    body += [[name, *("" for _ in table.sources), "", f"{v:.4f}"] for name, v in measured.items()]
+    return Section(record={"mixture": entry},
+                   tables=[("Data mixture: laws (cross-validated)", mixture.weight_table(result)),
+                           ("Data mixture: proposal", (header, body))],
+                   figures=_figures(result, measured), text=text)
+
+
+def section(runs: list[Run], fields: list[str], info: dict[str, Any] | None,
+            metric: str | None = None, kl: float = 0.0) -> Section:
+    """The report's "Data mixture" part for runs at several mixtures; empty without them.
+    `info`: the sweep's sweep.json (its objective metric, and a mixture sweep's natural mix and
+    caps); `metric`: `--metric` (else the per-domain metrics of the objective's unit)."""
+    weighted = [r for r in runs if len(run_weights(r)) >= 2]
+    if not weighted:
+        if metric:
+            raise ConfigError("--metric: no run below the folder has data.sources weights")
+        return Section()
+    sources = list(run_weights(weighted[0]))
+    coefficients = (mixture.parse_metrics(metric) if metric else
+                    default_metrics(weighted, sources, (info or {}).get("metric", "eval_loss")))
+    found = table_from_runs(runs, fields, list(coefficients))
+    if found is None:
+        return Section()
+    table, validation, left_out = found
+    plan = (info or {}).get("mixture") or {}
+    order = lambda d: None if not d else np.array([d[s] for s in table.sources])  # noqa: E731
+    origins = {s: weighted[0].config.get(SOURCE_KEY.format(s)) for s in table.sources}
+    if kl > 0 and not plan.get("natural"):
+        raise ConfigError("--kl: the runs are not a mixture sweep's, so there is no natural mix "
+                          "to pull towards")
+    try:
+        return build(table, coefficients, order(plan.get("caps")), order(plan.get("natural")), kl,
+                     validation, {k: v for k, v in origins.items() if v}, left_out)
+    except ConfigError as exc:
+        return Section(record={"mixture": {"error": str(exc)}}, text=f"Data mixture: no fit ({exc}).")
