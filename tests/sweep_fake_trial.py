@@ -1,9 +1,12 @@
 """A stand-in for `research train` in the sweep store's tests: it records each call, sleeps
 FAKE_TRIAL_S seconds and writes its `optim.lr` as the trial's eval_loss, so worker tests run
 many trials in seconds. Called as the runner calls a trial: BASE --run-dir DIR key=value ...
+Given source weights (a mixture sweep), it also writes each source's eval loss from the law
+loss(s) = 1 + exp(-2 w_s + 0.5 (1 - w_s)) (tests/test_mixture.py).
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -18,4 +21,7 @@ except KeyboardInterrupt:  # stopped by its worker, or its worker died (PR_SET_P
     sys.exit(130)
 overrides = dict(arg.split("=", 1) for arg in sys.argv[1:] if "=" in arg)
 entry = {"step": 1, "eval_loss": float(overrides["optim.lr"])}
+weights = {key.split(".")[2]: float(v) for key, v in overrides.items()
+           if key.startswith("data.sources.") and key.endswith(".weight")}
+entry |= {f"eval/{name}/loss": 1 + math.exp(-2 * w + 0.5 * (1 - w)) for name, w in weights.items()}
 (run_dir / "metrics.jsonl").write_text(json.dumps(entry) + "\n")

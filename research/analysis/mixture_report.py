@@ -33,8 +33,10 @@ def final(run: Run, metric: str) -> float | None:
 
 
 def run_weights(run: Run) -> dict[str, float]:
-    """A run's normalized source weights from its config ({} when it has no named sources)."""
-    raw = {name: float(v) for k, v in run.config.items()
+    """A run's normalized source weights from its config or its trial's swept values ({} when
+    it has no named sources)."""
+    values = {**run.config, **(run.trial or {}).get("params", {})}
+    raw = {name: float(v) for k, v in values.items()
            if (name := source_of(k)) is not None and isinstance(v, (int, float))}
     total = sum(raw.values())
     return {k: v / total for k, v in raw.items()} if total > 0 else {}

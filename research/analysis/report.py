@@ -237,7 +237,8 @@ def headline(runs: list[Run], rows: list[dict[str, Any]], scaling: list[ScalingF
     if not done:
         return f"No run finished with an eval loss ({count[:-1]}); the table shows each run's state."
     tokens = {r["tokens"] for _, r in done}
-    budget = f"At {si(tokens.pop())} training tokens per run, " if len(tokens) == 1 else ""
+    budget = (f"At {si(tokens.pop())} training tokens per run, "
+              if len(tokens) == 1 and None not in tokens else "")
     groups = replicates.groups([(run, r["final_eval_loss"]) for run, r in done])
     best = groups[0]
     bpb = [r["final_eval_bpb"] for run, r in done if run in best.runs and r["final_eval_bpb"]]

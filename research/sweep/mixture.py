@@ -128,11 +128,8 @@ def draw(tokens: Mapping[str, int], trials: int, concentration: float, upper: np
     p = natural(tokens)
     if upper.sum() < 1 - 1e-12:
         raise ValueError(f"caps sum to {upper.sum():.4g} < 1: no mixture satisfies them")
-    references = [rounded(p), rounded(project(np.full(len(p), 1 / len(p)), upper))]
-    chosen: list[np.ndarray] = []
-    for w in references:
-        if not any(np.array_equal(w, c) for c in chosen):
-            chosen.append(w)
+    chosen = dict.fromkeys(tuple(rounded(w)) for w in
+                           (p, project(np.full(len(p), 1 / len(p)), upper)))  # ordered, distinct
     rng = np.random.default_rng(seed)
     alpha = concentration * len(p) * p
     tries = 0
@@ -142,6 +139,6 @@ def draw(tokens: Mapping[str, int], trials: int, concentration: float, upper: np
             raise ValueError(f"only {len(chosen)} of {trials} draws met the caps after {tries - 1} "
                              "tries: raise max_repetition or concentration")
         w = rounded(rng.dirichlet(alpha))
-        if within(w, upper) and not any(np.array_equal(w, c) for c in chosen):
-            chosen.append(w)
-    return [{name: float(v) for name, v in zip(names, w)} for w in chosen[:trials]]
+        if within(w, upper):
+            chosen.setdefault(tuple(w))
+    return [{name: float(v) for name, v in zip(names, w)} for w in list(chosen)[:trials]]
