@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from research import cli, config
 from research.analysis import mixture as laws
@@ -196,6 +197,21 @@ def test_a_resumed_mixture_sweep_runs_every_trial_once_and_analyzes(tmp_path, so
     assert entry["gain_vs_natural"][0] > 0
     page = (analysis / "report.html").read_text()
     assert "Data mixture" in page and "ranks held-out mixtures with Spearman 1.00" in page
+
+    # The proposal trained (docs/analysis.md's recipe: a run folder named proposal*): measured
+    # beside predicted, and not fitted.
+    proposal = out / "proposal"
+    proposal.mkdir()
+    sources = {s: {"source": "builtin", "weight": w} for s, w in entry["weights"].items()}
+    (proposal / "config.yaml").write_text(yaml.safe_dump({"data": {"sources": sources}}))
+    losses = {f"eval/{s}/loss": 1 + math.exp(-2 * w + 0.5 * (1 - w))
+              for s, w in entry["weights"].items()}
+    (proposal / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval_loss": 1.0, **losses}))
+    analyze(out)
+    again = json.loads((analysis / "fits.json").read_text())["mixture"]
+    assert again["mixtures"] == 8 and again["weights"] == entry["weights"]
+    assert abs(again["measured"]["proposal"] - np.mean(list(losses.values()))) < 1e-12
+    assert "Measured at the proposal: proposal 1.7165" in (analysis / "report.md").read_text()
 
 
 # ----------------------------------------------------------------------------- the laws

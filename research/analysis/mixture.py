@@ -37,7 +37,7 @@ from research.sweep.mixture import (CV_FOLDS, law_parameters, min_trials, projec
 
 FORMS = ("log_linear", "mixing_law")
 FORMULAS = {"log_linear": "y = exp(c) + exp(θ·p)", "mixing_law": "y = c + k·exp(t·p)"}
-TITLES = {"log_linear": "log-linear (Olmix)", "mixing_law": "Data-Mixing-Law"}
+TITLES = {"log_linear": "log-linear law (Olmix)", "mixing_law": "Data Mixing Law"}
 SUM_TOLERANCE = 1e-3  # a CSV row's weights may miss 1 by this much (rounded weights)
 BOOTSTRAP = 100
 MAX_EVALUATIONS = 300  # per start: a start that has not converged by then is in the wrong basin
@@ -279,10 +279,10 @@ def trust(result: MixtureFit, metric_label: str) -> str:
     other = next(f for f in FORMS if f != result.best)
     p = result.proposal
     lo, hi = p["interval"]
-    text = (f"The {TITLES[result.best]} law ranks held-out mixtures with Spearman "
+    text = (f"The {TITLES[result.best]} ranks held-out mixtures with Spearman "
             f"{q.spearman:.2f} and predicts their {metric_label} to {q.rmse:.3g} (root mean "
             f"square, {len(result.table.names)} mixtures, leave-{math.ceil(len(result.table.names) / CV_FOLDS)}"
-            f"-out; the {TITLES[other]} law: Spearman "
+            f"-out; the {TITLES[other]}: Spearman "
             f"{result.quality[other]['objective'].spearman:.2f}, {result.quality[other]['objective'].rmse:.3g}). "
             f"Its proposal predicts {p['predicted']:.4f} [{lo:.4f}, {hi:.4f}]")
     if "gain_vs_natural" in p:

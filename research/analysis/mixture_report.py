@@ -113,7 +113,7 @@ def _figures(result: mixture.MixtureFit, validation: dict[str, float]) -> list[t
     low, high = ax.get_xlim()
     ax.plot([low, high], [low, high], color="0.6", lw=0.8)
     ax.set_xlabel("measured objective")
-    ax.set_ylabel(f"predicted objective ({mixture.TITLES[form]} law)")
+    ax.set_ylabel(f"predicted objective ({mixture.TITLES[form]})")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     plots._title(fig, "Predicted against measured, every mixture")
     out.append(("mixture_predicted", "Data mixture: predicted against measured", fig))
