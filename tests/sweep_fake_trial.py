@@ -2,7 +2,7 @@
 FAKE_TRIAL_S seconds and writes its `optim.lr` as the trial's eval_loss, so worker tests run
 many trials in seconds. Called as the runner calls a trial: BASE --run-dir DIR key=value ...
 Given source weights (a mixture sweep), it also writes each source's eval loss from the law
-loss(s) = 1 + exp(-2 w_s + 0.5 (1 - w_s)) (tests/test_mixture.py).
+loss(s) = 1 + exp(-2 w_s + 0.5 (1 - w_s)) (tests/test_mixture_laws.py).
 """
 
 import json

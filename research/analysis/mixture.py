@@ -32,7 +32,7 @@ import numpy as np
 from scipy import optimize, stats
 
 from research.config import ConfigError
-from research.sweep.mixture import (CV_FOLDS, law_parameters, min_trials, project, rounded,
+from research.sweep.swarm import (CV_FOLDS, law_parameters, min_trials, project, rounded,
                                     weight_key)
 
 FORMS = ("log_linear", "mixing_law")
@@ -295,21 +295,21 @@ def trust(result: MixtureFit, metric_label: str) -> str:
     return text
 
 
-def weight_table(result: MixtureFit) -> tuple[list[str], list[list[str]]]:
+def laws_table(result: MixtureFit) -> tuple[list[str], list[list[str]]]:
     header = ["law", "metric", "held-out RMSE", "held-out Spearman"]
     body = [[form + (" (better)" if form == result.best else ""), m, f"{q.rmse:.4g}",
              f"{q.spearman:.3f}"] for form, per in result.quality.items() for m, q in per.items()]
     return header, body
 
 
-def proposal_table(result: MixtureFit, measured: dict[str, float] | None = None
-                   ) -> tuple[list[str], list[list[str]]]:
+def proposal_table(result: MixtureFit) -> tuple[list[str], list[list[str]]]:
+    """The proposal and the natural mix: weights and predicted objective (the report adds the
+    measured validation runs)."""
     p = result.proposal
     header = ["mix", *result.table.sources, "predicted", "measured"]
     lo, hi = p["interval"]
     body = [["proposal", *(f"{w:.4f}" for w in p["weights"].values()),
-             f"{p['predicted']:.4f} [{lo:.4f}, {hi:.4f}]",
-             f"{measured['proposal']:.4f}" if measured and "proposal" in measured else "–"]]
+             f"{p['predicted']:.4f} [{lo:.4f}, {hi:.4f}]", "–"]]
     if "natural" in p:
         body.append(["natural", *(f"{w:.4f}" for w in p["natural"].values()),
                      f"{p['natural_predicted']:.4f}", "–"])

@@ -18,7 +18,7 @@ from research.analysis import mixture, plots
 from research.analysis.joint import Section
 from research.analysis.runs import Run, family
 from research.config import ConfigError
-from research.sweep.mixture import SOURCE_KEY, source_of
+from research.sweep.swarm import SOURCE_KEY, source_of
 
 PROPOSAL = "proposal"  # folder-name prefix of a proposal's validation runs
 
@@ -144,7 +144,7 @@ def build(table: mixture.Table, coefficients: dict[str, float], caps: np.ndarray
     header, body = mixture.proposal_table(result)
     body += [[name, *("" for _ in table.sources), "", f"{v:.4f}"] for name, v in measured.items()]
     return Section(record={"mixture": entry},
-                   tables=[("Data mixture: laws (cross-validated)", mixture.weight_table(result)),
+                   tables=[("Data mixture: laws (cross-validated)", mixture.laws_table(result)),
                            ("Data mixture: proposal", (header, body))],
                    figures=_figures(result, measured), text=text)
 

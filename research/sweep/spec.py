@@ -27,7 +27,7 @@ from pydantic import model_validator
 
 from research import config as config_lib
 from research.config import ConfigError
-from research.sweep import mixture
+from research.sweep import swarm
 
 Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr, None]
 SEED_KEY = "train.seed"  # what `seeds:` varies between the replicates of a point
@@ -100,7 +100,7 @@ class Dimension(_Strict):
 class Search(_Strict):
     """What is swept and how points are chosen. `isoflop`: the grid of `params` at each compute
     budget, `train.steps` set so that steps x tokens/step x FLOPs/token is the budget.
-    `mixture`: `trials` mixtures of the base experiment's data sources (research/sweep/mixture.py)
+    `mixture`: `trials` mixtures of the base experiment's data sources (research/sweep/swarm.py)
     at every point of the grid of `params` (which may be empty)."""
 
     method: Literal["grid", "random", "tpe", "isoflop", "mixture"] = "grid"
@@ -129,12 +129,12 @@ class Search(_Strict):
         if len(self.sources) < 2 or len(set(self.sources)) != len(self.sources):
             raise ValueError(f"sources: a mixture search needs two or more distinct source names, "
                              f"got {list(self.sources)}")
-        least = mixture.min_trials(len(self.sources))
+        least = swarm.min_trials(len(self.sources))
         if self.trials is None or self.trials < least:
             raise ValueError(
                 f"trials: the mixture laws over {len(self.sources)} sources have "
-                f"{mixture.law_parameters(len(self.sources))} parameters and are cross-validated "
-                f"leaving 1/{mixture.CV_FOLDS} out: they need at least {least} mixtures, got "
+                f"{swarm.law_parameters(len(self.sources))} parameters and are cross-validated "
+                f"leaving 1/{swarm.CV_FOLDS} out: they need at least {least} mixtures, got "
                 f"{self.trials}")
         return self
 
@@ -201,7 +201,7 @@ class SweepSpec(_Strict):
         if method == "mixture" and self.trials is not None:
             raise ValueError("trials: a mixture search takes its number of mixtures as "
                              "search.trials (and runs each at every grid point)")
-        weights = [mixture.weight_key(name) for name in self.search.sources]
+        weights = [swarm.weight_key(name) for name in self.search.sources]
         short: dict[str, str] = {name: "a name of the expression language" for name in MODEL_NAMES}
         for key in [*params, *weights, *self.derived]:
             name = short_name(key)
@@ -312,7 +312,7 @@ def evaluate(expr: str, names: dict[str, Any], where: str) -> Any:
 def short_name(key: str) -> str:
     """`model.n_layers` -> `n_layers`, `data.sources.code.weight` -> `code`: the name used in
     trial names and expressions."""
-    return mixture.source_of(key) or key.rsplit(".", 1)[-1]
+    return swarm.source_of(key) or key.rsplit(".", 1)[-1]
 
 
 def render(key: str, value: Any) -> str:
@@ -422,7 +422,7 @@ class Sweep:
     def swept(self) -> list[str]:
         """Every key a trial sets from the search: the params, then a mixture's source weights."""
         return [*self.spec.search.params,
-                *(mixture.weight_key(name) for name in self.spec.search.sources)]
+                *(swarm.weight_key(name) for name in self.spec.search.sources)]
 
     def _grid(self) -> list[dict[str, Any]]:
         params = self.spec.search.params
@@ -436,7 +436,7 @@ class Sweep:
         search = self.spec.search
         where = f"{self.path}: search"
         try:
-            tokens = mixture.source_tokens(config_lib.load(self.base, self.fixed_overrides))
+            tokens = swarm.source_tokens(config_lib.load(self.base, self.fixed_overrides))
         except ConfigError as exc:
             raise ConfigError(f"{self.path}: {exc}") from None
         unknown = [name for name in search.sources if name not in tokens]
@@ -448,12 +448,12 @@ class Sweep:
                               f"experiment ({', '.join(tokens)}); one left out would keep its "
                               "weight beside the drawn ones")
         tokens = {name: tokens[name] for name in search.sources}
-        p = mixture.natural(tokens)
-        natural = {mixture.weight_key(name): float(w) for name, w in zip(tokens, p)}
+        p = swarm.natural(tokens)
+        natural = {swarm.weight_key(name): float(w) for name, w in zip(tokens, p)}
         train = max(self._train_tokens({**grid, **natural}) for grid in self._grid())
-        upper = mixture.caps(tokens, train, search.max_repetition)
+        upper = swarm.caps(tokens, train, search.max_repetition)
         try:
-            mixes = mixture.draw(tokens, search.trials, search.concentration, upper, self.spec.seed)
+            mixes = swarm.draw(tokens, search.trials, search.concentration, upper, self.spec.seed)
         except ValueError as exc:
             raise ConfigError(
                 f"{where}.max_repetition: {search.max_repetition:g}: the sources hold "
@@ -478,7 +478,7 @@ class Sweep:
             budgets: list[float | None] = [*self.spec.search.budgets] or [None]
             points = [(c, p) for c in budgets for p in grid][: self.spec.trials]
         elif method == "mixture":
-            mixes = [{mixture.weight_key(k): w for k, w in mix.items()}
+            mixes = [{swarm.weight_key(k): w for k, w in mix.items()}
                      for mix in self.mixture_plan["mixtures"]]
             points = [(None, {**g, **m}) for g in self._grid() for m in mixes]
         elif method == "random":
@@ -558,7 +558,8 @@ def load(path: str | Path, cli_overrides: list[str] | tuple[str, ...] = (),
         raise ConfigError(f"{path}: {exc}") from None
     for item in cli_overrides:
         key = item.partition("=")[0]
-        if key in spec.search.params or key in spec.derived or mixture.source_of(key) in spec.search.sources:
+        if key in spec.search.params or key in spec.derived or (
+                swarm.source_of(key) in spec.search.sources):
             raise ConfigError(f"override {item!r}: {key} is swept or derived by {path}")
     sweep = Sweep(spec, path, _resolve_base(spec.base, path), tuple(cli_overrides))
     if check:

@@ -20,7 +20,7 @@ from research import cli, config
 from research.analysis import mixture as laws
 from research.analysis.report import analyze
 from research.config import ConfigError
-from research.sweep import mixture, spec
+from research.sweep import spec, swarm
 from research.sweep.plan import print_plan
 from research.sweep.store import Store
 from test_sweep import REPO, _env, _wait_for, write_sweep
@@ -33,13 +33,13 @@ HAS_SOURCES = "sources" in config.DataConfig.model_fields  # issue 28's data.sou
 def stand_in(set_attribute) -> None:
     """Mixture sweeps over TOKENS' sources of dense_tiny.yaml: the data layer's token counts are
     stood in for, and (until data.sources is in the schema) so is reading the weight overrides."""
-    set_attribute(mixture, "source_tokens", lambda cfg: dict(TOKENS))
+    set_attribute(swarm, "source_tokens", lambda cfg: dict(TOKENS))
     if not HAS_SOURCES:
         load = config.load
 
         def without_weights(path, overrides=()):
             return load(path, [o for o in overrides
-                               if mixture.source_of(o.partition("=")[0]) is None])
+                               if swarm.source_of(o.partition("=")[0]) is None])
 
         set_attribute(config, "load", without_weights)
 
@@ -54,7 +54,7 @@ WORKER = f"""
 import sys
 from pathlib import Path
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-from test_mixture import stand_in
+from test_mixture_laws import stand_in
 stand_in(setattr)
 from research.sweep import runner, spec
 runner.POLL_S = 0.1
@@ -73,9 +73,9 @@ def _mixture_sweep(tmp_path: Path, **search) -> Path:
 
 
 def test_draws_have_the_requested_dirichlet_mean_and_spread():
-    p = mixture.natural(TOKENS)
+    p = swarm.natural(TOKENS)
     concentration, n = 2.0, 3000
-    draws = mixture.draw(TOKENS, n + 2, concentration, np.ones(3), seed=5)
+    draws = swarm.draw(TOKENS, n + 2, concentration, np.ones(3), seed=5)
     w = np.array([list(d.values()) for d in draws])
     assert np.allclose(w[0], p) and np.allclose(w[1], 1 / 3, atol=1e-4)  # natural, uniform first
     alpha0 = concentration * len(p)
@@ -84,31 +84,46 @@ def test_draws_have_the_requested_dirichlet_mean_and_spread():
     assert np.all(np.abs(z) < 4), z  # the mean, to four standard errors
     assert np.allclose(w[2:].var(0), variance, rtol=0.15)
     assert np.allclose(w.sum(1), 1, atol=1e-9)
-    assert mixture.draw(TOKENS, 20, 2.0, np.ones(3), seed=5) == draws[:20]  # seeded
-    assert mixture.draw(TOKENS, 20, 2.0, np.ones(3), seed=6) != draws[:20]
+    assert swarm.draw(TOKENS, 20, 2.0, np.ones(3), seed=5) == draws[:20]  # seeded
+    assert swarm.draw(TOKENS, 20, 2.0, np.ones(3), seed=6) != draws[:20]
 
 
 def test_draws_respect_the_repetition_caps():
     # 20k training tokens, at most 4 passes: tests (1000 tokens) may take 20% of the run.
-    upper = mixture.caps(TOKENS, 20_000, 4)
+    upper = swarm.caps(TOKENS, 20_000, 4)
     assert np.allclose(upper, [1.0, 0.6, 0.2])
-    draws = mixture.draw(TOKENS, 200, 1.0, upper, seed=0)
+    draws = swarm.draw(TOKENS, 200, 1.0, upper, seed=0)
     w = np.array([list(d.values()) for d in draws])
-    assert np.all(w <= upper + mixture.CAP_SLACK) and np.all(w >= 0)
+    assert np.all(w <= upper + swarm.CAP_SLACK) and np.all(w >= 0)
     assert np.allclose(w[1], [0.4, 0.4, 0.2])  # the uniform mix, moved onto the caps
     assert w[:, 2].max() > 0.19  # the cap binds: draws reach it
     with pytest.raises(ValueError, match="no mixture satisfies them"):
-        mixture.draw(TOKENS, 8, 1.0, mixture.caps(TOKENS, 50_000, 4), seed=0)
+        swarm.draw(TOKENS, 8, 1.0, swarm.caps(TOKENS, 50_000, 4), seed=0)
 
 
 def test_projection_onto_the_capped_simplex_is_the_nearest_point():
     rng = np.random.default_rng(0)
     upper = np.array([0.5, 0.3, 0.4, 0.6])
-    others = [mixture.project(rng.dirichlet(np.ones(4)), upper) for _ in range(50)]  # feasible
+    others = [swarm.project(rng.dirichlet(np.ones(4)), upper) for _ in range(50)]  # feasible
     for target in rng.normal(0.25, 0.3, (10, 4)):
-        w = mixture.project(target, upper)
+        w = swarm.project(target, upper)
         assert abs(w.sum() - 1) < 1e-9 and np.all(w >= 0) and np.all(w <= upper + 1e-12)
         assert all(np.sum((w - target) ** 2) <= np.sum((o - target) ** 2) + 1e-12 for o in others)
+
+
+@pytest.mark.skipif(not HAS_SOURCES, reason="needs data.sources (the data-mixtures issue)")
+def test_source_tokens_counts_each_training_source(tmp_path, token_cache_dir):
+    texts = {"a": "x" * 5000, "b": "y" * 2000, "c": "z" * 700}
+    for name, text in texts.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+    sources = {n: {"source": str(tmp_path / f"{n}.txt"), "weight": 0.0 if n == "c" else 1.0}
+               for n in texts}
+    cfg = config.ExperimentConfig.model_validate(
+        {"data": {"sources": sources, "cache_dir": token_cache_dir}})
+    # One document per file, byte tokens plus an end-of-document token; a single document is
+    # held out by its last 2% of tokens (docs/data.md). Weight 0 (evaluation only) is left out.
+    expected = {n: len(t) + 1 - max(int((len(t) + 1) * 0.02), 1) for n, t in texts.items()}
+    assert swarm.source_tokens(cfg) == {n: expected[n] for n in ("a", "b")}
 
 
 # ----------------------------------------------------------------------------- sweep files
@@ -124,7 +139,7 @@ def test_mixture_sweep_plans_each_mixture_at_each_grid_point(tmp_path, sources, 
     assert mixes[0] == dict(zip(TOKENS, [0.6, 0.3, 0.1]))  # natural, then uniform
     assert mixes[1] == {"code": 0.3334, "docs": 0.3333, "tests": 0.3333}
     assert trials[0].name == "t000-n_layers=1-code=0.6-docs=0.3-tests=0.1-seed=0"
-    assert trials[17].params == {"model.n_layers": 2, **{mixture.weight_key(k): v
+    assert trials[17].params == {"model.n_layers": 2, **{swarm.weight_key(k): v
                                                          for k, v in mixes[0].items()}}
     assert "data.sources.code.weight=0.6" in trials[0].overrides
     assert [t.params for t in spec.load(path).planned_trials()] == [t.params for t in trials]
@@ -291,9 +306,9 @@ def test_a_concave_mixing_law_is_told_apart_from_the_log_linear_one():
 
 def test_minimum_mixtures_leave_more_points_than_parameters_in_every_fold():
     for k in range(2, 9):
-        n = mixture.min_trials(k)
-        assert min(n - len(f) for f in laws.folds(n)) > mixture.law_parameters(k)
-        assert min((n - 1) - len(f) for f in laws.folds(n - 1)) <= mixture.law_parameters(k)
+        n = swarm.min_trials(k)
+        assert min(n - len(f) for f in laws.folds(n)) > swarm.law_parameters(k)
+        assert min((n - 1) - len(f) for f in laws.folds(n - 1)) <= swarm.law_parameters(k)
 
 
 # ----------------------------------------------------------------------------- a CSV
