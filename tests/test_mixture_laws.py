@@ -23,7 +23,7 @@ from research.config import ConfigError
 from research.sweep import spec, swarm
 from research.sweep.plan import print_plan
 from research.sweep.store import Store
-from test_sweep import REPO, _env, _wait_for, write_sweep
+from test_sweep import BASE, REPO, _env, _wait_for, write_sweep
 
 FAKE_TRIAL = Path(__file__).resolve().parent / "sweep_fake_trial.py"
 TOKENS = {"code": 6000, "docs": 3000, "tests": 1000}
@@ -64,9 +64,19 @@ sys.exit(runner.Runner(spec.load(sys.argv[1]), Path(sys.argv[2]), sys.argv[3],
 
 
 def _mixture_sweep(tmp_path: Path, **search) -> Path:
-    return write_sweep(tmp_path / "mix.yaml", overrides={"optim.lr": 0.001, "train.steps": 10},
+    """A mixture sweep over TOKENS' sources; its base is dense_tiny.yaml, with those sources
+    (all the built-in corpus) once data.sources is in the schema."""
+    path = write_sweep(tmp_path / "mix.yaml", overrides={"optim.lr": 0.001, "train.steps": 10},
                        search={"method": "mixture", "sources": list(TOKENS), "trials": 8,
                                **search})
+    if HAS_SOURCES:
+        base = yaml.safe_load(BASE.read_text())
+        base.setdefault("data", {}).pop("source", None)
+        base["data"]["sources"] = {name: {"source": "builtin"} for name in TOKENS}
+        (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+        raw = yaml.safe_load(path.read_text())
+        path.write_text(yaml.safe_dump({**raw, "base": str(tmp_path / "base.yaml")}))
+    return path
 
 
 # ----------------------------------------------------------------------------- the sampler

@@ -49,13 +49,17 @@ def source_of(key: str) -> str | None:
 def source_tokens(cfg: config_lib.ExperimentConfig) -> dict[str, int]:
     """Training tokens of each training source (weight > 0) of an experiment's `data.sources`,
     from the data layer's token caches (built on first use, content-keyed, shared with training);
-    evaluation-only sources (weight 0) are left out."""
+    evaluation-only sources (weight 0) are left out. A base whose weights change at
+    `data.stages` is refused."""
     from research.data.pipeline import build_token_cache
 
     sources = getattr(cfg.data, "sources", None)
     if not sources:
         raise ConfigError("search.sources: a mixture search needs named sources in the base "
                           "experiment (data.sources: {NAME: {source: ..., weight: ...}})")
+    if getattr(cfg.data, "stages", ()):
+        raise ConfigError("search.sources: the base experiment changes its weights at "
+                          "data.stages; a mixture search trains each run on one mix: remove them")
     return {name: int(len(build_token_cache(cfg.data.model_copy(update={"source": spec.source}))
                           .train)) for name, spec in sources.items() if spec.weight > 0}
 
