@@ -156,12 +156,18 @@ def section(runs: list[Run], fields: list[str], info: dict[str, Any] | None,
     caps); `metric`: `--metric` (else the per-domain metrics of the objective's unit)."""
     weighted = [r for r in runs if len(run_weights(r)) >= 2]
     if not weighted:
-        if metric:
-            raise ConfigError("--metric: no run below the folder has data.sources weights")
+        if metric or kl:
+            raise ConfigError(f"{'--metric' if metric else '--kl'}: no run below the folder has "
+                              "data.sources weights to fit a mixture law to")
         return Section()
     sources = list(run_weights(weighted[0]))
+    objective = (info or {}).get("metric", "eval_loss")
     coefficients = (mixture.parse_metrics(metric) if metric else
-                    default_metrics(weighted, sources, (info or {}).get("metric", "eval_loss")))
+                    default_metrics(weighted, sources, objective))
+    if not metric and (info or {}).get("direction") == "maximize" and objective in coefficients:
+        return Section(text=f"Data mixture: no fit (the laws are minimized, the sweep maximizes "
+                            f"{objective}, and the runs logged no per-domain losses; name "
+                            "metrics to minimize with --metric).")
     found = table_from_runs(runs, fields, list(coefficients))
     if found is None:
         return Section()
