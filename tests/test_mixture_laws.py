@@ -20,7 +20,7 @@ from research import cli, config
 from research.analysis import mixture as laws
 from research.analysis.report import analyze
 from research.config import ConfigError
-from research.sweep import spec, swarm
+from research.sweep import rundir, spec, swarm
 from research.sweep.plan import print_plan
 from research.sweep.store import Store
 from test_sweep import BASE, REPO, _env, _wait_for, write_sweep
@@ -237,6 +237,34 @@ def test_a_resumed_mixture_sweep_runs_every_trial_once_and_analyzes(tmp_path, so
     assert again["mixtures"] == 8 and again["weights"] == entry["weights"]
     assert abs(again["measured"]["proposal"] - np.mean(list(losses.values()))) < 1e-12
     assert "Measured at the proposal: proposal 1.7165" in (analysis / "report.md").read_text()
+
+
+def test_the_largest_family_is_fitted_with_its_seeds_averaged(tmp_path):
+    """Two model sizes (a grid) and two seeds: the size with more mixtures is fitted, each
+    mixture once, at the mean of its seeds (noise of +-e cancels exactly)."""
+    rng = np.random.default_rng(4)
+    number = 0
+    for layers, mixtures in ((2, 7), (4, 2)):
+        for w in rng.dirichlet(np.ones(3), mixtures):
+            for seed, e in enumerate((0.01, -0.01)):
+                losses = {f"eval/{s}/loss": 1 + math.exp(-2 * v + 0.5 * (1 - v)) + e
+                          for s, v in zip(TOKENS, w)}
+                params = {"model.n_layers": layers, **{swarm.weight_key(s): float(v)
+                                                       for s, v in zip(TOKENS, w)}}
+                run = tmp_path / f"t{number:03d}"
+                run.mkdir()
+                rundir.write_record(run, {"number": number, "name": run.name, "params": params,
+                                          "derived": {}, "seed": seed}, "done", 1.0, None)
+                (run / "metrics.jsonl").write_text(json.dumps({"step": 5, "eval_loss": 1.0,
+                                                               **losses}) + "\n")
+                number += 1
+    analysis, _ = analyze(tmp_path)
+    entry = json.loads((analysis / "fits.json").read_text())["mixture"]
+    assert entry["mixtures"] == 7
+    assert entry["cross_validation"]["mixing_law"]["objective"]["rmse"] < 1e-6
+    assert np.allclose(list(entry["weights"].values()), 1 / 3, atol=0.01)
+    report = (analysis / "report.md").read_text()
+    assert report.count("(another setting)") == 4  # the other size's 2 mixtures x 2 seeds
 
 
 # ----------------------------------------------------------------------------- the laws
