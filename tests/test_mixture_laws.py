@@ -342,6 +342,18 @@ def test_a_concave_mixing_law_is_told_apart_from_the_log_linear_one():
     assert fitted.quality["log_linear"]["L0"].rmse > 2 * fitted.quality["mixing_law"]["L0"].rmse
 
 
+def test_the_trust_sentence_calls_out_a_poor_rank_and_extrapolation():
+    rng = np.random.default_rng(5)
+    w = rng.dirichlet(np.full(3, 30.0), 12)  # all near the middle of the simplex
+    y = _dml(np.array([1.0]), np.array([1.0]), np.array([[-0.3, 0.0, 0.0]]), w)
+    y += rng.normal(0, 0.05, y.shape)  # noise far above the law's spread
+    fitted = laws.fit_table(_table(w, y), {"L0": 1.0})
+    laws.propose(fitted, natural=np.full(3, 1 / 3), bootstrap=30)
+    text = laws.trust(fitted, "L0")
+    assert "no better than a guess" in text
+    assert "The proposal lies outside the mixtures tried: a 1.00 (tried 0.25 to 0.41)" in text
+
+
 def test_minimum_mixtures_leave_more_points_than_parameters_in_every_fold():
     for k in range(2, 9):
         n = swarm.min_trials(k)

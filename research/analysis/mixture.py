@@ -42,6 +42,7 @@ SUM_TOLERANCE = 1e-3  # a CSV row's weights may miss 1 by this much (rounded wei
 BOOTSTRAP = 100
 MAX_EVALUATIONS = 300  # per start: a start that has not converged by then is in the wrong basin
 SEED = 0
+EXTRAPOLATION = 0.05  # a proposed weight this far outside the weights tried is called out
 
 
 # ----------------------------------------------------------------------------- the laws
@@ -287,9 +288,16 @@ def trust(result: MixtureFit, metric_label: str) -> str:
             f"Its proposal predicts {p['predicted']:.4f} [{lo:.4f}, {hi:.4f}]")
     if "gain_vs_natural" in p:
         mean, sd = p["gain_vs_natural"]
-        verb = "beats" if mean > 0 else "does not beat"
-        text += f" and {verb} the natural mix by {mean:.3g} ± {sd:.2g} predicted"
+        text += (f" and beats the natural mix by {mean:.3g} ± {sd:.2g} predicted" if mean > 2 * sd
+                 else f"; its predicted gain over the natural mix, {mean:.3g} ± {sd:.2g}, is "
+                 "within the bootstrap's spread")
     text += "."
+    w = result.table.weights
+    beyond = [f"{s} {v:.2f} (tried {lo:.2f} to {hi:.2f})" for s, v, lo, hi in
+              zip(result.table.sources, p["weights"].values(), w.min(0), w.max(0))
+              if v < lo - EXTRAPOLATION or v > hi + EXTRAPOLATION]
+    if beyond:
+        text += f" The proposal lies outside the mixtures tried: {', '.join(beyond)}."
     if not q.spearman >= 0.5:
         text += " A rank correlation this low means the proposal is no better than a guess."
     return text
