@@ -76,7 +76,8 @@ def table_from_runs(runs: list[Run], fields: list[str], metrics: list[str]
     if not families:
         return None
     chosen = max(families.values(), key=len)
-    left_out += [f"{item[0].name} (another setting)" for item in usable if item not in chosen]
+    fitted = {item[0].name for item in chosen}
+    left_out += [f"{run.name} (another setting)" for run, _, _ in usable if run.name not in fitted]
     points: dict[tuple, list] = {}
     for run, w, values in chosen:
         points.setdefault(tuple(np.round(w, 6)), []).append((run, values))
