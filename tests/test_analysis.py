@@ -25,9 +25,12 @@ from research import config
 from research.analysis import add_analysis_commands, fits, plots, replicates
 from research.analysis.board import serve
 from research.analysis.events import read_scalars, scalars_from_metrics
-from research.analysis.report import analyze, headline, scaling_fits
+from research.analysis.questions import lead
+from research.analysis.report import analyze, study
 from research.analysis.runs import load_runs, row
+from research.analysis.scaling import scaling_fits
 from research.config import ConfigError
+from research.sweep.rundir import SWEEP_FILE
 from research.train import rundir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,18 +216,24 @@ def test_mixed_folder_gets_distinct_labels_and_no_cross_family_line_or_fit(tmp_p
     assert "lr" not in fit.fitted and set(fit.left_out) == {"lr"}
     assert fit.left_out["lr"] == ("differs from the fitted runs in optim.lr (0.01 vs 0.003), "
                                   "train.steps (80 vs 300)")
-    figure = plots.swept(runs, rows, fields, plots.run_colors(runs))
+    figure = plots.swept(runs, rows, fields, fields, plots.palette(runs))
     joined = [line.get_xydata().tolist() for ax in figure.axes for line in ax.lines
               if line.get_color() == "0.6"]
     # n_layers: one line through the sweep's family (readme repeats t002, seed 0 and all, so it
     # adds no replicate); nothing through the lr run; lr and steps panels: each value a different
     # family, so no line at all.
     assert joined == [[[1, 2.90], [2, 2.70], [4, 2.52], [8, 2.45]]]
-    answer = headline(runs, rows, [], None)
-    assert answer.startswith("n_layers=4, lr=0.01, steps=80 reached the lowest final eval loss, "
-                             "2.3000 nats/token")
-    assert "below the next best, n_layers=8, lr=0.003, steps=300 (2.4500): the run-to-run noise " \
-           "is unknown" in answer
+    # The trials sweep n_layers alone: a ladder; the lr run differs in two more fields, so it is
+    # counted out of the ranking rather than crowned best for training 80 steps at another lr.
+    answer = lead(study(tmp_path))
+    assert answer.title == "How eval loss changes with n_layers"
+    assert answer.text.startswith("At 614k training tokens per run, final eval loss against "
+                                  "n_layers: 1: 2.9000, 2: 2.7000, "
+                                  "4: 2.5200, 8: 2.4500. n_layers=8, lr=0.003, steps=300 reached "
+                                  "the lowest final eval loss, 2.4500 nats/token")
+    assert "Not compared: 1 run differs in optim.lr and train.steps (table.csv names each)." \
+        in answer.text
+    assert answer.left_out == {"lr": "not compared: " + fit.left_out["lr"]}
 
 
 def test_analyze_recovers_exponents_from_an_isoflop_sweep_on_disk(tmp_path):
@@ -242,7 +251,10 @@ def test_analyze_recovers_exponents_from_an_isoflop_sweep_on_disk(tmp_path):
     assert record["d_opt_exponent"] == pytest.approx(ALPHA / (ALPHA + BETA), abs=0.03)
     assert f"N_opt ∝ C^{record['n_opt_exponent']:.3f}" in answer
     assert (out / "isoflop.png").stat().st_size > 10_000
-    assert "36 runs: 36 done." in answer and "; the worst, d_model=" in answer
+    assert answer.endswith("36 runs: 36 done.")
+    # Runs of different budgets are never ranked against each other, only within a budget.
+    assert "lowest final eval loss" not in answer and "the worst" not in answer
+    assert "Best run within each budget: 1.0P: d_model=" in answer
 
 
 def test_moe_runs_get_a_fit_against_active_parameters_and_failures_no_fit(tmp_path):
@@ -255,7 +267,9 @@ def test_moe_runs_get_a_fit_against_active_parameters_and_failures_no_fit(tmp_pa
     assert record["loss_vs_params_active"] == {  # all at one size: the best of them is the frontier
         "error": "too few points to fit: 1 distinct value, need 4", "runs": ["e32"], "left_out": {}}
     assert record["loss_vs_params_total"]["alpha"] == pytest.approx(0.25, abs=0.01)
-    assert (out / "loss_vs_params_active.png").is_file()
+    assert not (out / "loss_vs_params_active.png").exists()  # a declined fit: one line instead
+    assert ("- Eval loss against active parameters: no fit (too few points to fit: 1 distinct "
+            "value, need 4).") in (out / "report.md").read_text()
     assert answer.startswith("At 51.2k training tokens per run, e32 reached the lowest")
 
     for run in tmp_path.glob("e*"):  # all failed: a table and a plain answer, no fits or figures
@@ -263,7 +277,7 @@ def test_moe_runs_get_a_fit_against_active_parameters_and_failures_no_fit(tmp_pa
         rundir.write_json(run / "summary.json", {**summary, "state": "failed", "error": "OOM"})
     out, answer = analyze(tmp_path)
     assert answer == "No run finished with an eval loss (5 runs: 5 failed); the table shows each run's state."
-    assert json.loads((out / "fits.json").read_text()) == {}
+    assert json.loads((out / "fits.json").read_text()) == {"kind": "grid"}
     assert sorted(p.name for p in out.glob("*.png")) == ["curves.png"]
     assert (out / "table.csv").read_text().count(",failed,") == 5
 
