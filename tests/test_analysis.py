@@ -370,22 +370,30 @@ def test_report_from_real_runs_shows_failed_and_eval_less_runs(trained, tmp_path
     # The answer names the best finished run and its margin over the next best, from the table.
     done = sorted((float(table[f"layers{n}"]["final_eval_loss"]), n) for n in (1, 2))
     (best, n_best), (second, n_second) = done[0], done[1]
+    losses = {n: float(table[f"layers{n}"]["final_eval_loss"]) for n in (1, 2)}
     assert answer.startswith(f"At {8 * summary['tokens_per_step'] / 1000:.3g}k training tokens per run, "
-                             f"n_layers={n_best} reached the lowest final eval loss, {best:.4f}")
+                             f"final eval loss against n_layers: 1: {losses[1]:.4f}, 2: "
+                             f"{losses[2]:.4f}. n_layers={n_best} reached the lowest final eval "
+                             f"loss, {best:.4f}")
     assert f"{second - best:.4f} nats ({100 * (second - best) / second:.2g}%) below the next " \
            f"best, n_layers={n_second} ({second:.4f}): the run-to-run noise is unknown" in answer
     assert "4 runs: 2 done, 1 failed, 1 unknown." in answer
-    assert "too few points to fit: 2 distinct values, need 4" in (out / "report.md").read_text()
+    omitted = (out / "report.md").read_text().split("## Omitted")[1]
+    assert "- Eval loss against parameters (total): no fit (too few points to fit: 2 distinct " \
+           "values, need 4)." in omitted
 
-    for name in ("curves", "swept", "loss_vs_params_total", "loss_vs_flops"):
+    # The ladder's figure (loss against n_layers) and the curves; the declined fits draw nothing.
+    assert sorted(p.stem for p in out.glob("*.png")) == ["curves", "loss_vs_n_layers"]
+    for name in ("curves", "loss_vs_n_layers"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
-    assert page.count("src='data:image/png;base64,") == 4 and "src='http" not in page
+    assert page.count("src='data:image/png;base64,") == 2 and "src='http" not in page
     assert "crashed" in page and "non-finite loss at step 3" in page
     events = _events(out / "tb")
-    assert sorted(events.Tags()["images"]) == [
-        "analysis/curves", "analysis/loss_vs_flops", "analysis/loss_vs_params_total", "analysis/swept"]
-    assert events.Images("analysis/swept")[0].encoded_image_string == (out / "swept.png").read_bytes()
+    assert sorted(events.Tags()["images"]) == ["analysis/curves", "analysis/loss_vs_n_layers"]
+    assert events.Images("analysis/loss_vs_n_layers")[0].encoded_image_string == (
+        out / "loss_vs_n_layers.png").read_bytes()
+    assert "custom_scalars__config__" in events.Tags()["tensors"]  # the layout (layout.py)
 
     analyze(root)  # again: replaces its output, no second set of TensorBoard images
     assert len(list((out / "tb").iterdir())) == 1
@@ -425,9 +433,11 @@ def test_a_real_sweep_over_seeds_shows_live_progress_and_reports_mean_and_spread
     assert [(r["run"], r["state"]) for r in rows] == [(name, "done") for name in names]
     objectives = [rundir.read_json(out / name / "trial.json")["objective"] for name in names]
     assert objectives[0] != objectives[1]  # the seeds differ
-    spread = f"{np.mean(objectives):.4f} ± {np.std(objectives, ddof=1):.4f} nats/token ("
-    assert answer.startswith(f"At 1.54k training tokens per run, n_layers=1 reached eval loss {spread}")
-    assert "bits/byte; mean ± sd over 2 seeds); it is the only setting that finished." in answer
+    # One point over seeds: the report's question is the noise itself (kinds.py, from sweep.json).
+    assert rundir.read_json(out / rundir.SWEEP_FILE)["method"] == "grid"
+    spread = f"{np.mean(objectives):.4f} ± {np.std(objectives, ddof=1):.4f} nats/token (mean ± sd)"
+    assert answer.startswith(f"At 1.54k training tokens per run, n_layers=1 over 2 seeds: final "
+                             f"eval loss {spread}, range {min(objectives):.4f} – {max(objectives):.4f}.")
 
 
 def test_empty_missing_or_foreign_folders_are_config_errors(tmp_path):
@@ -470,6 +480,10 @@ def test_board_serves_the_runs_over_loopback_until_stopped(trained):
                 break
             time.sleep(0.5)
         assert {"layers1/tb", "layers2/tb"} <= set(runs)
+        # The custom-scalars layout of the runs' tags: loss first, then speed and the rest.
+        with urllib.request.urlopen(url[0] + "data/plugin/custom_scalars/layout", timeout=5) as r:
+            categories = [c["title"] for c in json.loads(r.read())["category"]]
+        assert categories[0] == "loss" and "speed" in categories
         with pytest.raises(ConfigError, match=f"--port {url[1]}: already in use"):
             with serve(trained, int(url[1])):
                 pass

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats
-from test_analysis import chinchilla_loss, write_run
+from test_analysis import write_run
 
 from research.analysis import approach3, fits, layout, plots
 from research.analysis.questions import agreement, lead

@@ -340,8 +340,10 @@ def transfer_lead(study: Study) -> Lead:
     for (size_field, size), optima in by_size.items():
         if len(optima) > 1:
             (best, p), (second, q) = sorted(optima)[:2]
-            words.append(f"At {size_field.split('.')[-1]}={format_value(size)}, each at its best "
-                         f"lr, {p} reaches {best:.4f}, {second - best:.4f} below {q}.")
+            where = f"At {size_field.split('.')[-1]}={format_value(size)}, each at its best lr, "
+            words.append(where + (f"{p} and {q} reach the same loss, {best:.4f}."
+                                  if second - best < 5e-5 else
+                                  f"{p} reaches {best:.4f}, {second - best:.4f} below {q}."))
     lead.text = " ".join([*words, states(study.runs)])
     lead.tables.append(("Learning-rate transfer", transfer.table(study.transfers)))
     lead.figures.append(Figure("transfer", "Learning-rate transfer",
