@@ -434,7 +434,7 @@ def test_a_real_sweep_over_seeds_shows_live_progress_and_reports_mean_and_spread
     objectives = [rundir.read_json(out / name / "trial.json")["objective"] for name in names]
     assert objectives[0] != objectives[1]  # the seeds differ
     # One point over seeds: the report's question is the noise itself (kinds.py, from sweep.json).
-    assert rundir.read_json(out / rundir.SWEEP_FILE)["method"] == "grid"
+    assert rundir.read_json(out / SWEEP_FILE)["method"] == "grid"
     spread = f"{np.mean(objectives):.4f} ± {np.std(objectives, ddof=1):.4f} nats/token (mean ± sd)"
     assert answer.startswith(f"At 1.54k training tokens per run, n_layers=1 over 2 seeds: final "
                              f"eval loss {spread}, range {min(objectives):.4f} – {max(objectives):.4f}.")
