@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
 from matplotlib.cm import ScalarMappable  # noqa: E402
-from matplotlib.colors import LogNorm, Normalize  # noqa: E402
+from matplotlib.colors import ListedColormap, LogNorm, Normalize  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
@@ -90,7 +90,8 @@ class Palette:
             bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda x, pos: si(x)))
 
 
-SEQUENTIAL = colormaps["viridis"]
+# viridis without its palest tenth: the last setting's points stay visible on white
+SEQUENTIAL = ListedColormap(colormaps["viridis"](np.linspace(0.0, 0.9, 256)))
 
 
 def palette(runs: list[Run], by: dict[str, float] | None = None, label: str = "") -> Palette:

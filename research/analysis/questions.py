@@ -224,7 +224,7 @@ def agreement(iso: fits.IsoFlop | None, law: Any, largest: float) -> str:
     ratio3 = opt["d_opt"][0] / opt["n_opt"][0]
     factor = max(ratio2, ratio3) / min(ratio2, ratio3)
     ratios = (f"at C = {si(largest)} they put D/N at {ratio2:.3g} and {ratio3:.3g}, a factor "
-              f"{factor:.{1 if factor < 10 else 0}f} apart")
+              + (f"{factor:.1f}" if factor < 10 else f"{factor:.3g}") + " apart")
     if math.isnan(low3):
         return f"{two}; {three} has no bootstrap interval, so their agreement is untested; {ratios}."
     if not (low2 <= high3 and low3 <= high2):
