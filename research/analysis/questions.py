@@ -22,12 +22,11 @@ from research.analysis import families, fits, joint, plots, replicates, transfer
 from research.analysis.kinds import Kind
 from research.analysis.points import Points
 from research.analysis.runs import Run, finished, format_value, short_names
-from research.format import si
 from research.analysis.scaling import ScalingFit
 from research.analysis.sections import Figure, Part, Section, Table
+from research.format import si
 
 NEAR_EDGE = 0.15  # an optimum within this fraction of a budget's log-size range from its end
-WIDE = 0.25  # Approach 3's exponent interval wider than this fraction of the exponent
 ENOUGH_BUDGETS = 5  # fewer budget optima leave Approach 2's exponent with few degrees of freedom
 TRANSFERS = 0.5  # octaves: a best-lr drift within this is "transfers"
 AGREE = "The two approaches agree"
@@ -63,7 +62,6 @@ class Study:
 @dataclass
 class Lead(Section):
     left_out: dict[str, str] = field(default_factory=dict)  # run -> why it is not compared
-    shows: set[str] = field(default_factory=set)  # figure stems the lead already draws
 
 
 # ----------------------------------------------------------------------------- words
@@ -254,7 +252,7 @@ def settle(iso: fits.IsoFlop, law: Any, points: Points, agree: bool) -> str:
                      + " lies at or near the edge of the sizes tried)")
     if law is not None:
         low, high = law.intervals().get("a", (math.nan, math.nan))
-        if not high - low <= WIDE * law.a:
+        if not high - low <= joint.WIDE * law.a:
             wants.append("more sizes per budget (Approach 3's interval is wide)")
     if not wants:
         return ("To check the law before betting compute on it, hold out the largest budget: "
@@ -374,9 +372,7 @@ def lr_lead(study: Study) -> Lead:
     text, lead.left_out = _left_out(family)
     lead.text = " ".join(words) + text + " " + states(study.runs)
     lead.tables.append(("Settings and seed noise", replicates_table(groups)))
-    figure = _swept_figure(study, key)
-    lead.figures.append(figure)
-    lead.shows.add(figure.stem)
+    lead.figures.append(_swept_figure(study, key))
     return lead
 
 
@@ -406,7 +402,6 @@ def seeds_lead(study: Study) -> Lead:
                                    for run, loss in zip(g.runs, g.losses)])))
     lead.figures.append(Figure("curves", "Loss curves", lambda: plots.curves(study.runs,
                                                                              study.palette)))
-    lead.shows.add("curves")
     return lead
 
 
@@ -436,13 +431,10 @@ def ladder_lead(study: Study) -> Lead:
                                    lambda: plots.scaling(study.runs, study.rows, law.key, law.label,
                                                          law.symbol, law.fit, law.fitted,
                                                          law.left_out, study.palette)))
-        lead.shows.add("loss_vs_params_total")
     text, lead.left_out = _left_out(family)
     lead.text = " ".join(words) + text + " " + states(study.runs)
     lead.tables.append(("Settings and seed noise", replicates_table(groups)))
-    figure = _swept_figure(study, key)
-    lead.figures.insert(0, figure)
-    lead.shows.add(figure.stem)
+    lead.figures.insert(0, _swept_figure(study, key))
     return lead
 
 

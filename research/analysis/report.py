@@ -93,11 +93,12 @@ def sections(study: Study, lead: Lead) -> tuple[list[Section], list[str]]:
     """The sections after the lead that can say something, and one line per one left out."""
     out: list[Section] = []
     omitted: list[str] = []
-    if "curves" not in lead.shows and any(run.series("train/loss") or run.series("eval/loss")
+    shown = {figure.stem for figure in lead.figures}
+    if "curves" not in shown and any(run.series("train/loss") or run.series("eval/loss")
                                           for run in study.runs):
         out.append(Section("Loss curves", figures=[Figure(
             "curves", "Loss curves", lambda: plots.curves(study.runs, study.palette))]))
-    plotted = [k for k in study.fields if f"loss_vs_{k.split('.')[-1]}" not in lead.shows
+    plotted = [k for k in study.fields if f"loss_vs_{k.split('.')[-1]}" not in shown
                and any(r[k] is not None for _, r in study.done)]
     isoflop = study.kind.name == "isoflop"  # sizes are compared within a budget only
     panels = [] if isoflop else [k for k in plotted if _joined(study, k)]
@@ -118,7 +119,7 @@ def sections(study: Study, lead: Lead) -> tuple[list[Section], list[str]]:
     fitted = [s for s in study.scaling if isinstance(s.fit, fits.PowerLaw) and s not in across]
     figures = [Figure(f"loss_vs_{s.key}", f"Eval loss against {s.label}", lambda s=s: plots.scaling(
         study.runs, study.rows, s.key, s.label, s.symbol, s.fit, s.fitted, s.left_out,
-        study.palette)) for s in fitted if f"loss_vs_{s.key}" not in lead.shows]
+        study.palette)) for s in fitted if f"loss_vs_{s.key}" not in shown]
     if fitted:
         out.append(Section("Scaling-law fits", tables=[("Scaling-law fits", fits_table(fitted))],
                            figures=figures))
