@@ -94,8 +94,8 @@ def sections(study: Study, lead: Lead) -> tuple[list[Section], list[str]]:
     out: list[Section] = []
     omitted: list[str] = []
     shown = {figure.stem for figure in lead.figures}
-    if "curves" not in shown and any(run.series("train/loss") or run.series("eval/loss")
-                                          for run in study.runs):
+    logged = any(run.series("train/loss") or run.series("eval/loss") for run in study.runs)
+    if "curves" not in shown and logged:
         out.append(Section("Loss curves", figures=[Figure(
             "curves", "Loss curves", lambda: plots.curves(study.runs, study.palette))]))
     plotted = [k for k in study.fields if f"loss_vs_{k.split('.')[-1]}" not in shown
@@ -125,7 +125,7 @@ def sections(study: Study, lead: Lead) -> tuple[list[Section], list[str]]:
                            figures=figures))
     omitted += [f"Eval loss against {s.label}: no fit ({s.fit})." for s in study.scaling
                 if not isinstance(s.fit, fits.PowerLaw) and s not in across]
-    if study.iso is not None and study.kind.name != "isoflop":
+    if study.iso is not None and not isoflop:
         iso = study.iso
         out.append(Section("IsoFLOP curves", tables=[("IsoFLOP budgets", budgets_table(iso))],
                            figures=[Figure("isoflop", "IsoFLOP curves", lambda: plots.isoflop(
