@@ -25,9 +25,12 @@ from research import config
 from research.analysis import add_analysis_commands, fits, plots, replicates
 from research.analysis.board import serve
 from research.analysis.events import read_scalars, scalars_from_metrics
-from research.analysis.report import analyze, headline, scaling_fits
+from research.analysis.questions import lead
+from research.analysis.report import analyze, study
 from research.analysis.runs import load_runs, row
+from research.analysis.scaling import scaling_fits
 from research.config import ConfigError
+from research.sweep.rundir import SWEEP_FILE
 from research.train import rundir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,18 +216,24 @@ def test_mixed_folder_gets_distinct_labels_and_no_cross_family_line_or_fit(tmp_p
     assert "lr" not in fit.fitted and set(fit.left_out) == {"lr"}
     assert fit.left_out["lr"] == ("differs from the fitted runs in optim.lr (0.01 vs 0.003), "
                                   "train.steps (80 vs 300)")
-    figure = plots.swept(runs, rows, fields, plots.run_colors(runs))
+    figure = plots.swept(runs, rows, fields, fields, plots.palette(runs))
     joined = [line.get_xydata().tolist() for ax in figure.axes for line in ax.lines
               if line.get_color() == "0.6"]
     # n_layers: one line through the sweep's family (readme repeats t002, seed 0 and all, so it
     # adds no replicate); nothing through the lr run; lr and steps panels: each value a different
     # family, so no line at all.
     assert joined == [[[1, 2.90], [2, 2.70], [4, 2.52], [8, 2.45]]]
-    answer = headline(runs, rows, [], None)
-    assert answer.startswith("n_layers=4, lr=0.01, steps=80 reached the lowest final eval loss, "
-                             "2.3000 nats/token")
-    assert "below the next best, n_layers=8, lr=0.003, steps=300 (2.4500): the run-to-run noise " \
-           "is unknown" in answer
+    # The trials sweep n_layers alone: a ladder; the lr run differs in two more fields, so it is
+    # counted out of the ranking rather than crowned best for training 80 steps at another lr.
+    answer = lead(study(tmp_path))
+    assert answer.title == "How eval loss changes with n_layers"
+    assert answer.text.startswith("At 614k training tokens per run, final eval loss against "
+                                  "n_layers: 1: 2.9000, 2: 2.7000, "
+                                  "4: 2.5200, 8: 2.4500. n_layers=8, lr=0.003, steps=300 reached "
+                                  "the lowest final eval loss, 2.4500 nats/token")
+    assert "Not compared: 1 run differs in optim.lr and train.steps (table.csv names each)." \
+        in answer.text
+    assert answer.left_out == {"lr": "not compared: " + fit.left_out["lr"]}
 
 
 def test_analyze_recovers_exponents_from_an_isoflop_sweep_on_disk(tmp_path):
@@ -242,7 +251,10 @@ def test_analyze_recovers_exponents_from_an_isoflop_sweep_on_disk(tmp_path):
     assert record["d_opt_exponent"] == pytest.approx(ALPHA / (ALPHA + BETA), abs=0.03)
     assert f"N_opt ∝ C^{record['n_opt_exponent']:.3f}" in answer
     assert (out / "isoflop.png").stat().st_size > 10_000
-    assert "36 runs: 36 done." in answer and "; the worst, d_model=" in answer
+    assert answer.endswith("36 runs: 36 done.")
+    # Runs of different budgets are never ranked against each other, only within a budget.
+    assert "lowest final eval loss" not in answer and "the worst" not in answer
+    assert "The table ranks runs within each budget only." in answer
 
 
 def test_moe_runs_get_a_fit_against_active_parameters_and_failures_no_fit(tmp_path):
@@ -255,7 +267,9 @@ def test_moe_runs_get_a_fit_against_active_parameters_and_failures_no_fit(tmp_pa
     assert record["loss_vs_params_active"] == {  # all at one size: the best of them is the frontier
         "error": "too few points to fit: 1 distinct value, need 4", "runs": ["e32"], "left_out": {}}
     assert record["loss_vs_params_total"]["alpha"] == pytest.approx(0.25, abs=0.01)
-    assert (out / "loss_vs_params_active.png").is_file()
+    assert not (out / "loss_vs_params_active.png").exists()  # a declined fit: one line instead
+    assert ("- Eval loss against active parameters: no fit (too few points to fit: 1 distinct "
+            "value, need 4).") in (out / "report.md").read_text()
     assert answer.startswith("At 51.2k training tokens per run, e32 reached the lowest")
 
     for run in tmp_path.glob("e*"):  # all failed: a table and a plain answer, no fits or figures
@@ -263,7 +277,7 @@ def test_moe_runs_get_a_fit_against_active_parameters_and_failures_no_fit(tmp_pa
         rundir.write_json(run / "summary.json", {**summary, "state": "failed", "error": "OOM"})
     out, answer = analyze(tmp_path)
     assert answer == "No run finished with an eval loss (5 runs: 5 failed); the table shows each run's state."
-    assert json.loads((out / "fits.json").read_text()) == {}
+    assert json.loads((out / "fits.json").read_text()) == {"kind": "grid"}
     assert sorted(p.name for p in out.glob("*.png")) == ["curves.png"]
     assert (out / "table.csv").read_text().count(",failed,") == 5
 
@@ -356,22 +370,30 @@ def test_report_from_real_runs_shows_failed_and_eval_less_runs(trained, tmp_path
     # The answer names the best finished run and its margin over the next best, from the table.
     done = sorted((float(table[f"layers{n}"]["final_eval_loss"]), n) for n in (1, 2))
     (best, n_best), (second, n_second) = done[0], done[1]
+    losses = {n: float(table[f"layers{n}"]["final_eval_loss"]) for n in (1, 2)}
     assert answer.startswith(f"At {8 * summary['tokens_per_step'] / 1000:.3g}k training tokens per run, "
-                             f"n_layers={n_best} reached the lowest final eval loss, {best:.4f}")
+                             f"final eval loss against n_layers: 1: {losses[1]:.4f}, 2: "
+                             f"{losses[2]:.4f}. n_layers={n_best} reached the lowest final eval "
+                             f"loss, {best:.4f}")
     assert f"{second - best:.4f} nats ({100 * (second - best) / second:.2g}%) below the next " \
            f"best, n_layers={n_second} ({second:.4f}): the run-to-run noise is unknown" in answer
     assert "4 runs: 2 done, 1 failed, 1 unknown." in answer
-    assert "too few points to fit: 2 distinct values, need 4" in (out / "report.md").read_text()
+    omitted = (out / "report.md").read_text().split("## Omitted")[1]
+    assert "- Eval loss against parameters (total): no fit (too few points to fit: 2 distinct " \
+           "values, need 4)." in omitted
 
-    for name in ("curves", "swept", "loss_vs_params_total", "loss_vs_flops"):
+    # The ladder's figure (loss against n_layers) and the curves; the declined fits draw nothing.
+    assert sorted(p.stem for p in out.glob("*.png")) == ["curves", "loss_vs_n_layers"]
+    for name in ("curves", "loss_vs_n_layers"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
-    assert page.count("src='data:image/png;base64,") == 4 and "src='http" not in page
+    assert page.count("src='data:image/png;base64,") == 2 and "src='http" not in page
     assert "crashed" in page and "non-finite loss at step 3" in page
     events = _events(out / "tb")
-    assert sorted(events.Tags()["images"]) == [
-        "analysis/curves", "analysis/loss_vs_flops", "analysis/loss_vs_params_total", "analysis/swept"]
-    assert events.Images("analysis/swept")[0].encoded_image_string == (out / "swept.png").read_bytes()
+    assert sorted(events.Tags()["images"]) == ["analysis/curves", "analysis/loss_vs_n_layers"]
+    assert events.Images("analysis/loss_vs_n_layers")[0].encoded_image_string == (
+        out / "loss_vs_n_layers.png").read_bytes()
+    assert "custom_scalars__config__" in events.Tags()["tensors"]  # the layout (layout.py)
 
     analyze(root)  # again: replaces its output, no second set of TensorBoard images
     assert len(list((out / "tb").iterdir())) == 1
@@ -411,9 +433,11 @@ def test_a_real_sweep_over_seeds_shows_live_progress_and_reports_mean_and_spread
     assert [(r["run"], r["state"]) for r in rows] == [(name, "done") for name in names]
     objectives = [rundir.read_json(out / name / "trial.json")["objective"] for name in names]
     assert objectives[0] != objectives[1]  # the seeds differ
-    spread = f"{np.mean(objectives):.4f} ± {np.std(objectives, ddof=1):.4f} nats/token ("
-    assert answer.startswith(f"At 1.54k training tokens per run, n_layers=1 reached eval loss {spread}")
-    assert "bits/byte; mean ± sd over 2 seeds); it is the only setting that finished." in answer
+    # One point over seeds: the report's question is the noise itself (kinds.py, from sweep.json).
+    assert rundir.read_json(out / SWEEP_FILE)["method"] == "grid"
+    spread = f"{np.mean(objectives):.4f} ± {np.std(objectives, ddof=1):.4f} nats/token (mean ± sd)"
+    assert answer.startswith(f"At 1.54k training tokens per run, n_layers=1 over 2 seeds: final "
+                             f"eval loss {spread}, range {min(objectives):.4f} – {max(objectives):.4f}.")
 
 
 def test_empty_missing_or_foreign_folders_are_config_errors(tmp_path):
@@ -456,6 +480,10 @@ def test_board_serves_the_runs_over_loopback_until_stopped(trained):
                 break
             time.sleep(0.5)
         assert {"layers1/tb", "layers2/tb"} <= set(runs)
+        # The custom-scalars layout of the runs' tags: loss first, then speed and the rest.
+        with urllib.request.urlopen(url[0] + "data/plugin/custom_scalars/layout", timeout=5) as r:
+            categories = [c["title"] for c in json.loads(r.read())["category"]]
+        assert categories[0] == "loss" and "speed" in categories
         with pytest.raises(ConfigError, match=f"--port {url[1]}: already in use"):
             with serve(trained, int(url[1])):
                 pass

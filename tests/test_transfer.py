@@ -36,8 +36,11 @@ def test_analyze_measures_the_optimum_drift_per_parameterization(tmp_path):
                           "params": params, "state": "done", "objective": None, "error": None})
                 i += 1
     out, answer = analyze(tmp_path)
-    assert "octaves: standard -2.00, completep +0.00." in answer
+    assert answer.startswith("Under standard, the best lr goes from 0.01 at d_model=32 to 0.0025 "
+                             "at d_model=128: -2.00 octaves, it moves")
+    assert "Under completep, the best lr goes from 0.01 at d_model=32 to 0.01 at d_model=128: " \
+           "+0.00 octaves, it transfers." in answer
     report = (out / "report.md").read_text()
-    assert "## Learning-rate transfer" in report
+    assert "## Does the best learning rate move with size?" in report
     assert "| model.d_model | standard | 128 | 0.0025 |" in report
     assert (out / "transfer.png").stat().st_size > 10_000

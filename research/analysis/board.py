@@ -2,11 +2,14 @@
 
 TensorBoard runs as its own process (`python -m tensorboard.main`, the `tensorboard` command of this
 interpreter); we wait until it answers before handing out its address, and stop it on exit.
+Before it starts, DIR/analysis/layout gets a custom-scalars layout of the tags the runs logged
+(layout.py), so the Custom Scalars tab groups related metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,8 +20,11 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+from research.analysis import layout
+from research.analysis.runs import ANALYSIS
 from research.config import ConfigError
 
+LAYOUT_DIR = "layout"  # DIR/analysis/layout: the custom-scalars layout (layout.py) TensorBoard shows
 HOST = "127.0.0.1"  # loopback only: reach it from elsewhere through `ssh -L PORT:127.0.0.1:PORT`
 
 
@@ -58,6 +64,9 @@ def serve(logdir: Path, port: int | None = None,
         port = free_port()
     else:
         _check_port(port)
+    charts = logdir / ANALYSIS / LAYOUT_DIR  # rewritten each time: the tags logged by now
+    shutil.rmtree(charts, ignore_errors=True)
+    layout.write(charts, layout.logged_tags(logdir))
     url = f"http://{HOST}:{port}/"
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(

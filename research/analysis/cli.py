@@ -177,6 +177,7 @@ def predict_command(args: argparse.Namespace) -> int:
     from research.analysis.approach3 import JointLaw
     from research.analysis.downstream import TwoStep
     from research.analysis.runs import ANALYSIS
+    from research.format import si
 
     where = Path(args.dir)
     path = next((p for p in (where / ANALYSIS / "fits.json", where / "fits.json") if p.is_file()),
@@ -204,7 +205,7 @@ def predict_command(args: argparse.Namespace) -> int:
             loss, acc = p["loss"], p["accuracy"]
             note = (f"  extrapolating {c / law.flops_range[1]:.3g}x past the largest fitted C"
                     if c > law.flops_range[1] else "")
-            print(f"C = {c:.3g}: {task} accuracy {acc[0]:.3f} [{acc[1]:.3f}, {acc[2]:.3f}], task "
+            print(f"C = {si(c)}: {task} accuracy {acc[0]:.3f} [{acc[1]:.3f}, {acc[2]:.3f}], task "
                   f"loss {loss[0]:.4f} [{loss[1]:.4f}, {loss[2]:.4f}] bits/byte{note}")
     return 0
 
@@ -214,13 +215,13 @@ def _predict_loss(law: Any, record: dict[str, Any], budgets: list[float]) -> Non
     from research.format import si
 
     largest = record["flops_range"][1]
-    print(f"{law.formula()}  (fitted to {law.n_points} points up to C = {largest:.3g}; C = "
+    print(f"{law.formula()}  (fitted to {law.n_points} points up to C = {si(largest)}; C = "
           f"{law.k:.3g}·N·D; 95% intervals)")
     for c in budgets:
         opt = law.optimal(c)
         n, d, loss = opt["n_opt"], opt["d_opt"], opt["loss"]
         note = f"  extrapolating {c / largest:.3g}x past the largest fitted C" if c > largest else ""
-        print(f"C = {c:.3g}: N_opt {si(n[0])} [{si(n[1])}, {si(n[2])}], D_opt {si(d[0])} "
+        print(f"C = {si(c)}: N_opt {si(n[0])} [{si(n[1])}, {si(n[2])}], D_opt {si(d[0])} "
               f"[{si(d[1])}, {si(d[2])}], D/N {d[0] / n[0]:.3g}, loss {loss[0]:.4f} "
               f"[{loss[1]:.4f}, {loss[2]:.4f}]{note}")
 

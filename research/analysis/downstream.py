@@ -19,7 +19,7 @@ import numpy as np
 from scipy import optimize
 
 from research.analysis import fits
-from research.analysis.joint import Section
+from research.analysis.sections import Part, Section
 from research.analysis.runs import Run
 
 PREFIX = "downstream/"
@@ -144,14 +144,15 @@ def _points(finished: list[tuple[Run, dict[str, Any]]], task: str) -> tuple[list
 
 
 def section(runs: list[Run], finished: list[tuple[Run, dict[str, Any]]],
-            holdout: str | None = None, seed: int = 0) -> Section:
-    """fits.json's "downstream" entry, a table and a paragraph, for runs with downstream metrics."""
-    out = Section()
+            holdout: str | None = None, seed: int = 0) -> Part:
+    """fits.json's "downstream" entry, a table and a paragraph, for runs with downstream metrics;
+    a task whose fit is declined is a line for Omitted."""
+    out = Part()
     tasks = task_names(runs)
     if not tasks:
         return out
     record: dict[str, Any] = {}
-    body, notes = [], []
+    body = []
     for task in tasks:
         names, flops, final_loss, final_acc, loss, acc, owner = _points(finished, task)
         held = np.zeros(len(names), bool)
@@ -162,7 +163,7 @@ def section(runs: list[Run], finished: list[tuple[Run, dict[str, Any]]],
             law = fit_two_step(flops[~held], final_loss[~held], loss[kept], acc[kept], seed)
         except fits.FitError as exc:
             record[task] = {"error": str(exc)}
-            notes.append(f"{task}: no fit ({exc})")
+            out.omitted.append(f"Downstream accuracy of {task}: no fit ({exc}).")
             continue
         record[task] = law.record()
         largest = law.flops_range[1]
@@ -183,8 +184,8 @@ def section(runs: list[Run], finished: list[tuple[Run, dict[str, Any]]],
         header = ["task", "runs", "step 1: task loss against C", "step 2: accuracy against task "
                   "loss", "accuracy at the largest C", "at 10x that", "held-out runs: predicted "
                   "vs measured"]
-        out.tables.append(("Downstream: task loss and accuracy from compute (two-step)",
-                           (header, body)))
-    out.text = ("Downstream accuracy, predicted in two steps (compute -> task loss -> accuracy, "
-                "95% bootstrap intervals): see the table. " + " ".join(notes)).strip()
+        out.section = Section(
+            "Downstream accuracy", "Downstream accuracy, predicted in two steps (compute -> task "
+            "loss -> accuracy, 95% bootstrap intervals): see the table.",
+            [("Downstream: task loss and accuracy from compute (two-step)", (header, body))])
     return out

@@ -1,8 +1,9 @@
 """The joint scaling-law part of a report: Approach 3 beside Approach 2, the extrapolation check,
 and in words how far the fits can be trusted.
 
-`section` turns points (finished runs or a CSV's rows) into fits.json entries, tables, figures
-and a paragraph; research/analysis/report.py places them in the report.
+`fit` turns points (finished runs or a CSV's rows) into fits.json entries, tables, figures
+and a paragraph; research/analysis/report.py places them in the report, and
+research/analysis/questions.py says whether Approach 2 and 3 agree.
 """
 
 from __future__ import annotations
@@ -14,24 +15,24 @@ import numpy as np
 
 from research.analysis import approach3, fits, plots
 from research.analysis.points import Points
+from research.analysis.sections import Figure, Section
 from research.format import si
 
 WIDE = 0.25  # an exponent interval wider than this fraction of the exponent is called wide
 FEW_POINTS = 20
 
 
-@dataclass
-class Section:
-    record: dict[str, Any] = field(default_factory=dict)  # fits.json entries
-    tables: list[tuple[str, tuple[list[str], list[list[str]]]]] = field(default_factory=list)
-    figures: list[tuple[str, str, Any]] = field(default_factory=list)  # (stem, title, Figure)
-    text: str = ""
+TITLE = "Approach 3: the joint law L(N, D)"
 
-    def extend(self, other: Section) -> Section:
-        """This section followed by `other` (records merged)."""
-        return Section({**self.record, **other.record}, [*self.tables, *other.tables],
-                       [*self.figures, *other.figures],
-                       "\n\n".join(filter(None, [self.text, other.text])))
+
+@dataclass
+class Joint:
+    """The fit (or why there is none), its fits.json entries and its report section."""
+
+    record: dict[str, Any] = field(default_factory=dict)  # fits.json entries
+    section: Section = field(default_factory=lambda: Section(TITLE))
+    law: approach3.JointLaw | None = None
+    declined: str = ""  # why there is no fit, when points were given
 
 
 def holdout_mask(points: Points) -> np.ndarray:
@@ -67,7 +68,7 @@ def allocation_table(law: approach3.JointLaw, iso: fits.IsoFlop | None,
         ratio3 = f"{opt['d_opt'][0] / opt['n_opt'][0]:.3g} (N {si(opt['n_opt'][0])})"
         ratio2 = (f"{iso.tokens(c) / iso.params(c):.3g} (N {si(float(iso.params(c)))})"
                   if two else "–")
-        body.append([f"D/N at C = {c:.3g}", ratio2, ratio3])
+        body.append([f"D/N at C = {si(c)}", ratio2, ratio3])
     return ["", "Approach 2 (IsoFLOP parabolas)", "Approach 3 (L(N, D)) [95%]"], body
 
 
@@ -78,7 +79,7 @@ def holdout_table(law: approach3.JointLaw, points: Points) -> tuple[list[str], l
     for i, name in enumerate(points.names):
         value, low, high = law.predict(points.params[i], points.tokens[i])
         inside.append(bool(low <= points.loss[i] <= high))
-        body.append([name, si(points.params[i]), si(points.tokens[i]), f"{points.flops[i]:.3g}",
+        body.append([name, si(points.params[i]), si(points.tokens[i]), si(points.flops[i]),
                      f"{points.loss[i]:.4f}", f"{value:.4f} [{low:.4f}, {high:.4f}]",
                      "yes" if inside[-1] else "NO"])
     return header, body, inside
@@ -103,14 +104,9 @@ def trust(law: approach3.JointLaw, fitted: Points, iso: fits.IsoFlop | None,
         if edge:
             verb = "has" if len(edge) == 1 else "have"
             words.append(f"{len(edge)} of {len(iso.budgets)} IsoFLOP budgets {verb} no minimum "
-                         "inside the sizes tried (" + "; ".join(f"C = {b.flops:.3g}: {b.note}"
+                         "inside the sizes tried (" + "; ".join(f"C = {si(b.flops)}: {b.note}"
                                                                 for b in edge)
                          + "): widen the sizes on that side before trusting Approach 2.")
-        if iso.params is not None and "a" in bands:
-            low, high = bands["a"]
-            if not low <= iso.params.exponent <= high:
-                words.append(f"Approach 2's a = {iso.params.exponent:.3f} lies outside Approach 3's "
-                             f"interval [{low:.3f}, {high:.3f}]: the two methods disagree.")
     if held is not None:
         misses = len(inside) - sum(inside)
         words.append(f"Fitted without the largest budget ({len(held)} point"
@@ -120,16 +116,16 @@ def trust(law: approach3.JointLaw, fitted: Points, iso: fits.IsoFlop | None,
         words.append("Run `research analyze DIR --holdout largest` to see whether the law predicts "
                      "the largest budget from the smaller ones before betting compute on it.")
     span = float(fitted.flops.max())
-    words.append(f"Predictions past C = {span:.3g} FLOPs are extrapolations; each decade beyond "
+    words.append(f"Predictions past C = {si(span)} FLOPs are extrapolations; each decade beyond "
                  "it multiplies the uncertainty the intervals do not fully capture (a different "
                  "regime, a learning rate tuned for small models).")
     return " ".join(words)
 
 
-def section(points: Points, iso: fits.IsoFlop | None, holdout: str | None = None,
-            seed: int = 0) -> Section:
+def fit(points: Points, iso: fits.IsoFlop | None, holdout: str | None = None,
+        seed: int = 0) -> Joint:
     """Approach 3 fitted to `points` (less the held-out ones), and everything that reports it."""
-    out = Section()
+    out = Joint()
     if not len(points):
         return out
     held_mask = holdout_mask(points) if holdout else np.zeros(len(points), bool)
@@ -139,27 +135,30 @@ def section(points: Points, iso: fits.IsoFlop | None, holdout: str | None = None
                                   seed=seed)
     except fits.FitError as exc:
         out.record["approach3"] = {"error": str(exc), "points": fitted.names}
-        out.text = f"Approach 3 (L(N, D)): no fit, {exc}."
+        out.declined = str(exc)
         return out
+    out.law = law
     out.record["approach3"] = {**law.record(), "flops_range": [float(fitted.flops.min()),
                                                                float(fitted.flops.max())],
                                "points": fitted.names}
-    out.tables += [("Approach 3: L(N, D) = E + A/N^α + B/D^β", law_table(law)),
-                   ("Compute-optimal allocation, Approach 2 and 3",
-                    allocation_table(law, iso, _budgets(fitted)))]
+    tables = out.section.tables
+    tables += [("Approach 3: L(N, D) = E + A/N^α + B/D^β", law_table(law)),
+               ("Compute-optimal allocation, Approach 2 and 3",
+                allocation_table(law, iso, _budgets(fitted)))]
     inside: list[bool] = []
     if held is not None and len(held):
         header, body, inside = holdout_table(law, held)
-        out.tables.append(("Extrapolation check: the largest budget, held out", (header, body)))
+        tables.append(("Extrapolation check: the largest budget, held out", (header, body)))
         out.record["holdout"] = {"held_out": held.names, "points": [
             {"name": name, "params": float(held.params[i]), "tokens": float(held.tokens[i]),
              "flops": float(held.flops[i]), "loss": float(held.loss[i]),
              "predicted": dict(zip(("value", "low", "high"),
                                    law.predict(held.params[i], held.tokens[i])))}
             for i, name in enumerate(held.names)]}
-    out.figures.append(("joint_fit", "L(N, D): IsoFLOP slices and contours",
-                        plots.joint_fit(law, fitted, held)))
-    out.figures.append(("extrapolation", "Predicted against measured loss",
-                        plots.extrapolation(law, fitted, held)))
-    out.text = trust(law, fitted, iso, held, inside)
+    out.section.figures += [
+        Figure("joint_fit", "L(N, D): IsoFLOP slices and contours",
+               lambda: plots.joint_fit(law, fitted, held)),
+        Figure("extrapolation", "Predicted against measured loss",
+               lambda: plots.extrapolation(law, fitted, held))]
+    out.section.text = trust(law, fitted, iso, held, inside)
     return out

@@ -1,5 +1,6 @@
 """The "Data mixture" part of a report: mixture laws fitted to runs (or a CSV), the proposal, its
-figures and a sentence on trust. research/analysis/report.py places the Section it returns.
+figures and a sentence on trust, as a `sections.Part` that research/analysis/report.py places
+(a mixture swarm's report leads with it).
 
 Runs at several data mixtures are found by their `data.sources.<name>.weight` config fields; runs
 that differ in anything else (a model size of the grid) form families and the largest is fitted.
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from research.analysis import mixture, plots
-from research.analysis.joint import Section
+from research.analysis.sections import Figure, Part, Section
 from research.analysis.runs import Run, family
 from research.config import ConfigError
 from research.sweep.swarm import SOURCE_KEY, source_of
@@ -90,8 +91,15 @@ def table_from_runs(runs: list[Run], fields: list[str], metrics: list[str]
     return mixture.Table(names, sources, weights, table), validation, left_out
 
 
-def _figures(result: mixture.MixtureFit, validation: dict[str, float]) -> list[tuple[str, str, Any]]:
-    table, form = result.table, result.best
+def _figures(result: mixture.MixtureFit, validation: dict[str, float]) -> list[Figure]:
+    return [Figure("mixture_weights", "Data mixture: metrics against weights",
+                   lambda: _weights_figure(result)),
+            Figure("mixture_predicted", "Data mixture: predicted against measured",
+                   lambda: _predicted_figure(result, validation))]
+
+
+def _weights_figure(result: mixture.MixtureFit) -> Any:
+    table = result.table
     k = len(table.sources)
     fig, axes = plots._figure(k)
     for j, (ax, source) in enumerate(zip(axes, table.sources)):
@@ -102,11 +110,14 @@ def _figures(result: mixture.MixtureFit, validation: dict[str, float]) -> list[t
     axes[0].set_ylabel("metric")
     axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     plots._title(fig, "Each metric against each source's weight (dashed: the proposal)")
-    out = [("mixture_weights", "Data mixture: metrics against weights", fig)]
+    return fig
 
+
+def _predicted_figure(result: mixture.MixtureFit, validation: dict[str, float]) -> Any:
+    form = result.best
     fig, (ax,) = plots._figure(1)
     measured = result.measured()
-    ax.plot(measured, result.objective(form, table.weights), "o", ms=5, label="fitted to all")
+    ax.plot(measured, result.objective(form, result.table.weights), "o", ms=5, label="fitted to all")
     ax.plot(measured, result.held_out[form]["objective"], "o", ms=7, mfc="none",
             label=f"held out (leave-{len(mixture.folds(len(measured))[0])}-out)")
     for name, value in validation.items():
@@ -117,13 +128,12 @@ def _figures(result: mixture.MixtureFit, validation: dict[str, float]) -> list[t
     ax.set_ylabel(f"predicted objective ({mixture.TITLES[form]})")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     plots._title(fig, "Predicted against measured, every mixture")
-    out.append(("mixture_predicted", "Data mixture: predicted against measured", fig))
-    return out
+    return fig
 
 
 def build(table: mixture.Table, coefficients: dict[str, float], caps: np.ndarray | None,
           natural: np.ndarray | None, kl: float, validation: dict[str, list[float]],
-          origins: dict[str, str] | None = None, left_out: list[str] = ()) -> Section:
+          origins: dict[str, str] | None = None, left_out: list[str] = ()) -> Part:
     """Fit, propose, and everything that reports it."""
     result = mixture.fit_table(table, coefficients)
     mixture.propose(result, caps, natural, kl)
@@ -144,14 +154,15 @@ def build(table: mixture.Table, coefficients: dict[str, float], caps: np.ndarray
         entry["measured"] = measured
     header, body = mixture.proposal_table(result)
     body += [[name, *("" for _ in table.sources), "", f"{v:.4f}"] for name, v in measured.items()]
-    return Section(record={"mixture": entry},
-                   tables=[("Data mixture: laws (cross-validated)", mixture.laws_table(result)),
-                           ("Data mixture: proposal", (header, body))],
-                   figures=_figures(result, measured), text=text)
+    return Part(record={"mixture": entry}, section=Section(
+        "Data mixture", text=text,
+        tables=[("Data mixture: laws (cross-validated)", mixture.laws_table(result)),
+                ("Data mixture: proposal", (header, body))],
+        figures=_figures(result, measured)))
 
 
 def section(runs: list[Run], fields: list[str], info: dict[str, Any] | None,
-            metric: str | None = None, kl: float = 0.0) -> Section:
+            metric: str | None = None, kl: float = 0.0) -> Part:
     """The report's "Data mixture" part for runs at several mixtures; empty without them.
     `info`: the sweep's sweep.json (its objective metric, and a mixture sweep's natural mix and
     caps); `metric`: `--metric` (else the per-domain metrics of the objective's unit)."""
@@ -160,18 +171,18 @@ def section(runs: list[Run], fields: list[str], info: dict[str, Any] | None,
         if metric or kl:
             raise ConfigError(f"{'--metric' if metric else '--kl'}: no run below the folder has "
                               "data.sources weights to fit a mixture law to")
-        return Section()
+        return Part()
     sources = list(run_weights(weighted[0]))
     objective = (info or {}).get("metric", "eval_loss")
     coefficients = (mixture.parse_metrics(metric) if metric else
                     default_metrics(weighted, sources, objective))
     if not metric and (info or {}).get("direction") == "maximize" and objective in coefficients:
-        return Section(text=f"Data mixture: no fit (the laws are minimized, the sweep maximizes "
-                            f"{objective}, and the runs logged no per-domain losses; name "
-                            "metrics to minimize with --metric).")
+        return Part(omitted=[f"Data mixture: no fit (the laws are minimized, the sweep "
+                             f"maximizes {objective}, and the runs logged no per-domain losses; "
+                             "name metrics to minimize with --metric)."])
     found = table_from_runs(runs, fields, list(coefficients))
     if found is None:
-        return Section()
+        return Part()
     table, validation, left_out = found
     plan = (info or {}).get("mixture") or {}
     order = lambda d: None if not d else np.array([d[s] for s in table.sources])  # noqa: E731
@@ -183,4 +194,5 @@ def section(runs: list[Run], fields: list[str], info: dict[str, Any] | None,
         return build(table, coefficients, order(plan.get("caps")), order(plan.get("natural")), kl,
                      validation, {k: v for k, v in origins.items() if v}, left_out)
     except ConfigError as exc:
-        return Section(record={"mixture": {"error": str(exc)}}, text=f"Data mixture: no fit ({exc}).")
+        return Part(record={"mixture": {"error": str(exc)}},
+                    omitted=[f"Data mixture: no fit ({exc})."])

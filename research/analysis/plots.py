@@ -9,6 +9,7 @@ their mean with the seeds' standard deviation: error bars on points, bands aroun
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
@@ -18,11 +19,11 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
 from matplotlib.cm import ScalarMappable  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.colors import ListedColormap, LogNorm, Normalize  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import LogFormatter, NullLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogFormatter, NullLocator  # noqa: E402
 
 from research.analysis.approach3 import JointLaw  # noqa: E402
 from research.analysis.fits import FitError, IsoFlop, PowerLaw, group_budgets  # noqa: E402
@@ -32,21 +33,7 @@ from research.analysis.runs import Run, family, finished, format_value  # noqa: 
 from research.format import si  # noqa: E402
 
 LOSS = "eval loss (nats/token)"
-
-
-def run_colors(runs: list[Run]) -> dict[str, Any]:
-    """Run name -> colour, one per setting: distinct qualitative colours while they last, then a
-    sequential map in run order."""
-    settings = list(dict.fromkeys(run.setting for run in runs))
-    n = len(settings)
-    if n <= 10:
-        colors = [colormaps["tab10"](i) for i in range(n)]
-    elif n <= 20:
-        colors = [colormaps["tab20"](i) for i in range(n)]
-    else:
-        colors = [colormaps["viridis"](i / (n - 1)) for i in range(n)]
-    by_setting = dict(zip(settings, colors))
-    return {run.name: by_setting[run.setting] for run in runs}
+MAX_LEGEND = 6  # more budgets or sizes than this get a colour bar instead of a legend
 
 
 class _Compact(LogFormatter):
@@ -73,12 +60,69 @@ def _legend_columns(runs: list[Run]) -> int:
     return max(1, -(-settings // 18))  # 18 entries fit beside one row of panels
 
 
-def _figure(panels: int, width: float = 5.0, runs: list[Run] = ()) -> tuple[Figure, list[Axes]]:
-    """Up to 3 panels a row, with room on the right for a run legend of `runs`."""
+@dataclass(frozen=True)
+class Palette:
+    """A colour per run, and the key that explains it: one colour per setting with a legend of
+    settings, or, when the runs order along one number (compute, a size, the learning rate), a
+    sequential map with a colour bar, so a figure never lists a dozen settings."""
+
+    colors: dict[str, Any]  # run name -> colour
+    scale: tuple[str, Normalize] | None = None  # (label, norm) of the colour bar
+
+    def __getitem__(self, name: str) -> Any:
+        return self.colors[name]
+
+    def width(self, runs: list[Run]) -> float:
+        """Inches the key takes on the right of a figure."""
+        return 1.3 if self.scale else 2.2 * _legend_columns(runs)
+
+    def key(self, fig: Figure, runs: list[Run], shown: set[str] | None = None) -> None:
+        if self.scale is None:
+            _run_legend(fig, runs, self.colors, shown)
+            return
+        label, norm = self.scale
+        bar = fig.colorbar(ScalarMappable(norm, SEQUENTIAL), ax=[a for a in fig.axes if a.get_visible()],
+                           label=label, pad=0.02, fraction=0.04)
+        if isinstance(norm, LogNorm):
+            bar.ax.yaxis.set_major_formatter(_Compact())
+            bar.ax.yaxis.set_minor_formatter(_Compact(labelOnlyBase=False))
+        else:
+            bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda x, pos: si(x)))
+
+
+# viridis without its palest tenth: the last setting's points stay visible on white
+SEQUENTIAL = ListedColormap(colormaps["viridis"](np.linspace(0.0, 0.9, 256)))
+
+
+def palette(runs: list[Run], by: dict[str, float] | None = None, label: str = "") -> Palette:
+    """Colours for `runs`: along `by` (run name -> a positive number; log-scaled when it spans a
+    decade) when every run has one and there are several, with a colour bar when there are more
+    than MAX_LEGEND settings; else one per setting (qualitative colours while they last, then a
+    sequential map in run order)."""
+    values = [by.get(run.name) for run in runs] if by else []
+    if values and None not in values and min(values) > 0 and len(set(values)) > 1:
+        low, high = min(values), max(values)
+        norm = LogNorm(low, high) if high / low >= 10 else Normalize(low, high)
+        many = len({run.setting for run in runs}) > MAX_LEGEND
+        return Palette({run.name: SEQUENTIAL(norm(v)) for run, v in zip(runs, values)},
+                       (label, norm) if many else None)
+    settings = list(dict.fromkeys(run.setting for run in runs))
+    n = len(settings)
+    if n <= 10:
+        colors = [colormaps["tab10"](i) for i in range(n)]
+    elif n <= 20:
+        colors = [colormaps["tab20"](i) for i in range(n)]
+    else:
+        colors = [SEQUENTIAL(i / (n - 1)) for i in range(n)]
+    by_setting = dict(zip(settings, colors))
+    return Palette({run.name: by_setting[run.setting] for run in runs})
+
+
+def _figure(panels: int, width: float = 5.0, key: float = 0.0) -> tuple[Figure, list[Axes]]:
+    """Up to 3 panels a row, with `key` inches on the right for a legend or colour bar."""
     cols = min(panels, 3)
     rows = -(-panels // cols)
-    legend = 2.2 * _legend_columns(runs) if runs else 0.0
-    fig = Figure(figsize=(width * cols + legend, 3.8 * rows), layout="constrained")
+    fig = Figure(figsize=(width * cols + key, 3.8 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[panels:]:
         ax.set_visible(False)
@@ -138,10 +182,10 @@ def _band(ax: Axes, series: list[np.ndarray], per_step: int, style: dict[str, An
     ax.fill_between(tokens, mean - sd, mean + sd, color=style["color"], alpha=0.2, lw=0)
 
 
-def curves(runs: list[Run], colors: dict[str, Any]) -> Figure:
+def curves(runs: list[Run], colors: Palette) -> Figure:
     """Training and eval loss against tokens seen, every setting (unfinished runs dashed); a
     setting run over several seeds is its mean with a ±1 standard deviation band."""
-    fig, (train_ax, eval_ax) = _figure(2, runs=runs)
+    fig, (train_ax, eval_ax) = _figure(2, key=colors.width(runs))
     _title(fig, "Loss curves")
     members: dict[tuple, list[Run]] = {}
     for run in runs:
@@ -176,7 +220,7 @@ def curves(runs: list[Run], colors: dict[str, Any]) -> Figure:
         _log(ax)
         ax.set(xlabel="training tokens", ylabel=what)
         ax.grid(True, which="both", alpha=0.3)
-    _run_legend(fig, runs, colors)
+    colors.key(fig, runs)
     return fig
 
 
@@ -197,13 +241,14 @@ def _mean_point(ax: Axes, x: float, g: Group, color: Any, **style: Any) -> None:
     ax.errorbar(x, g.mean, yerr=g.std, ls="none", ms=7, color=color, capsize=3, zorder=4, **style)
 
 
-def swept(runs: list[Run], rows: list[dict[str, Any]], fields: list[str],
-          colors: dict[str, Any]) -> Figure:
-    """Final eval loss against each distinguishing field; a line joins only settings that differ
-    in the plotted field alone, and "best" is marked only when all points form one such line."""
-    fig, axes = _figure(len(fields), width=4.5, runs=runs)
+def swept(runs: list[Run], rows: list[dict[str, Any]], fields: list[str], panels: list[str],
+          colors: Palette) -> Figure:
+    """Final eval loss against each of `panels` (some distinguishing fields); a line joins only
+    settings that differ in the plotted field alone, and "best" is marked only when all points
+    form one such line."""
+    fig, axes = _figure(len(panels), width=4.5, key=colors.width(runs))
     shown: set[str] = set()
-    for ax, key in zip(axes, fields):
+    for ax, key in zip(axes, panels):
         points = _finished(runs, rows, key)
         shown |= {run.name for run, _ in points}
         values = [r[key] for _, r in points]
@@ -237,21 +282,22 @@ def swept(runs: list[Run], rows: list[dict[str, Any]], fields: list[str],
             ax.xaxis.set_minor_locator(NullLocator())
         ax.set(xlabel=key, ylabel=LOSS)
         if len(lines) > 1:
-            ax.set_title(f"{len(lines)} unjoined families: runs that differ in other fields too",
+            ax.set_title(f"{len(lines)} families: a line joins runs that differ in {key} alone",
                          fontsize="small")
         ax.grid(True, alpha=0.3)
-    _title(fig, "Final eval loss by distinguishing field (mean ± sd over seeds)")
-    _run_legend(fig, runs, colors, shown)
+    _title(fig, (f"Final eval loss against {panels[0]}" if len(panels) == 1
+                 else "Final eval loss by distinguishing field") + " (mean ± sd over seeds)")
+    colors.key(fig, runs, shown)
     return fig
 
 
 def scaling(runs: list[Run], rows: list[dict[str, Any]], key: str, xlabel: str, symbol: str,
             fit: PowerLaw | FitError, fitted: frozenset[str], left_out: dict[str, str],
-            colors: dict[str, Any]) -> Figure:
+            colors: Palette) -> Figure:
     """Final eval loss against `key` (log x), the fitted power law and its intervals; settings
     off the frontier (beaten by a smaller one) are hollow, runs left out of the fit for differing
     in other fields are crosses."""
-    fig, (ax,) = _figure(1, width=6.0, runs=runs)
+    fig, (ax,) = _figure(1, width=6.0, key=colors.width(runs))
     points = _finished(runs, rows, key)
     x_of = {run.name: r[key] for run, r in points}
     for g in _settings(points):
@@ -282,7 +328,7 @@ def scaling(runs: list[Run], rows: list[dict[str, Any]], key: str, xlabel: str, 
     ax.set(xlabel=xlabel, ylabel=LOSS)
     ax.grid(True, which="both", alpha=0.3)
     _title(fig, f"Eval loss against {xlabel}")
-    _run_legend(fig, runs, colors, {run.name for run, _ in points})
+    colors.key(fig, runs, {run.name for run, _ in points})
     return fig
 
 
@@ -290,12 +336,14 @@ def isoflop(iso: IsoFlop, params: np.ndarray, loss: np.ndarray, xlabel: str) -> 
     """Left: loss against size per compute budget, parabola and minimum. Right: N_opt, D_opt vs C."""
     fig, (ax, opt_ax) = _figure(2, width=5.5)
     _title(fig, "IsoFLOP curves and compute-optimal scaling (Chinchilla approach 2)")
-    cmap = colormaps["viridis"]
-    for i, budget in enumerate(iso.budgets):
-        color = cmap(i / max(1, len(iso.budgets) - 1) * 0.9)
+    flops = [b.flops for b in iso.budgets]
+    norm = LogNorm(min(flops), max(flops))
+    labelled = len(iso.budgets) <= MAX_LEGEND  # else a colour bar: no long legend
+    for budget in iso.budgets:
+        color = SEQUENTIAL(norm(budget.flops))
         n, l = params[budget.members], loss[budget.members]
         ax.scatter(n, l, color=color, s=35, zorder=3, label=f"C = {si(budget.flops)} FLOPs"
-                   + (f" ({budget.note})" if budget.note else ""))
+                   + (f" ({budget.note})" if budget.note else "") if labelled else None)
         grid = np.linspace(np.log10(n.min()) - 0.1, np.log10(n.max()) + 0.1, 100)
         ax.plot(10**grid, np.polyval(budget.parabola, grid), color=color, lw=1.2)
         if budget.n_opt is not None:
@@ -303,7 +351,11 @@ def isoflop(iso: IsoFlop, params: np.ndarray, loss: np.ndarray, xlabel: str) -> 
                        edgecolor="k", zorder=4)
     _log(ax)
     ax.set(xlabel=xlabel, ylabel=LOSS)
-    ax.legend(loc="best", fontsize="small", title="★ = minimum of the parabola")
+    if labelled:
+        ax.legend(loc="best", fontsize="small", title="★ = minimum of the parabola")
+    else:
+        ax.set_title("★ = minimum of the parabola", fontsize="small")
+        Palette({}, ("training compute C (FLOPs)", norm)).key(fig, [])
     ax.grid(True, which="both", alpha=0.3)
 
     optimal = [b for b in iso.budgets if b.n_opt is not None]
@@ -386,7 +438,9 @@ def joint_fit(law: JointLaw, fitted: Points, held: Points | None) -> Figure:
     contour_ax.set(xlabel="parameters N", ylabel="training tokens D")
     contour_ax.set_title("contours of L(N, D)", fontsize="small")
     contour_ax.legend(loc="upper left", fontsize="small")
-    fig.colorbar(ScalarMappable(norm, cmap), ax=contour_ax, label="training compute C (FLOPs)")
+    bar = fig.colorbar(ScalarMappable(norm, cmap), ax=contour_ax, label="training compute C (FLOPs)")
+    bar.ax.yaxis.set_major_formatter(_Compact())
+    bar.ax.yaxis.set_minor_formatter(_Compact(labelOnlyBase=False))
     return fig
 
 

@@ -98,14 +98,6 @@ def table(transfers: list[Transfer]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def summary(transfers: list[Transfer]) -> str:
-    """One sentence for the report's opening paragraph."""
-    parts = [f"{t.parameterization} {octaves(t.drift)}" for t in transfers]
-    fields = sorted({t.size_field.split('.')[-1] for t in transfers})
-    return (f"Best learning rate drift from the smallest to the largest {'/'.join(fields)}, in "
-            f"octaves: {', '.join(parts)}.") if transfers else ""
-
-
 def figure(transfers: list[Transfer]) -> Any:
     """A panel per (size field, parameterization): loss against lr per size, optima starred."""
     from matplotlib import colormaps

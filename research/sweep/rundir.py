@@ -13,6 +13,8 @@ from typing import Any
 from research.sweep.spec import Objective
 from research.train.rundir import RunDir, parse_metrics, write_json
 
+SWEEP_FILE = "sweep.json"  # in the sweep dir: name, storage, method; for status and analysis
+
 
 class MetricsTail:
     """New complete lines of a growing metrics.jsonl (which a resumed run rewrites)."""

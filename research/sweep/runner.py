@@ -31,7 +31,7 @@ from research.sweep.store import Claim, LostClaim, Store
 from research.train.rundir import RunDir, read_json, write_json
 
 TRAIN_COMMAND = (sys.executable, "-m", "research", "train")
-SWEEP_FILE = "sweep.json"  # in the sweep dir: name and storage, for `research sweep status`
+SWEEP_FILE = rundir.SWEEP_FILE
 POLL_S = 0.5
 PROGRESS_S = 15.0  # plain output (not a terminal): a progress line per trial at most this often
 STOP_GRACE_S = 30.0
@@ -189,7 +189,10 @@ class Runner:
         if self.uses_study:
             study.open_study(self.sweep, self.storage)
         write_json(info_path, {"name": self.spec.name, "storage": self.storage,
+                               "method": self.spec.search.method,
                                "params": self.sweep.swept,
+                               "derived": list(self.spec.derived),
+                               "budgets": list(self.spec.search.budgets),
                                "seeds": self.spec.seeds,
                                "overrides": self.sweep.fixed_overrides,
                                "metric": self.spec.objective.metric,
