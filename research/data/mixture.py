@@ -112,7 +112,8 @@ class Plan:
         self.batch, self.seed = global_batch, seed
         self.block = global_batch * math.ceil(BLOCK_SEQUENCES / global_batch)
         self.starts = [step - 1 for step, _ in mixture.stages]  # first batch index of each stage
-        self.counts = [block_counts(list(w.values()), self.block) for _, w in mixture.stages]
+        self.counts = [block_counts([w.get(name, 0.0) for name in mixture.training], self.block)
+                       for _, w in mixture.stages]
         self.bases = [np.zeros(len(self.counts[0]), np.int64)]
         for i in range(1, len(self.starts)):  # draws before stage i: what stage i-1 took
             self.bases.append(self.bases[-1] + self._within(i - 1, self.starts[i] - self.starts[i - 1]))
