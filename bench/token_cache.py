@@ -1,13 +1,17 @@
 """Token-cache build throughput and peak memory, byte tokenizer and a BPE tokenizer.json.
 
-    python bench/token_cache.py [--corpus-mb 160] [--vocab 8192] [--out /tmp/research-tokenize]
+    python bench/token_cache.py [--sizes-mb 40,160] [--bpe-max-mb 40] [--vocab 8192]
+                                [--out /tmp/research-tokenize]
 
-Generates a .jsonl corpus of about --corpus-mb MB (the built-in corpus's documents, each copied
-with its lines in a shuffled order, so no two copies are alike; several times the built-in
-31.5 MB), trains a byte-level BPE tokenizer on its first 20 MB with the `tokenizers` library,
-then builds the token cache of the corpus with each tokenizer in a fresh process. Reported per
-tokenizer: seconds, MB/s, tokens/s and the process's peak resident memory (ru_maxrss), next to
-the corpus size: the build streams, so the peak stays far below the corpus.
+Generates .jsonl corpora of the given sizes (the built-in corpus's documents, each copied with
+its lines in a shuffled order, so no two copies are alike; 160 MB is five times the built-in
+31.5 MB), trains a byte-level BPE tokenizer on the first 20 MB with the `tokenizers` library,
+then builds the token cache of each corpus in a fresh process, with the byte tokenizer and (up
+to --bpe-max-mb) the BPE one. A build reads the corpus twice: once for its content key, once
+to tokenize. Reported per build: wall seconds, MB/s, tokens/s, CPU seconds over wall seconds
+(the cores it kept busy; on a shared machine also what the scheduler gave it) and the process's
+peak resident memory (ru_maxrss), beside a process that only imports the pipeline: the build
+streams, so the peak does not grow with the corpus.
 """
 
 from __future__ import annotations
@@ -26,13 +30,29 @@ BUILD = """
 import json, resource, sys, time
 from research.config import DataConfig
 from research.data.pipeline import build_token_cache
-cfg = DataConfig(source=sys.argv[1], tokenizer=sys.argv[2], cache_dir=sys.argv[3])
-start = time.perf_counter()
-cache = build_token_cache(cfg)
-seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "tokens": len(cache.train) + len(cache.heldout),
+from research.data.tokenizer import load_tokenizer
+load_tokenizer(sys.argv[2])
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+tokens, seconds, cpu_seconds = 0, 0.0, 0.0
+if sys.argv[1] != "-":
+    cfg = DataConfig(source=sys.argv[1], tokenizer=sys.argv[2], cache_dir=sys.argv[3])
+    start, cpu_start = time.perf_counter(), cpu()
+    cache = build_token_cache(cfg)
+    seconds, cpu_seconds = time.perf_counter() - start, cpu() - cpu_start
+    tokens = len(cache.train) + len(cache.heldout)
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": tokens,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
+
+
+def build(corpus: str, tokenizer: str, cache: Path) -> dict:
+    """One cache build (or, for corpus "-", only the imports) in a fresh process."""
+    subprocess.run(["rm", "-rf", str(cache)], check=True)
+    result = subprocess.run([sys.executable, "-c", BUILD, corpus, tokenizer, str(cache)],
+                            cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 def make_corpus(path: Path, megabytes: int) -> int:
@@ -80,29 +100,36 @@ def train_bpe(corpus: Path, out: Path, vocab: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--corpus-mb", type=int, default=160)
+    parser.add_argument("--sizes-mb", default="40,160")
+    parser.add_argument("--bpe-max-mb", type=int, default=40)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--out", default="/tmp/research-tokenize")
     args = parser.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    corpus = out / "corpus" / "big.jsonl"
-    corpus.parent.mkdir(exist_ok=True)
-    text_bytes = make_corpus(corpus, args.corpus_mb)
-    print(f"corpus: {corpus} {corpus.stat().st_size / 1e6:.0f} MB on disk, "
-          f"{text_bytes / 1e6:.0f} MB of text")
+    (out / "corpus").mkdir(parents=True, exist_ok=True)
+    sizes = [int(size) for size in args.sizes_mb.split(",")]
+    corpora = {}
+    for size in sizes:
+        corpora[size] = out / "corpus" / f"{size}mb.jsonl"
+        text_bytes = make_corpus(corpora[size], size)
+        print(f"corpus {corpora[size]}: {corpora[size].stat().st_size / 1e6:.0f} MB on disk, "
+              f"{text_bytes / 1e6:.0f} MB of text")
     started = time.perf_counter()
-    train_bpe(corpus, out / "tokenizer.json", args.vocab)
+    bpe = out / "tokenizer.json"
+    train_bpe(corpora[max(sizes)], bpe, args.vocab)
     print(f"BPE tokenizer (vocab {args.vocab}) trained in {time.perf_counter() - started:.0f}s")
-    for name, spec in (("byte", "byte"), (f"BPE {args.vocab}", str(out / "tokenizer.json"))):
-        cache = out / f"cache-{name.split()[0]}"
-        subprocess.run(["rm", "-rf", str(cache)], check=True)
-        result = subprocess.run([sys.executable, "-c", BUILD, str(corpus), spec, str(cache)],
-                                cwd=ROOT, capture_output=True, text=True, check=True)
-        r = json.loads(result.stdout.splitlines()[-1])
-        print(f"{name:>10}: {r['seconds']:.1f}s, {text_bytes / 1e6 / r['seconds']:.1f} MB/s, "
-              f"{r['tokens'] / r['seconds']:,.0f} tokens/s, {r['tokens']:,} tokens, "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB")
+    for name, spec in (("byte", "byte"), (f"BPE {args.vocab}", str(bpe))):
+        base = build("-", spec, out / "cache")
+        print(f"{name:>9}, imports only: peak RSS {base['peak_rss_mb']:.0f} MB")
+        for size in sizes:
+            if name != "byte" and size > args.bpe_max_mb:
+                continue
+            r = build(str(corpora[size]), spec, out / "cache")
+            print(f"{name:>9}, {size:>4} MB: {r['seconds']:.1f}s, {size / r['seconds']:.2f} MB/s, "
+                  f"{r['tokens'] / r['seconds']:,.0f} tokens/s, {r['tokens']:,} tokens, "
+                  f"CPU/wall {r['cpu_seconds'] / r['seconds']:.2f} "
+                  f"({r['tokens'] / r['cpu_seconds']:,.0f} tokens per CPU-second), "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

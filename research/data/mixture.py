@@ -114,12 +114,13 @@ class Plan:
         self.starts = [step - 1 for step, _ in mixture.stages]  # first batch index of each stage
         self.counts = [block_counts([w.get(name, 0.0) for name in mixture.training], self.block)
                        for _, w in mixture.stages]
+        # a batch needs its block's order, and consecutive batches share it: keep the last few
+        self._order = functools.lru_cache(maxsize=4)(self._block_order)
         self.bases = [np.zeros(len(self.counts[0]), np.int64)]
         for i in range(1, len(self.starts)):  # draws before stage i: what stage i-1 took
             self.bases.append(self.bases[-1] + self._within(i - 1, self.starts[i] - self.starts[i - 1]))
 
-    @functools.lru_cache(maxsize=4)
-    def _order(self, stage: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    def _block_order(self, stage: int, block: int) -> tuple[np.ndarray, np.ndarray]:
         """A block's source per position, and each position's rank among its source's."""
         labels = np.repeat(np.arange(len(self.counts[stage])), self.counts[stage])
         labels = np.random.default_rng([self.seed, stage, block]).permutation(labels)
