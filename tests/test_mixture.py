@@ -10,7 +10,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -19,17 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import newest_checkpoint
+from tests.conftest import newest_checkpoint
+from tests.test_train import _start
 from research import cli
 from research import config as config_lib
 from research.config import ConfigError, DataConfig
 from research.data import mixture
-from research.data.corpus import _builtin_files, read_documents, source_files
-from research.data.pipeline import TokenCache, eval_batches
+from research.data.corpus import read_documents, source_files
+from research.data.pipeline import TokenCache
 from research.data.tokenizer import ByteTokenizer
 from research.train.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 SPAN = 10**6  # token value // SPAN says which source a window came from
 SEQ = 4
 
@@ -128,7 +127,7 @@ def test_builtin_domains_split_the_standard_library():
     code, tests = ({f.doc_id for f in source_files(f"builtin:{d}")} for d in ("code", "tests"))
     assert code | tests == every and not code & tests
     assert "os.py" in code and "test/test_os.py" in tests and "unittest/case.py" in code
-    docs = _builtin_files("docs")
+    docs = source_files("builtin:docs")
     assert docs[0].extract == "topics" and {f.doc_id for f in docs[1:]} <= code
     topics = list(read_documents(docs[:1], "text"))
     from pydoc_data.topics import topics as reference  # the texts help() shows
@@ -205,21 +204,13 @@ MIXED = ["data.sources.code.source=builtin:code", "data.sources.code.weight=0.7"
          "data.stages=[{from_step: 10, weights: {code: 0.2, tests: 0.8}}]"]
 
 
-def _start(run_dir: Path, overrides: list[str]):
-    import subprocess
-
-    return subprocess.Popen(
-        [sys.executable, "-m", "research", "train", "--run-dir", str(run_dir), *overrides],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-
-
 def test_sigkill_then_resume_is_bit_exact_across_a_stage_change(tmp_path, tiny_overrides, capsys):
-    overrides = ["experiments/dense_tiny.yaml", *tiny_overrides, *MIXED, "train.steps=16",
+    overrides = ["experiments/dense_tiny.yaml", *tiny_overrides, *MIXED, "train.steps=24",
                  "checkpoint.every=4", "train.eval_every=8"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     uninterrupted = _start(straight, overrides)
-    kill_after = random.choice((4, 8, 12))  # before the stage (step 10) or after it
+    kill_after = random.choice((4, 8, 12))  # before the stage (step 10) or after it; the steps
+    # left after it keep the run alive until the kill, however fast the machine
     proc = _start(killed, overrides)
     assert uninterrupted.communicate(timeout=300) and uninterrupted.returncode == 0
     deadline = time.time() + 300
@@ -239,16 +230,16 @@ def test_sigkill_then_resume_is_bit_exact_across_a_stage_change(tmp_path, tiny_o
                          for e in read_metrics(run)]
     assert exact(killed) == exact(straight), f"killed after checkpoint {resumed_from}"
     last = read_metrics(straight)[-2]
-    assert last["data/code/tokens"] + last["data/tests/tokens"] == 16 * 8 * 32
+    assert last["data/code/tokens"] + last["data/tests/tokens"] == 24 * 8 * 32
     evals = [e for e in read_metrics(straight) if "eval_loss" in e]
     assert {"eval/code/loss", "eval/tests/bpb", "eval/macro_loss"} <= set(evals[-1])
 
     # a stage change that rewrites trained steps is refused, before anything is written
     before = (killed / "config.yaml").read_text()
-    code = cli.main(["train", "--run-dir", str(killed), *overrides, "train.steps=20",
+    code = cli.main(["train", "--run-dir", str(killed), *overrides, "train.steps=30",
                      "data.stages=[{from_step: 12, weights: {tests: 1}}]"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "data.stages: the weights up to step 16" in err[0]
+    assert code == 2 and len(err) == 1 and "data.stages: the weights up to step 24" in err[0]
     assert (killed / "config.yaml").read_text() == before
 
 

@@ -1,9 +1,9 @@
 """Token cache and the grain input pipeline.
 
 Text is tokenized once into a cache keyed by its content (one cache per source, so adding a
-source never re-tokenizes the others), streaming: documents are encoded in batches of a few MB
-(a Hugging Face tokenizer spreads each batch over all cores) and written as they come, so a
-corpus larger than memory never sits in memory. The caches are read through memory maps; a
+source never re-tokenizes the others), streaming: documents are encoded about 1 MB at a time (a
+Hugging Face tokenizer spreads each batch over all cores) and written as they come, so a corpus
+larger than memory never sits in memory. The caches are read through memory maps; a
 training batch is a set of windows of seq_len+1 tokens (research/data/mixture.py picks them).
 """
 
@@ -29,7 +29,8 @@ from research.data.tokenizer import Tokenizer, bos_tokens, load_tokenizer
 
 CACHE_VERSION = 2  # bump when the layout or the tokenization rules change
 SPLITS = ("train", "heldout")
-_ENCODE_BATCH_BYTES = 4 << 20  # documents encoded together: enough to keep every core busy
+_ENCODE_BATCH_BYTES = 1 << 20  # documents encoded together: every core busy, and a Hugging Face
+# batch of Encodings (ids, offsets, token strings: ~200 bytes a token) stays near 50 MB
 # One background thread reads a few batches ahead; the data sit in page-cached memmaps.
 _READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
 
@@ -118,7 +119,7 @@ def _tokenize(files: list[SourceFile], cfg: DataConfig, tokenizer: Tokenizer, ou
               field: str, say: Callable[[str], None] | None = None) -> dict:
     """Write out/{train,heldout}.bin; returns the metadata, with the key of the content read.
 
-    Documents are encoded a few MB at a time (`encode_batch`), so memory stays bounded by one
+    Documents are encoded about 1 MB at a time (`encode_batch`), so memory stays bounded by one
     batch whatever the corpus size."""
     h = _hasher(tokenizer, cfg)
     dtype = _token_dtype(tokenizer.vocab_size)
