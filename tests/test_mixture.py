@@ -27,7 +27,7 @@ from research.data import mixture
 from research.data.corpus import read_documents, source_files
 from research.data.pipeline import TokenCache
 from research.data.tokenizer import ByteTokenizer
-from research.train.metrics import read_metrics
+from research.train.rundir import read_metrics
 
 SPAN = 10**6  # token value // SPAN says which source a window came from
 SEQ = 4
