@@ -35,7 +35,7 @@ def main() -> None:
     setup = prepare(cfg)
     tasks = cfg.eval.tasks or "builtin"
     downstream = Downstream.build(cfg, tasks, setup.model, setup.mesh,
-                                  setup.spec.shardings["params"], setup.cache.tokenizer)
+                                  setup.spec.shardings["params"], setup.data.tokenizer)
     with setup.context():
         params = init_state(setup.model, setup.tx, jnp.zeros((1, cfg.train.seq_len), jnp.int32),
                             setup.spec, cfg.train.seed)["params"]

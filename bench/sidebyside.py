@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research import config
-from research.data.pipeline import train_iterator
+from research.data import mixture
 from research.train.loop import compile_train_step, prepare
 from research.train.state import init_state
 
@@ -33,8 +33,8 @@ def initial_state(cfg: config.ExperimentConfig):
     with setup.context():
         state = init_state(setup.model, setup.tx, jnp.zeros((1, cfg.train.seq_len), jnp.int32),
                            setup.spec, cfg.train.seed)
-    data = train_iterator(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
-                          seed=cfg.train.seed)
+    data = mixture.train_iterator(setup.data, seq_len=cfg.train.seq_len,
+                                  global_batch=cfg.train.batch_size, seed=cfg.train.seed)
     return setup, state, data
 
 

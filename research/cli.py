@@ -59,7 +59,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError("--all-steps and --json go with --tasks")
     import jax
 
-    from research.data.pipeline import eval_batches
+    from research.data import mixture
     from research.train import compile_cache
     from research.train.loop import evaluate, load_run
     from research.train.rundir import RunDir
@@ -68,13 +68,16 @@ def _eval(args: argparse.Namespace) -> int:
     compile_cache.enable()
     setup, state, meta = load_run(RunDir(run_dir), args.step)
     cfg = setup.cfg
-    batches = eval_batches(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
-                           n_batches=args.batches or cfg.train.eval_batches,
-                           process_index=jax.process_index(), process_count=jax.process_count())
-    scores = evaluate(setup, state["params"], batches)
-    tokens = len(batches) * cfg.train.batch_size * cfg.train.seq_len
+    sets = mixture.eval_sets(setup.data, seq_len=cfg.train.seq_len,
+                             global_batch=cfg.train.batch_size,
+                             n_batches=args.batches or cfg.train.eval_batches,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+    scores = evaluate(setup, state["params"], sets)
+    tokens = sum(len(batches) for batches in sets.values()) * cfg.train.batch_size * cfg.train.seq_len
     print(f"{run_dir} step {meta['step']}: held-out loss {scores['eval_loss']:.4f} nats/token, "
           f"{scores['eval_bpb']:.4f} bits/byte over {tokens:,} tokens")
+    print(mixture.eval_table(setup.data, scores, {n: len(b) for n, b in sets.items()},
+                             cfg.train.batch_size * cfg.train.seq_len))
     return 0
 
 
@@ -111,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("eval", help="held-out loss and bits per byte of a checkpoint, "
-                                   "or its downstream accuracy (--tasks)")
+                                   "per data source, or its downstream accuracy (--tasks)")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--step", type=flags.non_negative, help="checkpoint step (default: latest)")
     evaluate.add_argument("--batches", type=flags.positive,

@@ -250,11 +250,48 @@ def base_width_config(cfg: ModelConfig) -> ModelConfig:
                          f"model: {message}") from None
 
 
-class DataConfig(_Section):
-    """Where text comes from and how it becomes tokens."""
+SOURCE_NAME = r"^[A-Za-z0-9_-]+$"  # a metric tag part (eval/<name>/loss) and a dotted-key part
 
-    source: str = Field("builtin", description="'builtin' (the stdlib's source) or a path/glob "
-                        "of .txt, .jsonl or .parquet files")
+
+class SourceConfig(_Section):
+    """One named training source: what `data.source` accepts, and its share of the batches."""
+
+    source: str = Field(min_length=1, description="builtin, builtin:code|tests|docs, or a path/"
+                        "glob/comma list of .txt, .jsonl or .parquet files")
+    weight: float = Field(1.0, ge=0, allow_inf_nan=False,
+                          description="share of training sequences (normalized); 0: evaluated only")
+
+
+class StageConfig(_Section):
+    """New weights from a training step on (sources not named get weight 0)."""
+
+    from_step: int = Field(gt=0, description="the first step (1-based) trained on these weights")
+    weights: dict[str, float] = Field(min_length=1)
+
+
+def _weights(field: str, weights: dict[str, float], names: Any) -> None:
+    """Weights must name known sources, be finite and >= 0, and not all be 0."""
+    for name, weight in weights.items():
+        if name not in names:
+            raise ValueError(f"{field}.{name}: unknown source (sources: {', '.join(names)})")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or \
+                not 0 <= weight < float("inf"):
+            raise ValueError(f"{field}.{name}: weight must be a finite number >= 0, got {weight!r}")
+    if not any(weights.values()):
+        raise ValueError(f"{field}: all weights are 0; give at least one source a positive weight")
+
+
+class DataConfig(_Section):
+    """Where text comes from and how it becomes tokens (docs/data.md)."""
+
+    source: str | None = Field(None, description="one source, named 'main': 'builtin' (the "
+                               "stdlib's source), builtin:code|tests|docs or a path/glob of .txt, "
+                               ".jsonl or .parquet files; default 'builtin' unless data.sources")
+    sources: dict[str, SourceConfig] = Field({}, description="named, weighted training sources")
+    stages: tuple[StageConfig, ...] = Field((), **_role(EXTENT), description="new weights from a "
+                                            "step on; a resumed run may change the steps it has "
+                                            "not trained (mixture.check_resume guards the past)")
+    eval_only: dict[str, str] = Field({}, description="extra held-out sets: name -> source")
     text_field: str = Field("text", description="column/key holding the text in .jsonl/.parquet")
     tokenizer: str = Field("byte", description="'byte' or a path to a Hugging Face tokenizer.json")
     heldout_percent: float = Field(2.0, gt=0, lt=100, description="documents held out, by hash")
@@ -272,6 +309,45 @@ class DataConfig(_Section):
             return value
         raise ValueError(f"data.document_start={value!r}: allowed are 'eos', 'none' or a token "
                          "id >= 0")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source_form(cls, raw: Any) -> Any:
+        """data.source and data.sources exclude each other; neither means source=builtin."""
+        if isinstance(raw, dict):
+            if raw.get("source") is not None and raw.get("sources"):
+                raise ValueError("data.source and data.sources are both set; use one (data.source: "
+                                 "X is data.sources: {main: {source: X}})")
+            if raw.get("source") is None and not raw.get("sources"):
+                raw = {**raw, "source": "builtin"}
+        return raw
+
+    @model_validator(mode="after")
+    def _mixture(self) -> DataConfig:
+        names = self.named_sources()
+        for name in [*names, *self.eval_only]:
+            if not re.fullmatch(SOURCE_NAME, name):
+                raise ValueError(f"data.sources.{name}: a source name is letters, digits, _ and - "
+                                 "(it becomes part of metric names and dotted keys)")
+        for name, source in self.eval_only.items():
+            if name in names:
+                raise ValueError(f"data.eval_only.{name}: {name!r} is already a training source "
+                                 "name; two sources cannot share a name")
+            if not source:
+                raise ValueError(f"data.eval_only.{name}: empty source")
+        _weights("data.sources", {n: s.weight for n, s in names.items()}, names)
+        previous = 0
+        for i, stage in enumerate(self.stages):
+            if stage.from_step <= previous:
+                raise ValueError(f"data.stages[{i}].from_step={stage.from_step}: stages must be in "
+                                 f"increasing step order (the one before starts at {previous})")
+            previous = stage.from_step
+            _weights(f"data.stages[{i}].weights", stage.weights, names)
+        return self
+
+    def named_sources(self) -> dict[str, SourceConfig]:
+        """The training sources by name: data.sources, or data.source as one source 'main'."""
+        return dict(self.sources) or {"main": SourceConfig(source=self.source or "builtin")}
 
 
 class OptimConfig(_Section):
@@ -433,6 +509,14 @@ class ExperimentConfig(_Section):
     examples: ExamplesConfig = ExamplesConfig()
     dpo: DPOConfig = DPOConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _stages_in_run(self) -> ExperimentConfig:
+        for i, stage in enumerate(self.data.stages):
+            if stage.from_step > self.train.steps:
+                raise ValueError(f"data.stages[{i}].from_step={stage.from_step} is beyond "
+                                 f"train.steps={self.train.steps}")
+        return self
 
     @model_validator(mode="after")
     def _packing(self) -> ExperimentConfig:

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p={args.top_p}: must be in (0, 1]")
     setup, params, _ = load(Path(args.run_dir), args.step)
-    tokenizer = setup.cache.tokenizer
+    tokenizer = setup.data.tokenizer
     prompt = prompt_tokens(setup.cfg.data.document_start, tokenizer, args.prompt)
     print(args.prompt, end="", flush=True)
     new: list[int] = []

@@ -17,8 +17,8 @@ import pytest
 from research.config import ConfigError, DataConfig
 from research.data import pipeline
 from research.data.corpus import is_heldout, iter_documents, source_files
-from research.data.pipeline import (TokenCache, build_token_cache, eval_batches, train_dataset,
-                                    train_iterator)
+from research.data import mixture
+from research.data.pipeline import TokenCache, build_token_cache, eval_batches
 from research.data.tokenizer import ByteTokenizer, load_tokenizer
 
 
@@ -36,6 +36,20 @@ def synthetic_cache(n_train: int, n_heldout: int = 0) -> TokenCache:
     return TokenCache(train=np.arange(n_train, dtype=np.uint32),
                       heldout=np.arange(n_heldout, dtype=np.uint32), tokenizer=ByteTokenizer(),
                       heldout_bytes_per_token=1.0, path=Path("."))
+
+
+def single(cache: TokenCache) -> mixture.Mixture:
+    """A cache as the one source `main` (what data.source gives)."""
+    return mixture.Mixture({"main": cache}, {"main": "data.source"}, ((1, {"main": 1.0}),),
+                           cache.tokenizer)
+
+
+def train_iterator(cache: TokenCache, **kw) -> grain.DatasetIterator:
+    return mixture.train_iterator(single(cache), **kw)
+
+
+def train_dataset(cache: TokenCache, **kw) -> grain.MapDataset:
+    return mixture.train_dataset(single(cache), **kw)
 
 
 def take(it, n: int) -> list[np.ndarray]:
@@ -244,7 +258,8 @@ def test_failed_or_concurrent_builds_leave_a_sound_cache(tmp_path, corpus, monke
     monkeypatch.setattr(ByteTokenizer, "encode", real)
     cache = build_token_cache(config)
     # a second process finishing the same build later keeps the first one's files
-    pipeline._write_cache(source_files(config), config, ByteTokenizer(), cache.path)
+    pipeline._write_cache(source_files(config.source), config, ByteTokenizer(), cache.path,
+                          "data.source", None)
     assert sorted(p.name for p in cache.path.parent.iterdir()) == sorted(["prekeys",
                                                                            cache.path.name])
     assert build_token_cache(config).train.tolist() == cache.train.tolist()
@@ -303,8 +318,9 @@ def test_batch_errors():
     cache = synthetic_cache(100)
     with pytest.raises(ConfigError, match="train.batch_size=8 .* processes \\(3\\)"):
         train_iterator(cache, seq_len=4, global_batch=8, seed=0, process_count=3)
-    with pytest.raises(ConfigError, match="24 windows .* fewer than train.batch_size=32"):
-        train_iterator(cache, seq_len=4, global_batch=32, seed=0)
+    with pytest.raises(ConfigError, match="data.source: its train split has 100 tokens, fewer "
+                       "than one window of train.seq_len"):
+        train_iterator(cache, seq_len=100, global_batch=32, seed=0)
     with pytest.raises(ConfigError, match="train.seed=-1"):
         train_iterator(cache, seq_len=4, global_batch=8, seed=-1)
 

@@ -52,14 +52,19 @@ def finish(procs: list[subprocess.Popen]) -> None:
 
 def trajectory(run_dir: Path) -> list[dict]:
     """Every logged number except timings, which differ between any two runs."""
-    exact = ("step", "loss", "grad_norm", "param_norm", "eval_loss", "eval_bpb")
+    exact = ("step", "loss", "grad_norm", "param_norm", "eval_loss", "eval_bpb", "eval/code/loss",
+             "eval/tests/loss", "data/code/tokens", "data/tests/tokens")
     return [{k: r[k] for k in exact if k in r} for r in read_metrics(run_dir)]
 
 
 @pytest.fixture
 def overrides(tiny_overrides) -> list[str]:
+    """A two-source mixture whose weights change at step 10, after the checkpoint at 8: each
+    process reads only its rows of the same global batches, also across the stage change."""
     return [*tiny_overrides, "train.steps=12", "checkpoint.every=4", "train.eval_every=6",
-            "mesh.data=2", "mesh.tensor=4"]
+            "mesh.data=2", "mesh.tensor=4", "data.sources.code.source=builtin:code",
+            "data.sources.tests.source=builtin:tests", "data.sources.tests.weight=0.5",
+            "data.stages=[{from_step: 10, weights: {code: 0.2, tests: 0.8}}]"]
 
 
 def test_two_processes_match_one_and_resume_bit_exactly(tmp_path, overrides):
@@ -69,7 +74,7 @@ def test_two_processes_match_one_and_resume_bit_exactly(tmp_path, overrides):
     finish(launch(tmp_path / "two", overrides, processes=2, devices=4))
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two]
-    for key in ("loss", "eval_loss"):
+    for key in ("loss", "eval_loss", "eval/code/loss", "eval/tests/loss", "data/tests/tokens"):
         np.testing.assert_allclose([r[key] for r in two if key in r], [r[key] for r in one if key in r],
                                    rtol=1e-5)
 

@@ -172,7 +172,7 @@ def make_scorer(cfg, devices=None):
         params = init_state(setup.model, setup.tx, jnp.zeros((1, cfg.train.seq_len), jnp.int32),
                             setup.spec, cfg.train.seed)["params"]
     scorer = Scorer(setup.model, setup.mesh, setup.spec.shardings["params"], cfg.train.batch_size,
-                    cfg.train.seq_len, setup.cache.tokenizer.eos_id)
+                    cfg.train.seq_len, setup.data.tokenizer.eos_id)
     return setup, params, scorer
 
 
@@ -187,7 +187,7 @@ def test_scores_equal_a_float64_reference(scoring_setup, untrained):
     computes them in float64 from the model's logits of each row alone, cut from the left."""
     cfg, task = scoring_setup
     setup, params, scorer = untrained
-    tokenizer, limit = setup.cache.tokenizer, cfg.train.seq_len + 1
+    tokenizer, limit = setup.data.tokenizer, cfg.train.seq_len + 1
     rows = task_rows(task, tokenizer, cfg.train.seq_len)
     assert rows.truncated == 1
     with setup.context():
@@ -230,7 +230,7 @@ def test_eight_devices_score_as_one(scoring_setup):
             cfg.model_copy(update={"mesh": type(cfg.mesh)(**mesh)}), devices)
         assert len(setup.mesh.devices.flat) == (8 if devices is None else 1)
         with setup.context():
-            results.append(scorer(params, task_rows(task, setup.cache.tokenizer,
+            results.append(scorer(params, task_rows(task, setup.data.tokenizer,
                                                     cfg.train.seq_len).rows)[0])
     np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-5)
 
@@ -286,7 +286,7 @@ def test_trained_beats_untrained_on_builtin_tasks(scoring_setup, untrained, tmp_
         "eval": cfg.eval.model_copy(update={"tasks": "word_order", "tasks_every": 40})})
     setup, params, _ = untrained
     downstream = Downstream.build(cfg, "word_order", setup.model, setup.mesh,
-                                  setup.spec.shardings["params"], setup.cache.tokenizer)
+                                  setup.spec.shardings["params"], setup.data.tokenizer)
     with setup.context():
         before = downstream.scores(params)["word_order"]["acc"]
     train(cfg, tmp_path / "run")
@@ -310,14 +310,14 @@ def harness_lm(memorized_run):
     setup, params, _ = load(memorized_run.dir)
     cfg = setup.cfg
     scorer = Scorer(setup.model, setup.mesh, setup.spec.shardings["params"], cfg.train.batch_size,
-                    cfg.train.seq_len, setup.cache.tokenizer.eos_id)
-    return setup, ResearchLM(setup.model, params, setup.cache.tokenizer, scorer)
+                    cfg.train.seq_len, setup.data.tokenizer.eos_id)
+    return setup, ResearchLM(setup.model, params, setup.data.tokenizer, scorer)
 
 
 def test_harness_loglikelihood_equals_the_evaluator(harness_lm, memorized_run):
     setup, lm = harness_lm
     task = read_task(memorized_run.tasks / "mixed.jsonl")
-    rows = task_rows(task, setup.cache.tokenizer, setup.cfg.train.seq_len)
+    rows = task_rows(task, setup.data.tokenizer, setup.cfg.train.seq_len)
     with setup.context():
         expected, _ = lm.scorer(lm.params, rows.rows)
         got = lm.loglikelihood([Request(args=(item.context, choice))
@@ -331,7 +331,7 @@ def test_harness_loglikelihood_equals_the_evaluator(harness_lm, memorized_run):
         stopped = lm.generate_until([Request(args=("the cat sat", {"until": [stop],
                                                                    "max_gen_toks": 6}))])[0]
         # greedy decoding without the cache: the full forward pass's top token, 6 times
-        tokenizer = setup.cache.tokenizer
+        tokenizer = setup.data.tokenizer
         ids = [tokenizer.eos_id, *tokenizer.encode("the cat sat").tolist()]
         for _ in range(6):
             logits = setup.model.apply({"params": lm.params}, np.array([ids]))[0]

@@ -154,7 +154,7 @@ def test_generate_command_end_to_end(tiny, tmp_path, capsys):
     # the continuation is the model's greedy choice, recomputed without the cache
     setup, params, step = load(run_dir)
     assert step == 3
-    tokenizer = setup.cache.tokenizer
+    tokenizer = setup.data.tokenizer
     prompt = [tokenizer.eos_id, *tokenizer.encode("def f(").tolist()]
     with setup.context():
         want = greedy_by_full_forward(setup.model, params, prompt, 4)

@@ -192,15 +192,15 @@ def test_generate_from_an_imported_run_starts_prompts_as_its_tokenizer_does(hf_d
     assert RunDir(run_dir).config().data.document_start == 257
 
     setup, params, _ = gen.load(run_dir)
-    tokens = np.asarray(setup.cache.train)
+    tokens = np.asarray(setup.data.caches["main"].train)
     assert tokens[0] == 257 and np.all(tokens[1:][tokens[:-1] == 256] == 257)  # <s> doc eos <s> ...
     text = "def f(x):"
-    prompt = gen.prompt_tokens(setup.cfg.data.document_start, setup.cache.tokenizer, text)
+    prompt = gen.prompt_tokens(setup.cfg.data.document_start, setup.data.tokenizer, text)
     theirs_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
     assert prompt == theirs_tokenizer(text)["input_ids"] == [257, *text.encode()]
     with setup.context():
         ours = gen.generate(setup.model, params, prompt, 8, temperature=0.0, eos_id=256,
-                            vocab_limit=setup.cache.tokenizer.vocab_size)
+                            vocab_limit=setup.data.tokenizer.vocab_size)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
     theirs = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
                             eos_token_id=256, pad_token_id=256,  # ids past the tokenizer: never

@@ -87,12 +87,12 @@ def test_logged_lr_and_mfu_follow_their_definitions(dense_runs):
 def test_eval_loss_and_bits_per_byte_against_float64(dense_runs):
     cfg, run_dir = dense_runs["float32"]
     setup, params = final_params(cfg, run_dir)
-    batches = eval_batches(setup.cache, seq_len=32, global_batch=8, n_batches=2)
+    batches = eval_batches(setup.data.caches["main"], seq_len=32, global_batch=8, n_batches=2)
     logits_fn = jax.jit(lambda p, t: setup.model.apply({"params": p}, t)[0])
     with setup.context():
         nll = [nll64(logits_fn(params, jnp.asarray(t[:, :-1])), t[:, 1:]) for t in batches]
     loss = float(np.mean(nll))
-    heldout = np.asarray(setup.cache.heldout)
+    heldout = np.asarray(setup.data.caches["main"].heldout)
     bytes_per_token = np.count_nonzero(heldout != 256) / len(heldout)  # byte tokens: 1 byte each
     logged = rows(run_dir, "eval_loss")[-1]
     assert logged["step"] == 12
@@ -103,7 +103,7 @@ def test_eval_loss_and_bits_per_byte_against_float64(dense_runs):
     with setup.context():
         init = init_state(setup.model, setup.tx, jnp.zeros((1, 32), jnp.int32), setup.spec,
                           cfg.train.seed)
-    assert evaluate(setup, init["params"], batches)["eval_loss"] > loss + 0.3
+    assert evaluate(setup, init["params"], {"main": batches})["eval_loss"] > loss + 0.3
 
 
 def test_bf16_training_tracks_float32(dense_runs):
@@ -163,7 +163,8 @@ def test_dropless_moe_and_remat_with_mamba_train_like_the_reference(hybrid_runs)
 def test_training_loss_is_shifted_cross_entropy_plus_aux(hybrid_runs):
     cfg, run_dir = hybrid_runs["dropless_remat"]
     setup, params = final_params(cfg, run_dir)
-    tokens = np.asarray(eval_batches(setup.cache, seq_len=32, global_batch=8, n_batches=1)[0])
+    tokens = np.asarray(eval_batches(setup.data.caches["main"], seq_len=32, global_batch=8,
+                                     n_batches=1)[0])
     with setup.context():
         total, metrics = lm_loss(params, setup.model, {"tokens": jnp.asarray(tokens)})
         logits, aux = setup.model.apply({"params": params}, jnp.asarray(tokens[:, :-1]))

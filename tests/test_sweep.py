@@ -86,11 +86,11 @@ def test_seeds_repeat_every_point_with_its_own_init_and_data_order(tmp_path, tok
         ({"model.n_layers": 2}, s, f"train.seed={s}") for s in range(3)]
     assert trials[4].record()["seed"] == 1
     # train.seed sets the data order, not only the initialisation: first batches differ.
-    from research.data.pipeline import build_token_cache, train_dataset
+    from research.data import mixture
 
     cfgs = [config.load(BASE, [*t.overrides, f"data.cache_dir={token_cache_dir}"]) for t in trials[3:5]]
-    cache = build_token_cache(cfgs[0].data)
-    first = [train_dataset(cache, seq_len=32, global_batch=4, seed=c.train.seed)[0]["tokens"]
+    data = mixture.load(cfgs[0].data)
+    first = [mixture.train_dataset(data, seq_len=32, global_batch=4, seed=c.train.seed)[0]["tokens"]
              for c in cfgs]
     assert not np.array_equal(*first)
 

@@ -73,16 +73,17 @@ def activation_means(model: Decoder, params: Any, tokens: jax.Array) -> dict[str
 
 def measure(cfg: ExperimentConfig, steps: int) -> dict[str, np.ndarray]:
     """Train `cfg` for `steps` steps on one device; each row's mean |activation| [steps + 1]."""
-    from research.data.pipeline import eval_batches, train_iterator
+    from research.data import mixture
     from research.train.loop import compile_train_step, prepare
     from research.train.state import init_state
 
     setup = prepare(cfg, jax.devices()[:1])
     seq = cfg.train.seq_len
-    data = train_iterator(setup.cache, seq_len=seq, global_batch=cfg.train.batch_size,
-                          seed=cfg.train.seed)
-    probe = eval_batches(setup.cache, seq_len=seq, global_batch=cfg.train.batch_size, n_batches=1)
-    probe = jnp.asarray(probe[0] if probe else next(data)["tokens"])[:, :-1]
+    data = mixture.train_iterator(setup.data, seq_len=seq, global_batch=cfg.train.batch_size,
+                                  seed=cfg.train.seed)
+    sets = mixture.eval_sets(setup.data, seq_len=seq, global_batch=cfg.train.batch_size,
+                             n_batches=1)
+    probe = jnp.asarray(next(iter(sets.values()))[0])[:, :-1]  # the first source's held-out rows
     with setup.context():
         state = init_state(setup.model, setup.tx, jnp.zeros((1, seq), jnp.int32), setup.spec,
                            cfg.train.seed)

@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator
 
+from research.train.metrics import tensorboard_tag
+
 Series = dict[str, list[tuple[int, float]]]  # tag -> [(step, value), ...] in step order
 
 
@@ -49,7 +51,6 @@ def scalars_from_metrics(entries: list[dict[str, Any]]) -> Series:
         prefix = "eval" if any(key.startswith("eval_") for key in entry) else "train"
         for key, value in entry.items():
             if key != "step" and isinstance(value, (int, float)):
-                tag = key if key.startswith("downstream/") else \
-                    f"{prefix}/{key.removeprefix(prefix + '_')}"  # as RunLog.write names them
-                series.setdefault(tag, []).append((int(entry["step"]), float(value)))
+                series.setdefault(tensorboard_tag(key, prefix), []).append(
+                    (int(entry["step"]), float(value)))
     return series

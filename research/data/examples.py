@@ -279,7 +279,7 @@ def derive_examples(out: Path, documents: Iterable[Document] | None = None) -> d
     body) and out/dpo.jsonl (chosen = the body, rejected = its lines reversed) from Python
     `documents` (default: the built-in corpus), each file written atomically. Deterministic."""
     if documents is None:
-        documents = read_documents(source_files(DataConfig(source="builtin")), "text")
+        documents = read_documents(source_files("builtin"), "text")
     out.mkdir(parents=True, exist_ok=True)
     sft, dpo = [], []
     for doc in documents:

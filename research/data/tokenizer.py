@@ -28,6 +28,10 @@ class Tokenizer(Protocol):
         """int32 token ids, without eos."""
         ...
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """`encode` of each text; a Hugging Face tokenizer spreads them over all cores."""
+        ...
+
     def decode(self, ids: np.ndarray | list[int]) -> str:
         """Text of `ids`; eos and ids outside the vocabulary (model padding) are skipped."""
         ...
@@ -43,6 +47,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8", "replace"), np.uint8).astype(np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(text) for text in texts]  # memory-bound: one core keeps up
 
     def decode(self, ids: np.ndarray | list[int]) -> str:
         ids = np.asarray(ids)
@@ -70,6 +77,10 @@ class HFTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        encodings = self._tok.encode_batch(texts, add_special_tokens=False)  # Rust threads
+        return [np.asarray(e.ids, np.int32) for e in encodings]
 
     def decode(self, ids: np.ndarray | list[int]) -> str:
         ids = np.asarray(ids)

@@ -53,7 +53,7 @@ def eval_tasks(args: argparse.Namespace) -> int:
         raise ConfigError(f"--all-steps: {run.path} has no checkpoints")
     setup = prepare(cfg)
     downstream = Downstream.build(cfg, args.tasks, setup.model, setup.mesh,
-                                  setup.spec.shardings["params"], setup.cache.tokenizer, "--tasks")
+                                  setup.spec.shardings["params"], setup.data.tokenizer, "--tasks")
     for line in downstream.describe():
         print(line, file=sys.stderr)
     results: dict[int, dict[str, dict[str, float]]] = {}
@@ -114,9 +114,9 @@ def harness(args: argparse.Namespace) -> int:
     setup, params, step = load(run.path, args.step)
     cfg = setup.cfg
     scorer = Scorer(setup.model, setup.mesh, setup.spec.shardings["params"], cfg.train.batch_size,
-                    cfg.train.seq_len, setup.cache.tokenizer.eos_id)
+                    cfg.train.seq_len, setup.data.tokenizer.eos_id)
     with setup.context():
-        results = evaluate(ResearchLM(setup.model, params, setup.cache.tokenizer, scorer), names,
+        results = evaluate(ResearchLM(setup.model, params, setup.data.tokenizer, scorer), names,
                            manager)
     saved = run.harness / f"step_{step}.json"
     if jax.process_index() == 0:

@@ -50,7 +50,7 @@ def import_hf(hf_dir: Path, run_dir: Path, overrides: list[str]) -> ExperimentCo
     import jax
 
     from research import config as config_lib
-    from research.data.pipeline import train_iterator
+    from research.data import mixture
     from research.data.tokenizer import load_tokenizer
     from research.train.loop import prepare
     from research.train.rundir import RunDir
@@ -73,9 +73,10 @@ def import_hf(hf_dir: Path, run_dir: Path, overrides: list[str]) -> ExperimentCo
     with setup.context():
         params = hf.load_params(hf_dir, cfg.model, setup.spec.abstract["params"])
         state = state_from_params(params, setup.tx, setup.spec, cfg.train.seed)
-    data = train_iterator(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
-                          seed=cfg.train.seed, process_index=jax.process_index(),
-                          process_count=jax.process_count())
+    data = mixture.train_iterator(setup.data, seq_len=cfg.train.seq_len,
+                                  global_batch=cfg.train.batch_size, seed=cfg.train.seed,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     if run_dir.exists():
         run_dir.rmdir()  # empty (checked above)
@@ -107,12 +108,14 @@ def _eval_loss(run_dir: Path, step: int) -> float | None:
 def model_card(cfg: ExperimentConfig, family: str, step: int, eval_loss: float | None) -> str:
     tokens = step * cfg.train.batch_size * cfg.train.seq_len
     loss = "not evaluated at this step" if eval_loss is None else f"{eval_loss:.4f} nats/token"
+    data = cfg.data.source or ", ".join(f"{name}: {spec.source} (weight {spec.weight:g})"
+                                        for name, spec in cfg.data.sources.items())
     return (f"---\nlibrary_name: transformers\ntags: [research, {family}]\n---\n\n"
             f"# {cfg.name} (step {step})\n\n"
             f"A {hf.ARCHITECTURES[family]} trained with `research` and exported by "
             "`research export-hf`.\n\n"
             f"| | |\n|---|---|\n| step | {step} |\n| tokens seen | {tokens:,} |\n"
-            f"| held-out loss | {loss} |\n| data | {cfg.data.source} |\n\n"
+            f"| held-out loss | {loss} |\n| data | {data} |\n\n"
             "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
             "model = AutoModelForCausalLM.from_pretrained(PATH)\n"
             "tokenizer = AutoTokenizer.from_pretrained(PATH)\n```\n\n"
@@ -141,7 +144,7 @@ def export_step(setup: Any, params: Any, step: int, run_dir: Path, folder: Path,
     from flax.traverse_util import flatten_dict
 
     cfg = setup.cfg
-    eos_id = setup.cache.tokenizer.eos_id
+    eos_id = setup.data.tokenizer.eos_id
     family = hf.family_of(cfg.model)
     config = hf.model_to_hf(cfg.model, setup.vocab_size, eos_id, cfg.train.seq_len)
     leaves = flatten_dict(params)

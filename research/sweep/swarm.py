@@ -60,8 +60,8 @@ def source_tokens(cfg: config_lib.ExperimentConfig) -> dict[str, int]:
     if getattr(cfg.data, "stages", ()):
         raise ConfigError("search.sources: the base experiment changes its weights at "
                           "data.stages; a mixture search trains each run on one mix: remove them")
-    return {name: int(len(build_token_cache(cfg.data.model_copy(update={"source": spec.source}))
-                          .train)) for name, spec in sources.items() if spec.weight > 0}
+    return {name: len(build_token_cache(cfg.data, spec.source, f"data.sources.{name}.source").train)
+            for name, spec in sources.items() if spec.weight > 0}
 
 
 # ----------------------------------------------------------------------------- the simplex

@@ -30,7 +30,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from research import config as config_lib
 from research.config import ConfigError, ExperimentConfig, MeshConfig
 from research.data.examples import Examples, example_iterator, load_examples
-from research.data.pipeline import TokenCache, build_token_cache, eval_batches, train_iterator
+from research.data import mixture
+from research.data.mixture import Mixture
 from research.data.tokenizer import load_tokenizer
 from research.evaluation.evaluator import Downstream
 from research.models.decoder import Decoder, padded_vocab
@@ -53,7 +54,7 @@ class Setup:
     cfg: ExperimentConfig
     mesh: Mesh
     rules: AxisRules
-    cache: TokenCache
+    data: Mixture
     model: nn.Module
     vocab_size: int
     tx: optax.GradientTransformation
@@ -82,12 +83,8 @@ def prepare(cfg: ExperimentConfig, devices: list[jax.Device] | None = None,
     mesh = make_mesh(cfg.mesh, devices)
     check_divisibility(cfg, mesh)
     rules = axis_rules(cfg.mesh)
-    say(f"reading data.source={cfg.data.source!r} into the token cache ({cfg.data.cache_dir}) ...")
-    started = time.perf_counter()
-    cache = build_token_cache(cfg.data)
-    say(f"token cache {cache.path.name[:12]}: {len(cache.train):,} train and {len(cache.heldout):,} "
-        f"held-out tokens, ready in {time.perf_counter() - started:.1f}s")
-    vocab = padded_vocab(cfg.model, cache.tokenizer.vocab_size)
+    data = mixture.load(cfg.data, None if say is _quiet else say)
+    vocab = padded_vocab(cfg.model, data.tokenizer.vocab_size)
     model = Decoder(cfg.model, vocab)
     example = jnp.zeros((1, cfg.train.seq_len), jnp.int32)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -95,7 +92,7 @@ def prepare(cfg: ExperimentConfig, devices: list[jax.Device] | None = None,
         tx = make_optimizer(cfg.optim, cfg.train.steps, param_specs(model, example), multipliers)
         spec = state_spec(model, tx, example, mesh, rules, multipliers,
                           reference=cfg.train.objective == "dpo")
-    return Setup(cfg, mesh, rules, cache, model, vocab, tx,
+    return Setup(cfg, mesh, rules, data, model, vocab, tx,
                  lr_multiplier(cfg.optim, cfg.train.steps), spec)
 
 
@@ -123,9 +120,10 @@ def step_seconds(cfg: ExperimentConfig, steps: int = 3) -> float:
     """Seconds per training step of `cfg` on this machine: compile, one step to warm up, then the
     mean of `steps` more on real batches (for planning; nothing is written)."""
     setup = prepare(cfg)
-    data = train_iterator(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
-                          seed=cfg.train.seed, process_index=jax.process_index(),
-                          process_count=jax.process_count())
+    data = mixture.train_iterator(setup.data, seq_len=cfg.train.seq_len,
+                                  global_batch=cfg.train.batch_size, seed=cfg.train.seed,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
     with setup.context():
         state = init_state(setup.model, setup.tx, jnp.zeros((1, cfg.train.seq_len), jnp.int32),
                            setup.spec, cfg.train.seed)
@@ -140,16 +138,19 @@ def step_seconds(cfg: ExperimentConfig, steps: int = 3) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def evaluate(setup: Setup, params: Any, batches: list[np.ndarray],
+def evaluate(setup: Setup, params: Any, sets: dict[str, list[np.ndarray]],
              step_fn: Any | None = None) -> dict[str, float]:
-    """Held-out loss (nats/token) and bits per byte over fixed batches."""
+    """Held-out loss (nats/token) and bits per byte of each set's fixed batches, their macro
+    means and the weighted eval_loss/eval_bpb (`mixture.eval_scores`)."""
     if step_fn is None:
         step_fn = jax.jit(functools.partial(eval_step, model=setup.model))
     with setup.context():
-        outs = [step_fn(params, setup.global_array(rows)) for rows in batches]
-    totals = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *outs))  # one host sync
-    loss = float(totals["loss_sum"]) / float(totals["tokens"])
-    return {"eval_loss": loss, "eval_bpb": loss / math.log(2) / setup.cache.heldout_bytes_per_token}
+        outs = {name: [step_fn(params, setup.global_array(rows)) for rows in batches]
+                for name, batches in sets.items()}
+    sums = jax.device_get({name: jax.tree.map(lambda *xs: sum(xs), *o)  # one host sync
+                           for name, o in outs.items()})
+    return mixture.eval_scores(setup.data, {name: (float(t["loss_sum"]), float(t["tokens"]))
+                                            for name, t in sums.items()})
 
 
 def _check_resumable(saved: ExperimentConfig, new: ExperimentConfig, path: Path) -> None:
@@ -221,7 +222,8 @@ def _due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
-def _check_start(run: RunDir, cfg: ExperimentConfig) -> tuple[int | None, bool]:
+def _check_start(run: RunDir, cfg: ExperimentConfig, say: Callable[[str], None]
+                 ) -> tuple[int | None, bool]:
     """(the run's latest checkpoint step, whether the directory is a starting point); refuses a
     run directory that cannot take this config, before anything is computed or written.
 
@@ -236,7 +238,10 @@ def _check_start(run: RunDir, cfg: ExperimentConfig) -> tuple[int | None, bool]:
         raise ConfigError(f"model.init_from: {run.path} already holds its step-0 weights; drop "
                           "model.init_from or use a new --run-dir")
     if run.has_config() and not starting_point:
-        _check_resumable(run.config(), cfg, run.config_path)
+        saved = run.config()
+        _check_resumable(saved, cfg, run.config_path)
+        if note := mixture.check_resume(saved.data, cfg.data, latest or 0):
+            say(note)
     return latest, starting_point
 
 
@@ -418,27 +423,28 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     run = RunDir(run_dir)
     is_lead = jax.process_index() == 0
     say = (lambda message: print(message, flush=True)) if is_lead else _quiet
-    latest, starting_point = _check_start(run, cfg)
+    latest, starting_point = _check_start(run, cfg, say)
     # Everything that can fail on a bad config (shapes, data, held-out split, examples,
     # init_from) before anything is written, so a refused start leaves no run directory behind.
     setup = prepare(cfg, devices, say)
-    examples = None if cfg.train.objective == "lm" else load_examples(cfg, setup.cache.tokenizer)
+    examples = None if cfg.train.objective == "lm" else load_examples(cfg, setup.data.tokenizer)
     downstream = None if cfg.eval.tasks is None else Downstream.build(
         cfg, cfg.eval.tasks, setup.model, setup.mesh, setup.spec.shardings["params"],
-        setup.cache.tokenizer)
+        setup.data.tokenizer)
     initial = _initial_weights(setup, run, latest, starting_point)
 
     def data_iterator() -> grain.DatasetIterator:
         shards = dict(global_batch=cfg.train.batch_size, seed=cfg.train.seed,
                       process_index=jax.process_index(), process_count=jax.process_count())
         if examples is None:
-            return train_iterator(setup.cache, seq_len=cfg.train.seq_len, **shards)
+            return mixture.train_iterator(setup.data, seq_len=cfg.train.seq_len, **shards)
         return example_iterator(examples, **shards)
 
     data = data_iterator()
-    heldout = eval_batches(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
-                           n_batches=cfg.train.eval_batches, process_index=jax.process_index(),
-                           process_count=jax.process_count())
+    heldout = mixture.eval_sets(setup.data, seq_len=cfg.train.seq_len,
+                                global_batch=cfg.train.batch_size, n_batches=cfg.train.eval_batches,
+                                process_index=jax.process_index(), process_count=jax.process_count())
+    plan = mixture.Plan(setup.data, global_batch=cfg.train.batch_size, seed=cfg.train.seed)
     resolved_yaml = config_lib.to_yaml(config_lib.resolved(cfg, setup.vocab_size))
     if is_lead:
         run.write_config(resolved_yaml)
@@ -500,6 +506,8 @@ def train(cfg: ExperimentConfig, run_dir: Path,
                     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                     if not math.isfinite(values["loss"]):
                         raise FloatingPointError(f"non-finite loss at step {step}")
+                    if examples is None:
+                        values.update(mixture.data_metrics(setup.data, plan, step, cfg.train.seq_len))
                     report.train_metrics(step, {**values, **speed.measure(step)})
                     speed.restart(step)
                 if _due(step, cfg.train.eval_every, last):

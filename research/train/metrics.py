@@ -79,6 +79,12 @@ def peak_flops(dtype: str, override: float | None = None,
     return cache[key]
 
 
+def tensorboard_tag(key: str, prefix: str) -> str:
+    """A metrics.jsonl key's TensorBoard tag: a key with a slash as it is (eval/code/bpb,
+    data/code/tokens), else under `prefix/` (loss -> train/loss, eval_loss -> eval/loss)."""
+    return key if "/" in key else f"{prefix}/{key.removeprefix(prefix + '_')}"
+
+
 def _summary_writer() -> type:
     """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch when
     it is installed, only to accept torch tensors (we log floats), and that import took 1.6 s of
@@ -124,17 +130,14 @@ class RunLog:
             self.tb.add_text(tag, f"```\n{text}\n```", 0)
 
     def write(self, step: int, values: dict[str, float], prefix: str) -> None:
-        """One JSON line (keys as given) and TensorBoard scalars under `prefix/`."""
+        """One JSON line (keys as given) and TensorBoard scalars (`tensorboard_tag`)."""
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if self.tb is not None:
             for key, value in values.items():
-                # eval_loss -> eval/loss; downstream/x/acc (under its prefix already) stays
-                tag = key if key.startswith(f"{prefix}/") else \
-                    f"{prefix}/{key.removeprefix(f'{prefix}_')}"
-                self.tb.add_scalar(tag, value, step)
+                self.tb.add_scalar(tensorboard_tag(key, prefix), value, step)
 
     def close(self) -> None:
         if self.tb is not None:
