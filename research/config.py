@@ -170,6 +170,8 @@ class ModelConfig(_Section):
                                       "moe.d_expert scaled by base_d_model/d_model")
     output_multiplier: float = Field(1.0, gt=0, description="alpha_out: logits x alpha_out/m_N "
                                      "(non-standard parameterizations)")
+    qk_norm: bool = Field(False, description="RMSNorm of each head's queries and keys before "
+                          "rotary (OLMo 2, Gemma 3, Qwen3): bounds the attention logits")
 
     @property
     def period(self) -> tuple[tuple[str, str], ...]:
@@ -220,6 +222,9 @@ class ModelConfig(_Section):
             if heads % self.mamba.n_groups:
                 raise ValueError(f"model.mamba.n_groups={self.mamba.n_groups} must divide the "
                                  f"{heads} Mamba heads")
+        if self.qk_norm and all(m != "attention" for m, _ in self.period):
+            raise ValueError("model.qk_norm=true needs an attention layer in model.layer_pattern "
+                             "(allowed with attention-free patterns: false)")
         if self.parameterization != "standard":
             base_width_config(self)  # the proxy's shape must be a valid model too
         return self
@@ -363,6 +368,9 @@ class OptimConfig(_Section):
     beta2: float = Field(0.95, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float | None = Field(1.0, gt=0, description="global norm; None disables")
+    z_loss: float = Field(0.0, ge=0, description="coefficient of the output logits' squared "
+                          "log-partition, mean over the loss's tokens, added to the loss (PaLM: "
+                          "1e-4); 0: off")
 
 
 class TrainConfig(_Section):
@@ -380,6 +388,24 @@ class TrainConfig(_Section):
     objective: Literal["lm", "sft", "dpo"] = Field(
         "lm", description="lm: next-token loss on data.source; sft: response tokens of the "
         "examples; dpo: preference pairs of the examples (docs/post-training.md)")
+    skip_spikes: bool = Field(False, description="skip (inside the step) an update whose loss or "
+                              "gradient norm exceeds mean + spike_sigma std of the last "
+                              "spike_window accepted steps (docs/training.md)")
+    spike_window: int = Field(128, gt=1, description="accepted steps the spike statistics cover")
+    spike_sigma: float = Field(6.0, gt=0, description="standard deviations above the mean that "
+                               "count as a spike")
+    on_nonfinite: Literal["stop", "rollback"] = Field(
+        "stop", description="a non-finite loss: stop (save nothing newer), or restore the last "
+        "good checkpoint, skip the batch that failed and continue")
+    max_rollbacks: int = Field(3, gt=0, **_role(EXTENT),
+                               description="rollbacks in one run before it stops")
+    rollback_lr_factor: float = Field(1.0, gt=0, le=1, description="the lr is multiplied by this "
+                                      "for rollback_lr_steps steps after a rollback")
+    rollback_lr_steps: int = Field(0, ge=0, description="steps after a rollback at the lowered lr")
+    fault_steps: tuple[int, ...] = Field((), description="testing tool: the batches these steps "
+                                         "read (in a run without skipped batches) get a spike or "
+                                         "NaN loss (train.fault)")
+    fault: Literal["spike", "nan"] = Field("spike", description="spike: loss x 1e4; nan: loss NaN")
 
     @model_validator(mode="after")
     def _accum(self) -> TrainConfig:
@@ -387,6 +413,10 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"train.grad_accum={self.grad_accum} must divide train.batch_size={self.batch_size}"
             )
+        beyond = [s for s in self.fault_steps if not 1 <= s <= self.steps]
+        if beyond:
+            raise ValueError(f"train.fault_steps={list(self.fault_steps)}: {beyond[0]} is outside "
+                             f"the run (allowed: 1..train.steps={self.steps})")
         return self
 
 
@@ -485,6 +515,9 @@ class LoggingConfig(_Section):
     profile_steps: tuple[int, int] | None = Field(
         None, description="[first, last]: a jax.profiler trace of these steps in the run's tb/ "
         "(TensorBoard's profile tab); None: no trace")
+    norms_every: int | None = Field(None, gt=0, description="per-layer gradient, update and "
+                                    "parameter norms (and the attention-logit max without "
+                                    "qk_norm) every N steps; None: off")
 
     @model_validator(mode="after")
     def _profile(self) -> LoggingConfig:
@@ -524,6 +557,23 @@ class ExperimentConfig(_Section):
                 and any(m == "mamba" for m, _ in self.model.period)):
             raise ValueError("examples.pack=true needs attention-only layers (a Mamba state would "
                              "carry across packed examples); set examples.pack=false")
+        return self
+
+    @model_validator(mode="after")
+    def _rollback(self) -> ExperimentConfig:
+        """A rollback needs a checkpoint before the failure to go back to."""
+        if self.train.on_nonfinite != "rollback":
+            return self
+        every = self.checkpoint.every
+        if every >= self.train.steps:
+            raise ValueError(f"train.on_nonfinite=rollback: checkpoint.every={every} leaves no "
+                             f"checkpoint before the end (train.steps={self.train.steps}) to roll "
+                             "back to; lower checkpoint.every")
+        early = [s for s in self.train.fault_steps if s <= every]
+        if early:
+            raise ValueError(f"train.fault_steps: step {early[0]} comes before the first "
+                             f"checkpoint (checkpoint.every={every}), so there is no checkpoint "
+                             "yet to roll back to (allowed: steps > checkpoint.every)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -134,6 +134,10 @@ def family_of(cfg: ModelConfig) -> str:
         raise ConfigError(f"model.parameterization={cfg.parameterization} away from its base shape "
                           "(or model.output_multiplier != 1) scales the forward pass in ways no "
                           "Hugging Face class expresses (allowed: standard)")
+    if cfg.qk_norm:
+        raise ConfigError("model.qk_norm=true: none of the Hugging Face families written here "
+                          f"({', '.join(ARCHITECTURES)}) normalises queries and keys (allowed: "
+                          "false)")
     kinds = set(cfg.layer_pattern)
     allowed = "[attention:mlp], [attention:moe] or [mamba:none]"
     if len(kinds) != 1 or next(iter(kinds)) not in ("attention:mlp", "attention:moe", "mamba:none"):

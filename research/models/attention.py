@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from research.config import ModelConfig
-from research.models.layers import BTD, Einsum, out_std, rotary
+from research.models.layers import BTD, Einsum, RMSNorm, out_std, rotary
 from research.models.parameterization import forward
 
 BTNH = ("act_batch", "act_seq", "act_heads", None)
@@ -53,6 +53,22 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
         outs.append(_attend(q[:, start:end], kh[:, :, first:end], vh[:, :, first:end],
                             allowed, scale))
     return _token_major(jnp.concatenate(outs, axis=3))
+
+
+def attention_logit_max(q: jax.Array, k: jax.Array, scale: float | None = None,
+                        segment_ids: jax.Array | None = None) -> jax.Array:
+    """The largest causal attention logit q·k * scale over batch, heads and positions (a
+    diagnostic: growing logits come before attention-entropy collapse); sliding windows are
+    ignored, so it is the max over every key a full causal attention would see."""
+    n, kv = q.shape[2], k.shape[2]
+    scores = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32),
+                        jnp.repeat(k.astype(jnp.float32), n // kv, axis=2))
+    scores = scores * (q.shape[-1] ** -0.5 if scale is None else scale)
+    t = jnp.arange(q.shape[1])
+    allowed = (t[:, None] >= t[None, :])[None, None]
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return jnp.where(allowed, scores, -jnp.inf).max()
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
@@ -117,10 +133,16 @@ class Attention(nn.Module):
                    name="k", **proj)(x)
         v = Einsum("btd,dkh->btkh", (d, kv, h), ("embed", "kv_heads", "head_dim"), cfg.init_std,
                    name="v", **proj)(x)
+        if cfg.qk_norm:  # one scale per head feature, shared by the heads (as Qwen3, Gemma 3)
+            q = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="k_norm")(k)
         q = nn.with_logical_constraint(rotary(q, positions, cfg.rope_theta).astype(dtype), BTNH)
         k = nn.with_logical_constraint(rotary(k, positions, cfg.rope_theta).astype(dtype), BTKH)
         v = nn.with_logical_constraint(v.astype(dtype), BTKH)
         attention_scale = forward(cfg).attention_scale
+        if self.is_mutable_collection("intermediates") and not decode:
+            self.sow("intermediates", "logit_max",
+                     attention_logit_max(q, k, attention_scale, segment_ids))
         if decode:
             k, v = self._append_to_cache(k, v)
             out = cached_attention(q, k, v, positions, cfg.sliding_window, attention_scale)

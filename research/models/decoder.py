@@ -163,7 +163,8 @@ class Decoder(nn.Module):
             positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
 
         if cfg.scan_layers:
-            stack = nn.scan(PeriodBlocks, variable_axes={"params": 0, "cache": 0},
+            stack = nn.scan(PeriodBlocks,
+                            variable_axes={"params": 0, "cache": 0, "intermediates": 0},
                             split_rngs={"params": True}, in_axes=nn.broadcast,
                             length=cfg.n_layers // len(cfg.period),
                             metadata_params={nn.PARTITION_NAME: "layers"})

@@ -34,6 +34,7 @@ logging.getLogger("absl").setLevel(logging.ERROR)
 
 MANIFEST = "sha256.json"
 DAMAGED = "damaged"  # sibling folder of the steps that damaged checkpoints are moved into
+DIVERGED = "diverged"  # ... and the one a rollback moves the checkpoints after its failure to
 
 
 class CheckpointError(ConfigError):
@@ -186,15 +187,17 @@ class Checkpointer:
                     if (self.directory / str(step) / MANIFEST).is_file():
                         raise  # intact files that do not fit this run: not damage
                     why = str(exc)
-            notes.append(f"{why}: moved to {self._move_aside(step)}, resuming from the one before")
+            notes.append(f"{why}: moved to {self.move_aside(step)}, resuming from the one before")
         return None, None, notes
 
-    def _move_aside(self, step: int) -> Path:
-        target = self.directory / DAMAGED / str(step)
+    def move_aside(self, step: int, folder: str = DAMAGED) -> Path:
+        """Move checkpoint `step` to checkpoints/<folder>/ (never deleted): damaged ones, or
+        those a rollback left behind (DIVERGED)."""
+        target = self.directory / folder / str(step)
         for n in range(1, 1000):
             if not target.exists():
                 break
-            target = self.directory / DAMAGED / f"{step}.{n}"
+            target = self.directory / folder / f"{step}.{n}"
         target.parent.mkdir(exist_ok=True)
         try:
             os.replace(self.directory / str(step), target)

@@ -37,14 +37,14 @@ from research.evaluation.evaluator import Downstream
 from research.models.decoder import Decoder, padded_vocab
 from research.parallel.mesh import (AxisRules, axis_rules, batch_sharding, check_divisibility,
                                     make_mesh)
-from research.train import flops, metrics
-from research.train.checkpoint import Checkpointer
+from research.train import flops, metrics, recovery, stability
+from research.train.checkpoint import DIVERGED, Checkpointer
 from research.train.rundir import RunDir
 from research.train.optim import lr_multiplier, make_optimizer
 from research.train.objectives import make_objective
 from research.train.state import (StateSpec, TrainState, init_state, load_initial_params, param_multipliers,
                                   param_specs, params_from_run, state_from_params, state_spec)
-from research.train.step import eval_step, train_step
+from research.train.step import Controls, controls, eval_step, train_step
 
 
 @dataclass(frozen=True)
@@ -91,29 +91,32 @@ def prepare(cfg: ExperimentConfig, devices: list[jax.Device] | None = None,
         multipliers = param_multipliers(model, example)
         tx = make_optimizer(cfg.optim, cfg.train.steps, param_specs(model, example), multipliers)
         spec = state_spec(model, tx, example, mesh, rules, multipliers,
-                          reference=cfg.train.objective == "dpo")
+                          reference=cfg.train.objective == "dpo",
+                          guards=stability.init_state(cfg.train))
     return Setup(cfg, mesh, rules, data, model, vocab, tx,
                  lr_multiplier(cfg.optim, cfg.train.steps), spec)
 
 
 def compile_train_step(setup: Setup, examples: Examples | None = None
-                       ) -> tuple[Any, jax.Array]:
-    """The jitted, compiled training step (state donated) and the peak lr it takes; call inside
-    `setup.context()`."""
+                       ) -> tuple[Any, Controls]:
+    """The jitted, compiled training step (state donated) and the controls it takes (the peak
+    lr; step.controls); call inside `setup.context()`."""
     cfg = setup.cfg
     replicated = NamedSharding(setup.mesh, PartitionSpec())
     step_fn = jax.jit(
         functools.partial(train_step, model=setup.model, tx=setup.tx,
                           lr_multiplier=setup.lr_multiplier, grad_accum=cfg.train.grad_accum,
-                          objective=make_objective(cfg.train.objective, cfg.dpo)),
+                          objective=make_objective(cfg.train.objective, cfg.dpo,
+                                                   cfg.optim.z_loss),
+                          guards=stability.Guards.from_config(cfg)),
         in_shardings=(setup.spec.shardings, batch_sharding(setup.mesh), replicated),
         out_shardings=(setup.spec.shardings, None),
         donate_argnums=0,
     )
     batch_shape = {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(setup.mesh))
                    for name, shape in _batch_shapes(cfg, examples).items()}
-    peak_lr = jnp.asarray(cfg.optim.lr, jnp.float32)
-    return step_fn.lower(setup.spec.abstract, batch_shape, peak_lr).compile(), peak_lr
+    knobs = controls(cfg.optim.lr)
+    return step_fn.lower(setup.spec.abstract, batch_shape, knobs).compile(), knobs
 
 
 def step_seconds(cfg: ExperimentConfig, steps: int = 3) -> float:
@@ -127,13 +130,13 @@ def step_seconds(cfg: ExperimentConfig, steps: int = 3) -> float:
     with setup.context():
         state = init_state(setup.model, setup.tx, jnp.zeros((1, cfg.train.seq_len), jnp.int32),
                            setup.spec, cfg.train.seed)
-        step_fn, peak_lr = compile_train_step(setup)
+        step_fn, knobs = compile_train_step(setup)
         batches = [jax.tree.map(setup.global_array, next(data)) for _ in range(steps + 1)]
-        state, out = step_fn(state, batches[0], peak_lr)
+        state, out = step_fn(state, batches[0], knobs)
         jax.block_until_ready(out)
         start = time.perf_counter()
         for batch in batches[1:]:
-            state, out = step_fn(state, batch, peak_lr)
+            state, out = step_fn(state, batch, knobs)
         jax.block_until_ready(out)
     return (time.perf_counter() - start) / steps
 
@@ -326,6 +329,11 @@ class CheckpointCadence:
     def stepped(self, step: int, state: TrainState) -> None:
         self.reached, self.state = step, state
 
+    def restored(self, step: int, state: TrainState) -> None:
+        """After a rollback restored checkpoint `step`."""
+        self.reached = self.fetched = self.saved = step
+        self.state = state
+
     def maybe_save(self, step: int) -> None:
         if _due(step, self.cfg.checkpoint.every, self.cfg.train.steps):
             self.save(step)
@@ -400,6 +408,92 @@ class Reporter:
     def close(self) -> None:
         self.progress.close()
         self.log.close()
+
+
+class Guard:
+    """The stability guards' side of the loop (research/train/stability.py, recovery.py): the
+    batch each step reads (passing over those rollbacks skipped), the step's controls (the lr
+    after a rollback, the fault injector), the updates the spike guard skipped (one line each
+    in metrics.jsonl), the per-layer norms, and train.on_nonfinite."""
+
+    def __init__(self, run: RunDir, cfg: ExperimentConfig, state: TrainState, start: int,
+                 is_lead: bool):
+        self.run, self.cfg, self.is_lead = run, cfg, is_lead
+        self.rollbacks = recovery.read_rollbacks(run.rollbacks_path)
+        self._controls: dict[tuple[float, float], Controls] = {}
+        self._start_at(start, state)
+
+    def _start_at(self, step: int, state: TrainState) -> None:
+        self.skipped = recovery.skipped_batches(self.rollbacks)
+        self.batch = recovery.batch_of_step(step, self.skipped)  # the last batch read
+        count = state.get("stability", {}).get("skipped")
+        self.skips = recovery.SkippedUpdates(0 if count is None else int(jax.device_get(count)))
+
+    def next_batch(self, data: grain.DatasetIterator) -> Any:
+        rows, self.batch = recovery.next_batch(data, self.batch, self.skipped)
+        return rows
+
+    def controls(self, step: int) -> Controls:
+        """The controls of `step` (which has just read its batch); made once per value, so
+        steps do not each copy scalars to the devices."""
+        key = (recovery.lr_factor(step, self.rollbacks, self.cfg.train),
+               recovery.loss_scale(self.batch, self.cfg.train))
+        if key not in self._controls:
+            self._controls[key] = controls(self.cfg.optim.lr * key[0], key[1])
+        return self._controls[key]
+
+    def stepped(self, step: int, step_metrics: dict[str, jax.Array], log: metrics.RunLog) -> None:
+        """Note a skipped update; log the per-layer norms when they are due (one host sync)."""
+        self.skips.add(step, self.batch, step_metrics)
+        every = self.cfg.logging.norms_every
+        if every and step % every == 0:
+            norms = {k: v for k, v in step_metrics.items() if k.startswith("norms/")}
+            log.write(step, {k: float(v) for k, v in jax.device_get(norms).items()}, "train")
+
+    def log_skipped(self, log: metrics.RunLog) -> None:
+        for step, batch in self.skips.read():
+            log.write(step, {"spike_skipped_batch": batch}, "spike")
+
+    def went_bad(self, values: dict[str, float]) -> bool:
+        """Non-finite parameters, or a non-finite loss the spike guard did not skip."""
+        return not math.isfinite(values["param_norm"]) or (
+            not math.isfinite(values["loss"]) and not self.cfg.train.skip_spikes)
+
+    def roll_back(self, state: TrainState, setup: Setup, checkpoints: Checkpointer,
+                  data: grain.DatasetIterator, saver: CheckpointCadence, report: Reporter
+                  ) -> tuple[int, TrainState]:
+        """Back to the last checkpoint before the parameters went non-finite: the rollback is
+        recorded (after newer checkpoints are set aside, so a kill at any point resumes the
+        same way) and logged; returns the restored step and state."""
+        failed = int(jax.device_get(state["stability"]["first_nonfinite"])) or saver.reached
+        checkpoints.finish()
+        rollback = recovery.plan_rollback(failed, self.rollbacks, checkpoints.all_steps(),
+                                          self.cfg.train)
+        restored = rollback.restored_step
+        for later in checkpoints.all_steps():
+            if later > restored:  # on the diverged path: kept, out of the way
+                checkpoints.move_aside(later, DIVERGED)
+        self.rollbacks.append(rollback)
+        if self.is_lead:
+            recovery.write_rollbacks(self.run.rollbacks_path, self.rollbacks)
+        with setup.context():
+            state, _ = checkpoints.restore(restored, setup.spec.abstract, data)
+        self._start_at(restored, state)
+        saver.restored(restored, state)
+        report.log.rewind(restored)
+        report.log.write(restored, {"rollback_failed_step": failed, "rollback_batch":
+                                    rollback.batch, "rollback_count": len(self.rollbacks)},
+                         "rollback")
+        report.summary["rollbacks"] = len(self.rollbacks)
+        train = self.cfg.train
+        lowered = (f", lr x{train.rollback_lr_factor} until step {rollback.lr_until}"
+                   if rollback.lr_until > restored and train.rollback_lr_factor < 1 else "")
+        if self.is_lead:
+            report.progress.write(f"step {failed}: non-finite loss; rolled back to step "
+                                  f"{restored}, skipping batch {rollback.batch}{lowered} "
+                                  f"(rollback {len(self.rollbacks)} of at most "
+                                  f"{train.max_rollbacks})")
+        return restored, state
 
 
 def _summary(cfg: ExperimentConfig, run: RunDir, start: int, counts: dict[str, int],
@@ -480,7 +574,7 @@ def train(cfg: ExperimentConfig, run_dir: Path,
             compile_start = time.perf_counter()
             if not finished:
                 say("compiling the train step ...")
-                step_fn, peak_lr = compile_train_step(setup, examples)
+                step_fn, _ = compile_train_step(setup, examples)
                 summary["compile_seconds"] = time.perf_counter() - compile_start
                 say(f"compiled in {summary['compile_seconds']:.1f}s; training steps "
                     f"{start + 1}-{cfg.train.steps}")
@@ -489,23 +583,34 @@ def train(cfg: ExperimentConfig, run_dir: Path,
 
         saver = CheckpointCadence(checkpoints, cfg, data, state, start)
         speed = SpeedMonitor(tokens_per_step, flops_per_token, peak, start)
+        guard = Guard(run, cfg, state, start, is_lead)
         last = cfg.train.steps
         try:
-            for step in range(start + 1, last + 1):
+            step = start
+            while step < last:
+                step += 1
                 if stop_requested:
                     raise KeyboardInterrupt
                 profiler.before(step)
                 with setup.context():
-                    batch = jax.tree.map(setup.global_array, next(data))
-                    saver.fetched = step  # the data iterator is now one step ahead of the state
-                    state, step_metrics = step_fn(state, batch, peak_lr)
+                    saver.fetched = step  # the data iterator is now ahead of the state
+                    batch = jax.tree.map(setup.global_array, guard.next_batch(data))
+                    state, step_metrics = step_fn(state, batch, guard.controls(step))
                 profiler.after(step, state)
                 saver.stepped(step, state)
                 report.progress.update(step)
+                guard.stepped(step, step_metrics, report.log)
                 if _due(step, cfg.train.log_every, last):
-                    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                    if not math.isfinite(values["loss"]):
-                        raise FloatingPointError(f"non-finite loss at step {step}")
+                    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()
+                              if not k.startswith("norms/")}
+                    guard.log_skipped(report.log)
+                    if guard.went_bad(values):
+                        if cfg.train.on_nonfinite == "stop":
+                            raise FloatingPointError(f"non-finite loss at step {step}")
+                        step, state = guard.roll_back(state, setup, checkpoints, data, saver,
+                                                      report)
+                        speed.restart(step)
+                        continue
                     if examples is None:
                         values.update(mixture.data_metrics(setup.data, plan, step, cfg.train.seq_len))
                     report.train_metrics(step, {**values, **speed.measure(step)})

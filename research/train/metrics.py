@@ -125,6 +125,17 @@ class RunLog:
         tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
         os.replace(tmp, self.path)
 
+    def rewind(self, step: int) -> None:
+        """Forget what was logged after `step` (a rollback restored it): metrics.jsonl lines, and
+        TensorBoard's events from the next write on (purge_step)."""
+        if not self.enabled:
+            return
+        self._truncate_after(step)
+        if self.tb is not None:
+            logdir = self.tb.logdir
+            self.tb.close()
+            self.tb = _summary_writer()(logdir, purge_step=step + 1)
+
     def text(self, tag: str, text: str) -> None:
         if self.tb is not None:
             self.tb.add_text(tag, f"```\n{text}\n```", 0)

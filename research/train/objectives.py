@@ -10,6 +10,11 @@ loss to differentiate (including the model's auxiliary losses) and scalar metric
 * dpo: −log σ(β [(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))]) over
   pairs [B, 2, L+1] (chosen, rejected), with label smoothing ε (the assumed probability that
   a label is flipped: the loss mixes in −log σ of the opposite margin with weight ε).
+
+Every objective also takes `z_loss`, the coefficient of the output z-loss (PaLM, OLMo 2): the
+mean squared log-partition log Σ exp(logits) over the tokens its loss counts (dpo: the policy's
+learned tokens), added to the loss and logged as "z_loss" (the added term) when nonzero. It
+keeps the logits' normaliser near zero, which guards bf16 softmaxes against drift.
 """
 
 from __future__ import annotations
@@ -32,14 +37,32 @@ Objective = Callable[[Any, nn.Module, Batch, Any], tuple[jax.Array, Metrics]]
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Per-token negative log-likelihood in float32, [batch, seq]."""
+    return token_terms(logits, targets)[0]
+
+
+def token_terms(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token negative log-likelihood and log-partition log Σ exp(logits), float32 [B, L]."""
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return log_z - picked
+    return log_z - picked, log_z
 
 
-def lm_loss(params: Any, model: nn.Module, batch: Batch, reference: Any = None
-            ) -> tuple[jax.Array, Metrics]:
+def with_z_loss(loss: jax.Array, metrics: Metrics, log_z: jax.Array, weights: jax.Array | None,
+                z_loss: float) -> tuple[jax.Array, Metrics]:
+    """loss + z_loss * mean(log_z²) over the tokens `weights` selects (all when None); the
+    added term is logged as "z_loss". With z_loss = 0 nothing changes."""
+    if not z_loss:
+        return loss, metrics
+    squared = jnp.square(log_z)
+    mean = squared.mean() if weights is None else \
+        (squared * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    term = z_loss * mean
+    return loss + term, {**metrics, "z_loss": term}
+
+
+def lm_loss(params: Any, model: nn.Module, batch: Batch, reference: Any = None, *,
+            z_loss: float = 0.0) -> tuple[jax.Array, Metrics]:
     """Mean next-token loss (+ the model's auxiliary losses, which only shape the gradient).
 
     The metrics are scalars: the loss, and the layers' aux values named by layer (e.g.
@@ -47,29 +70,31 @@ def lm_loss(params: Any, model: nn.Module, batch: Batch, reference: Any = None
     """
     tokens = batch["tokens"]
     logits, aux = model.apply({"params": params}, tokens[:, :-1])
-    loss = cross_entropy(logits, tokens[:, 1:]).mean()
-    return loss + aux.get("aux_loss", 0.0), {"loss": loss, **layer_metrics(aux, model.cfg)}
+    nll, log_z = token_terms(logits, tokens[:, 1:])
+    loss = nll.mean()
+    return with_z_loss(loss + aux.get("aux_loss", 0.0),
+                       {"loss": loss, **layer_metrics(aux, model.cfg)}, log_z, None, z_loss)
 
 
 def learned_nll(params: Any, model: nn.Module, batch: Batch
-                ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    """Per-target negative log-likelihood [B, L], the mask of learned targets [B, L] (float32),
-    and the model's aux, for rows with segment ids and positions."""
+                ) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Per-target negative log-likelihood [B, L], log-partition [B, L], the mask of learned
+    targets [B, L] (float32), and the model's aux, for rows with segment ids and positions."""
     tokens = batch["tokens"]
     logits, aux = model.apply({"params": params}, tokens[:, :-1], batch["positions"][:, :-1],
                               segment_ids=batch["segment_ids"][:, :-1])
-    return (cross_entropy(logits, tokens[:, 1:]), batch["loss_mask"][:, 1:].astype(jnp.float32),
-            aux)
+    nll, log_z = token_terms(logits, tokens[:, 1:])
+    return nll, log_z, batch["loss_mask"][:, 1:].astype(jnp.float32), aux
 
 
-def sft_loss(params: Any, model: nn.Module, batch: Batch, reference: Any = None
-             ) -> tuple[jax.Array, Metrics]:
+def sft_loss(params: Any, model: nn.Module, batch: Batch, reference: Any = None, *,
+             z_loss: float = 0.0) -> tuple[jax.Array, Metrics]:
     """Mean loss over the learned tokens; prompt and padding tokens count for nothing."""
-    nll, mask, aux = learned_nll(params, model, batch)
+    nll, log_z, mask, aux = learned_nll(params, model, batch)
     count = mask.sum()
     loss = (nll * mask).sum() / jnp.maximum(count, 1.0)
     metrics = {"loss": loss, "learned_tokens": count, **layer_metrics(aux, model.cfg)}
-    return loss + aux.get("aux_loss", 0.0), metrics
+    return with_z_loss(loss + aux.get("aux_loss", 0.0), metrics, log_z, mask, z_loss)
 
 
 def dpo_terms(chosen: jax.Array, rejected: jax.Array, ref_chosen: jax.Array,
@@ -94,28 +119,25 @@ def dpo_terms(chosen: jax.Array, rejected: jax.Array, ref_chosen: jax.Array,
     }
 
 
-def sequence_log_probs(params: Any, model: nn.Module, batch: Batch
-                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Summed log-probability of each row's learned tokens [rows], and the model's aux."""
-    nll, mask, aux = learned_nll(params, model, batch)
-    return -(nll * mask).sum(axis=-1), aux
-
-
 def dpo_loss(params: Any, model: nn.Module, batch: Batch, reference: Any, *, beta: float,
-             label_smoothing: float) -> tuple[jax.Array, Metrics]:
+             label_smoothing: float, z_loss: float = 0.0) -> tuple[jax.Array, Metrics]:
     """DPO over pairs [B, 2, L+1]: both sequences of a pair run as two rows of one forward
-    pass (policy with gradients, the frozen reference without)."""
+    pass (policy with gradients, the frozen reference without). A sequence's log-prob is the
+    sum over its learned tokens."""
     rows = {name: value.reshape(-1, value.shape[-1]) for name, value in batch.items()}
-    policy, aux = sequence_log_probs(params, model, rows)
-    ref, _ = sequence_log_probs(jax.lax.stop_gradient(reference), model, rows)
-    policy, ref = policy.reshape(-1, 2), ref.reshape(-1, 2)
+    nll, log_z, mask, aux = learned_nll(params, model, rows)
+    ref_nll, _, _, _ = learned_nll(jax.lax.stop_gradient(reference), model, rows)
+    policy = -(nll * mask).sum(axis=-1).reshape(-1, 2)
+    ref = -(ref_nll * mask).sum(axis=-1).reshape(-1, 2)
     loss, metrics = dpo_terms(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta,
                               label_smoothing)
-    return loss + aux.get("aux_loss", 0.0), {**metrics, **layer_metrics(aux, model.cfg)}
+    return with_z_loss(loss + aux.get("aux_loss", 0.0),
+                       {**metrics, **layer_metrics(aux, model.cfg)}, log_z, mask, z_loss)
 
 
-def make_objective(name: str, dpo: DPOConfig) -> Objective:
-    """train.objective -> its loss function."""
+def make_objective(name: str, dpo: DPOConfig, z_loss: float = 0.0) -> Objective:
+    """train.objective (with optim.z_loss) -> its loss function."""
     if name == "dpo":
-        return functools.partial(dpo_loss, beta=dpo.beta, label_smoothing=dpo.label_smoothing)
-    return {"lm": lm_loss, "sft": sft_loss}[name]
+        return functools.partial(dpo_loss, beta=dpo.beta, label_smoothing=dpo.label_smoothing,
+                                 z_loss=z_loss)
+    return functools.partial({"lm": lm_loss, "sft": sft_loss}[name], z_loss=z_loss)

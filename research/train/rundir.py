@@ -8,6 +8,8 @@ This is the only module that spells a run directory's file names. A run director
     tb/             TensorBoard events
     checkpoints/    orbax steps, each sealed with sha256 digests (research/train/checkpoint.py)
     tokenizer.json  an imported run's own copy of its tokenizer (research import-hf)
+    rollbacks.json  the rollbacks after non-finite losses: the batches skipped from then on
+                    (train.on_nonfinite=rollback, research/train/recovery.py)
 
 and, for a sweep's trial, trial.log (stdout and stderr of every attempt) and trial.json (swept
 values and outcome). Every command that reads a checkpoint comes through `RunDir.restore` or
@@ -32,6 +34,7 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
 CHECKPOINTS = "checkpoints"
 TOKENIZER = "tokenizer.json"
+ROLLBACKS = "rollbacks.json"
 TRIAL_LOG = "trial.log"
 TRIAL_RECORD = "trial.json"
 HARNESS = "harness"  # `research harness` results, one step_N.json per checkpoint step
@@ -47,8 +50,9 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic replace (summary.json, trial.json): a reader never sees half a file."""
+def write_json(path: Path, data: dict[str, Any] | list[Any]) -> None:
+    """Atomic replace (summary.json, trial.json, rollbacks.json): a reader never sees half a
+    file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
@@ -109,6 +113,10 @@ class RunDir:
     @property
     def harness(self) -> Path:
         return self.path / HARNESS
+
+    @property
+    def rollbacks_path(self) -> Path:
+        return self.path / ROLLBACKS
 
     @property
     def trial_log(self) -> Path:

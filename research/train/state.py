@@ -1,8 +1,9 @@
 """Train state, its sharded initialisation, and starting from another run's weights.
 
 The state is a plain dict pytree {params, opt_state, step, rng} (+ {reference}: the frozen
-starting params DPO compares against): orbax saves it as is, and its shardings come from the
-logical names the model gives its parameters.
+starting params DPO compares against; + {stability}: the guards' statistics, see
+research/train/stability.py): orbax saves it as is, and its shardings come from the logical
+names the model gives its parameters.
 """
 
 from __future__ import annotations
@@ -37,18 +38,21 @@ class StateSpec:
     multipliers: Any  # a parameterization.Rule per param
 
 
-def _fresh(params: Any, tx: optax.GradientTransformation, state_rng: jax.Array) -> TrainState:
-    """Step 0 around `params`: a new optimizer state and the step's RNG."""
-    return {
+def _fresh(params: Any, tx: optax.GradientTransformation, state_rng: jax.Array,
+           guards: Any = None) -> TrainState:
+    """Step 0 around `params`: a new optimizer state, the step's RNG, and the stability
+    guards' initial statistics (when the run has any)."""
+    state = {
         "params": params,
         "opt_state": tx.init(params),
         "step": jnp.zeros((), jnp.int32),
         "rng": state_rng,
     }
+    return state if guards is None else {**state, "stability": guards}
 
 
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example: jax.Array,
-             multipliers: Any, reference: bool):
+             multipliers: Any, reference: bool, guards: Any):
     def init(rng: jax.Array) -> TrainState:
         init_rng, state_rng = jax.random.split(rng)
         params = model.init(init_rng, example)["params"]
@@ -57,7 +61,7 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example: jax.Ar
                               p.replace_boxed(p.value * rule.init),
                               multipliers, params,
                               is_leaf=lambda x: isinstance(x, parameterization.Rule))
-        state = _fresh(params, tx, state_rng)
+        state = _fresh(params, tx, state_rng, guards)
         return {**state, "reference": params} if reference else state
 
     return init
@@ -91,9 +95,10 @@ def param_multipliers(model: nn.Module, example: jax.Array) -> Any:
 
 
 def state_spec(model: nn.Module, tx: optax.GradientTransformation, example: jax.Array,
-               mesh: Mesh, rules: AxisRules, multipliers: Any, *, reference: bool = False
-               ) -> StateSpec:
-    boxed = jax.eval_shape(_init_fn(model, tx, example, multipliers, reference),
+               mesh: Mesh, rules: AxisRules, multipliers: Any, *, reference: bool = False,
+               guards: Any = None) -> StateSpec:
+    """`guards`: stability.init_state(cfg.train), the state's "stability" entry (or None)."""
+    boxed = jax.eval_shape(_init_fn(model, tx, example, multipliers, reference, guards),
                            jax.random.PRNGKey(0))
     shardings = logical_shardings(boxed, mesh, rules)
     abstract = jax.tree.map(
@@ -106,10 +111,17 @@ def state_spec(model: nn.Module, tx: optax.GradientTransformation, example: jax.
 def init_state(model: nn.Module, tx: optax.GradientTransformation, example: jax.Array,
                spec: StateSpec, seed: int) -> TrainState:
     """Initialise directly into the target shardings (no full copy on any one device)."""
-    init = _init_fn(model, tx, example, spec.multipliers, "reference" in spec.abstract)
+    init = _init_fn(model, tx, example, spec.multipliers, "reference" in spec.abstract,
+                    _initial_guards(spec))
     return jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=spec.shardings)(
         jax.random.PRNGKey(seed)
     )
+
+
+def _initial_guards(spec: StateSpec) -> Any:
+    """The stability entry of a fresh state (all zeros), or None when the run has none."""
+    guards = spec.abstract.get("stability")
+    return None if guards is None else jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), guards)
 
 
 def state_from_params(params: Any, tx: optax.GradientTransformation, spec: StateSpec,
@@ -119,7 +131,8 @@ def state_from_params(params: Any, tx: optax.GradientTransformation, spec: State
     frozen reference is a copy of them (no buffer shared, so the state can be donated)."""
     state_rng = jax.random.split(jax.random.PRNGKey(seed))[1]
     shardings = {k: v for k, v in spec.shardings.items() if k != "reference"}
-    state = jax.jit(lambda p: _fresh(p, tx, state_rng), out_shardings=shardings)(params)
+    state = jax.jit(lambda p: _fresh(p, tx, state_rng, _initial_guards(spec)),
+                    out_shardings=shardings)(params)
     if "reference" in spec.shardings:
         state["reference"] = jax.tree.map(lambda x: x.copy(), state["params"])
     return state
