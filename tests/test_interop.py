@@ -323,6 +323,7 @@ def test_export_refuses_to_overwrite_and_names_missing_steps(trained, tmp_path, 
     (["model.layer_pattern=[attention:moe]", "model.moe.n_shared_experts=1"],
      "model.moe.n_shared_experts"),
     (["model.parameterization=completep", "model.base_d_model=16"], "model.parameterization"),
+    (["model.qk_norm=true"], "model.qk_norm"),
 ])
 def test_export_refuses_configs_no_hf_class_expresses(overrides, field, tmp_path, capsys):
     from research import config
