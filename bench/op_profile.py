@@ -88,17 +88,17 @@ def main() -> None:
     cfg = config.load(args.experiment, args.overrides)
     setup, state, data = initial_state(cfg)
     with setup.context():
-        step_fn, peak_lr = compile_train_step(setup)
+        step_fn, knobs = compile_train_step(setup)
         batches = [{"tokens": setup.global_array(next(data)["tokens"])}
                    for _ in range(args.steps + 2)]
         for batch in batches[:2]:
-            state, out = step_fn(state, batch, peak_lr)
+            state, out = step_fn(state, batch, knobs)
         jax.block_until_ready(out)
         with tempfile.TemporaryDirectory() as trace_dir:
             jax.profiler.start_trace(trace_dir)
             started = time.perf_counter()
             for batch in batches[2:]:
-                state, out = step_fn(state, batch, peak_lr)
+                state, out = step_fn(state, batch, knobs)
             jax.block_until_ready(out)
             wall = (time.perf_counter() - started) / args.steps
             jax.profiler.stop_trace()

@@ -42,11 +42,11 @@ def compiled_step(cfg: config.ExperimentConfig):
     """(step(state, tokens) -> (state, metrics), initial state, batch iterator) of a config."""
     setup, state, data = initial_state(cfg)
     with setup.context():
-        fn, peak_lr = compile_train_step(setup)
+        fn, knobs = compile_train_step(setup)
 
     def step(state, tokens):
         with setup.context():
-            return fn(state, {"tokens": setup.global_array(tokens)}, peak_lr)
+            return fn(state, {"tokens": setup.global_array(tokens)}, knobs)
 
     return step, state, data
 

@@ -23,7 +23,7 @@ from research.config import ConfigError, ModelConfig
 from research.models.attention import Attention
 from research.models.decoder import Decoder
 from research.train import recovery, stability
-from research.train.metrics import read_metrics
+from research.train.rundir import read_metrics
 from research.train.optim import lr_multiplier
 from research.train.objectives import lm_loss, sft_loss
 from tests.conftest import newest_checkpoint

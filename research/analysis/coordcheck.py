@@ -87,11 +87,11 @@ def measure(cfg: ExperimentConfig, steps: int) -> dict[str, np.ndarray]:
     with setup.context():
         state = init_state(setup.model, setup.tx, jnp.zeros((1, seq), jnp.int32), setup.spec,
                            cfg.train.seed)
-        step, peak_lr = compile_train_step(setup)
+        step, knobs = compile_train_step(setup)
         means = jax.jit(functools.partial(activation_means, setup.model))
         history = [means(state["params"], probe)]
         for _ in range(steps):
-            state, _ = step(state, {"tokens": setup.global_array(next(data)["tokens"])}, peak_lr)
+            state, _ = step(state, {"tokens": setup.global_array(next(data)["tokens"])}, knobs)
             history.append(means(state["params"], probe))
     history = jax.device_get(history)
     return {row: np.array([h[row] for h in history], float) for row in history[0]}
