@@ -45,7 +45,8 @@ def train_step(state: TrainState, batch: Batch, knobs: Controls, *, model: nn.Mo
     skipping (`guards.spike_sigma`) a spike leaves params and optimizer state as they were
     (research/train/stability.py); `state["stability"]` tracks the guards' statistics.
     """
-    def scaled(params, model, micro, reference):
+    def scaled(params: Any, model: nn.Module, micro: Batch, reference: Any
+               ) -> tuple[jax.Array, Metrics]:
         loss, metrics = objective(params, model, micro, reference)
         return loss * knobs["loss_scale"], {**metrics, "loss": metrics["loss"] * knobs["loss_scale"]}
 
