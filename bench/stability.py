@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from research import config
-from research.data.pipeline import train_iterator
+from research.data import mixture
 from research.train.loop import compile_train_step, prepare
 from research.train.state import init_state
 
@@ -40,8 +40,9 @@ VARIANTS = {
 def stepper(cfg: config.ExperimentConfig, steps: int):
     """A function that runs `steps` steps of `cfg`'s compiled step and returns s/step."""
     setup = prepare(cfg)
-    data = train_iterator(setup.cache, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
-                          seed=cfg.train.seed, process_index=0, process_count=1)
+    data = mixture.train_iterator(setup.data, seq_len=cfg.train.seq_len,
+                                  global_batch=cfg.train.batch_size, seed=cfg.train.seed,
+                                  process_index=0, process_count=1)
     with setup.context():
         state = init_state(setup.model, setup.tx, jnp.zeros((1, cfg.train.seq_len), jnp.int32),
                            setup.spec, cfg.train.seed)
