@@ -355,22 +355,106 @@ class DataConfig(_Section):
         return dict(self.sources) or {"main": SourceConfig(source=self.source or "builtin")}
 
 
-class OptimConfig(_Section):
-    """AdamW with a warmup + decay schedule."""
+OPTIMIZERS = ("adamw", "muon", "lion", "adafactor")
 
+
+class MuonConfig(_Section):
+    """Muon (optim.name=muon): momentum orthogonalized by Newton-Schulz for the hidden matrices;
+    embeddings, the head, norms and other vectors take AdamW (optim.beta1/beta2/eps)."""
+
+    momentum: float = Field(0.95, ge=0, lt=1, description="momentum decay of the matrices' update")
+    nesterov: bool = Field(True, description="Nesterov momentum (Keller Jordan's default)")
+    ns_steps: int = Field(5, gt=0, description="Newton-Schulz iterations")
+    adam_lr_ratio: float = Field(0.1, gt=0, description="AdamW's peak lr (embeddings, head, "
+                                 "vectors) = optim.lr x this; Muon's lr is far larger than Adam's")
+
+
+class LionConfig(_Section):
+    """Lion (optim.name=lion): the sign of an interpolated momentum (Chen et al. 2023)."""
+
+    beta1: float = Field(0.9, ge=0, lt=1, description="interpolation of momentum and gradient")
+    beta2: float = Field(0.99, ge=0, lt=1, description="momentum decay")
+
+
+class AdafactorConfig(_Section):
+    """Adafactor (optim.name=adafactor): factored second moments (Shazeer & Stern 2018), via
+    optax.scale_by_factored_rms; the absolute step size is optim.lr (no relative step)."""
+
+    decay_rate: float = Field(0.8, gt=0, le=1, description="second-moment decay 1 - t^-decay_rate")
+    factored: bool = Field(True, description="row and column statistics for matrices")
+    min_dim_size_to_factor: int = Field(128, gt=0, description="smaller matrices keep a full "
+                                        "second moment")
+    eps: float = Field(1e-30, gt=0, description="added to the squared gradient")
+    clipping_threshold: float | None = Field(1.0, gt=0, description="update clipping by RMS; "
+                                             "None disables")
+    multiply_by_parameter_scale: bool = Field(False, description="scale the step by the "
+                                              "parameter's RMS (Adafactor's relative step); "
+                                              "standard parameterization only")
+
+
+# The fields each optimizer reads besides the shared ones (lr, schedule, weight_decay, ...).
+OPTIMIZER_FIELDS = {"adamw": ("beta1", "beta2", "eps"), "muon": ("beta1", "beta2", "eps", "muon"),
+                    "lion": ("lion",), "adafactor": ("adafactor",)}
+
+
+class OptimConfig(_Section):
+    """The optimizer (name and its own hyperparameters) and a warmup + decay schedule."""
+
+    name: Literal["adamw", "muon", "lion", "adafactor"] = Field(
+        "adamw", description="docs/optimizers.md; each takes its own fields below")
     lr: float = Field(1e-3, gt=0)
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = Field(20, ge=0)
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: final fraction spent decaying")
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    schedule_steps: int | None = Field(None, gt=0, description="the length the schedule is laid "
+                                       "out for; None: train.steps (a branch keeps its parent's)")
+    cooldown_from: int | None = Field(None, ge=0, description="from this step the lr decays "
+                                      "linearly from the schedule's value to min_lr_ratio at "
+                                      "train.steps (a cooldown branch, docs/training.md)")
     weight_decay: float = Field(0.1, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    eps: float = Field(1e-8, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam's (adamw, and muon's AdamW part)")
+    beta2: float = Field(0.95, ge=0, lt=1, description="Adam's (adamw, and muon's AdamW part)")
+    eps: float = Field(1e-8, gt=0, description="Adam's (adamw, and muon's AdamW part)")
     grad_clip: float | None = Field(1.0, gt=0, description="global norm; None disables")
     z_loss: float = Field(0.0, ge=0, description="coefficient of the output logits' squared "
                           "log-partition, mean over the loss's tokens, added to the loss (PaLM: "
                           "1e-4); 0: off")
+    muon: MuonConfig = MuonConfig()
+    lion: LionConfig = LionConfig()
+    adafactor: AdafactorConfig = AdafactorConfig()
+
+    @model_validator(mode="after")
+    def _own_fields(self) -> OptimConfig:
+        """A hyperparameter of another optimizer, changed from its default, is a mistake."""
+        for name, fields in OPTIMIZER_FIELDS.items():
+            for field in fields:
+                if field in OPTIMIZER_FIELDS[self.name]:
+                    continue
+                value, default = getattr(self, field), type(self).model_fields[field].default
+                changed = ([f"{field}.{k}" for k, v in value if v != getattr(default, k)]
+                           if isinstance(value, BaseModel) else [field] * (value != default))
+                if changed:
+                    users = [n for n, f in OPTIMIZER_FIELDS.items() if field in f]
+                    raise ValueError(f"optim.{changed[0]}: a hyperparameter of "
+                                     f"{' and '.join(users)}, but optim.name={self.name} (its "
+                                     f"own: {', '.join(OPTIMIZER_FIELDS[self.name])})")
+        return self
+
+
+class BranchConfig(_Section):
+    """Where a branch started: another run's full state (params, optimizer, data position) at a
+    step (`research train --branch-from RUN@STEP`, docs/training.md). Set by that flag."""
+
+    parent: str | None = Field(None, description="the parent's run directory; None: not a branch")
+    step: int | None = Field(None, gt=0, description="the parent's checkpoint step it starts from")
+
+    @model_validator(mode="after")
+    def _both(self) -> BranchConfig:
+        if (self.parent is None) != (self.step is None):
+            raise ValueError("branch.parent and branch.step go together (set both with "
+                             "--branch-from RUN@STEP)")
+        return self
 
 
 class TrainConfig(_Section):
@@ -542,6 +626,16 @@ class ExperimentConfig(_Section):
     examples: ExamplesConfig = ExamplesConfig()
     dpo: DPOConfig = DPOConfig()
     eval: EvalConfig = EvalConfig()
+    branch: BranchConfig = BranchConfig()
+
+    @model_validator(mode="after")
+    def _schedule(self) -> ExperimentConfig:
+        cooldown, steps = self.optim.cooldown_from, self.train.steps
+        if cooldown is not None and cooldown >= steps:
+            raise ValueError(f"optim.cooldown_from={cooldown} must be below train.steps={steps}")
+        if self.branch.step is not None and self.branch.step >= steps:
+            raise ValueError(f"branch.step={self.branch.step} must be below train.steps={steps}")
+        return self
 
     @model_validator(mode="after")
     def _stages_in_run(self) -> ExperimentConfig:
@@ -585,8 +679,8 @@ class ExperimentConfig(_Section):
 
 def resolved(cfg: ExperimentConfig, vocab_size: int | None) -> dict[str, Any]:
     """The config as the run uses it, for its config.yaml: every derived size filled in
-    (n_kv_heads, head_dim, d_ff, vocab_size: the padded embedding rows, moe.d_expert) and the
-    moe/mamba sections left out when no layer uses them. Validating it gives the same run."""
+    (n_kv_heads, head_dim, d_ff, vocab_size: the padded embedding rows, moe.d_expert), the
+    moe/mamba sections left out when no layer uses them and other optimizers' fields left out. Validating it gives the same run."""
     out = cfg.to_dict()
     model = out["model"]
     model.update(n_kv_heads=cfg.model.kv_heads, head_dim=cfg.model.head_size,
@@ -598,6 +692,10 @@ def resolved(cfg: ExperimentConfig, vocab_size: int | None) -> dict[str, Any]:
         del model["moe"]
     if "mamba" not in mixers:
         del model["mamba"]
+    optim = out["optim"]
+    for field in {f for fields in OPTIMIZER_FIELDS.values() for f in fields}:
+        if field not in OPTIMIZER_FIELDS[cfg.optim.name]:
+            del optim[field]
     return out
 
 

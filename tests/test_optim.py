@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from research.config import OptimConfig
 from research.models.parameterization import Rule
-from research.train.optim import adamw_per_leaf, decay_mask, lr_multiplier, make_optimizer
+from research.train.optim import decay_mask, lr_multiplier, make_optimizer, per_leaf_optimizer
 
 
 def reference_multiplier(cfg: OptimConfig, total: int, step: int) -> float:
@@ -117,6 +117,6 @@ def test_per_parameter_chain_with_unit_multipliers_is_adamw_bit_for_bit():
     ones = {"w": Rule(), "b": Rule()}
     stock = make_optimizer(cfg, 10, specs, ones)
     assert len(stock.init(params)[0]) == 3  # optax.adamw's own (adam, decay, lr) states
-    chain = adamw_per_leaf(cfg, lr_multiplier(cfg, 10), decay_mask(specs), ones)
+    chain = per_leaf_optimizer(cfg, lr_multiplier(cfg, 10), decay_mask(specs), ones, specs)
     a, b = _run(stock, cfg.lr, params, 5), _run(optax.chain(chain), cfg.lr, params, 5)
     assert jax.tree.all(jax.tree.map(np.array_equal, a, b))

@@ -35,12 +35,19 @@ _NOT_WIDTH_AXES = ("layers", "expert")  # stacking axes: neither fan-in nor fan-
 
 @dataclass(frozen=True)
 class Rule:
-    """One parameter's multipliers of the standard init std, peak lr, weight decay and Adam ε."""
+    """One parameter's multipliers of the standard init std, peak lr, weight decay and Adam ε.
+
+    `lr` is for updates whose entries have a fixed size (Adam, Lion, Adafactor); `spectral_lr`
+    for a matrix update whose spectral norm is fixed (Muon's orthogonalized one, scaled by
+    sqrt(fan_out/fan_in)): that shape scale already carries the width factor (Yang, Simon &
+    Bernstein 2023), so only the depth factor remains (docs/optimizers.md).
+    """
 
     init: float = 1.0
     lr: float = 1.0
     wd: float = 1.0
     eps: float = 1.0
+    spectral_lr: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,16 @@ def _fan_in(names: list[str | None], shape: tuple[int, ...]) -> int:
     return dict(dims)["embed"]
 
 
+def matrix_axes(names: list[str | None]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(input axes, output axes) of a "hidden" matrix, as `_fan_in` reads them; the stacking
+    axes (layers, expert) are in neither: Muon orthogonalizes each of those slices."""
+    width = [i for i, n in enumerate(names) if n not in _NOT_WIDTH_AXES]
+    if _writes_residual(names):
+        return tuple(width[:-1]), (width[-1],)
+    inputs = tuple(i for i in width if names[i] == "embed")
+    return inputs, tuple(i for i in width if i not in inputs)
+
+
 def kind(names: list[str | None]) -> str:
     """"embedding" (vocab matrices), "hidden" (width x width matrices), or "vector" (norms,
     biases, per-head or per-channel parameters, the router, convolutions), from logical names."""
@@ -127,7 +144,7 @@ def rule(cfg: ModelConfig, in_block: bool, names: list[str | None], shape: tuple
     # follow depth (the branch multiplier does), so it is taken back to base_n_layers
     depth_init = math.sqrt(m_l) if _writes_residual(names) else 1.0
     return Rule(init=m_n ** -0.5 * depth_init, lr=m_n ** -1 * m_l ** (alpha - 1), wd=m_n,
-                eps=m_n ** -1 * m_l ** -alpha)
+                eps=m_n ** -1 * m_l ** -alpha, spectral_lr=m_l ** (alpha - 1))
 
 
 def rules(cfg: ModelConfig, specs: Any, shapes: Any, base_shapes: Any) -> Any:

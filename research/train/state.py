@@ -44,11 +44,20 @@ def _fresh(params: Any, tx: optax.GradientTransformation, state_rng: jax.Array,
     guards' initial statistics (when the run has any)."""
     state = {
         "params": params,
-        "opt_state": tx.init(params),
+        "opt_state": _names_that_fit(tx.init(params)),
         "step": jnp.zeros((), jnp.int32),
         "rng": state_rng,
     }
     return state if guards is None else {**state, "stability": guards}
+
+
+def _names_that_fit(opt_state: Any) -> Any:
+    """Optimizer statistics shaped unlike their parameter (Adafactor's factored row and column
+    moments) drop the parameter's logical names, which would not fit them: they are small and
+    replicated."""
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    return jax.tree.map(lambda x: x.value if is_box(x) and len(x.value.shape) != len(x.names) else x,
+                        opt_state, is_leaf=is_box)
 
 
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example: jax.Array,
