@@ -37,7 +37,16 @@ def _train(args: argparse.Namespace) -> int:
     from research.train import compile_cache
     from research.train.loop import train
 
-    cfg = config.load(args.experiment, args.overrides)
+    overrides = list(args.overrides)
+    if args.branch_from is not None:
+        from research.train import branch
+
+        parent, step = branch.parse_branch_from(args.branch_from)
+        overrides += branch.overrides(branch.read_parent(parent, "--branch-from"), parent, step,
+                                      args.cooldown_steps, args.cooldown_fraction)
+    elif args.cooldown_steps is not None or args.cooldown_fraction is not None:
+        raise ConfigError("--cooldown-steps/--cooldown-fraction: only with --branch-from RUN@STEP")
+    cfg = config.load(args.experiment, overrides)
     compile_cache.enable()
     distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                            args.heartbeat_timeout)
@@ -105,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="run directory (default: runs/<experiment name>)")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted config overrides, e.g. train.steps=200 model.n_layers=8")
+    branching = train.add_argument_group("cooldown branches (docs/training.md)")
+    branching.add_argument("--branch-from", metavar="RUN@STEP", help="continue RUN's full state "
+                           "(params, optimizer, data position) from its checkpoint STEP")
+    cooldown = branching.add_mutually_exclusive_group()
+    cooldown.add_argument("--cooldown-steps", type=flags.positive, metavar="K",
+                          help="decay the lr to optim.min_lr_ratio over K steps after STEP "
+                          "(default: keep the parent's schedule to its end)")
+    cooldown.add_argument("--cooldown-fraction", type=flags.fraction, metavar="F",
+                          help="a cooldown that is F of the branch's steps: K = STEP*F/(1-F)")
     hosts = train.add_argument_group("multi-host (SLURM and Cloud TPU pods need none of these)")
     hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
     hosts.add_argument("--num-processes", type=flags.positive, help="processes in the run")

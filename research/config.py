@@ -781,10 +781,11 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def first_difference(mine: dict[str, Any], theirs: dict[str, Any],
                      ignore: frozenset[str] = frozenset()) -> tuple[str, Any, Any] | None:
-    """(dotted field, my value, their value) of the first field (sorted) whose values differ,
-    skipping the dotted names in `ignore`; None when they all agree."""
+    """(dotted field, my value, their value) of the first field (in my config's order, then
+    theirs) whose values differ, skipping the dotted names in `ignore`; None when they all
+    agree."""
     a, b = flatten(mine), flatten(theirs)
-    return next(((key, a.get(key), b.get(key)) for key in sorted(a.keys() | b.keys())
+    return next(((key, a.get(key), b.get(key)) for key in [*a, *(k for k in b if k not in a)]
                  if key not in ignore and a.get(key) != b.get(key)), None)
 
 

@@ -27,3 +27,14 @@ def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
 positive = int_range(1)
 non_negative = int_range(0)
 port = int_range(1, 65535)
+
+
+def fraction(text: str) -> float:
+    """A float flag strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in (0, 1)") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: expected a number in (0, 1)")
+    return value

@@ -37,10 +37,10 @@ from research.evaluation.evaluator import Downstream
 from research.models.decoder import Decoder, padded_vocab
 from research.parallel.mesh import (AxisRules, axis_rules, batch_sharding, check_divisibility,
                                     make_mesh)
-from research.train import flops, metrics, recovery, stability
+from research.train import branch, flops, metrics, recovery, stability
 from research.train.checkpoint import DIVERGED, Checkpointer
 from research.train.rundir import RunDir
-from research.train.optim import lr_multiplier, make_optimizer
+from research.train.optim import lr_multiplier, make_optimizer, state_bytes
 from research.train.objectives import make_objective
 from research.train.state import (StateSpec, TrainState, init_state, load_initial_params, param_multipliers,
                                   param_specs, params_from_run, state_from_params, state_spec)
@@ -245,6 +245,8 @@ def _check_start(run: RunDir, cfg: ExperimentConfig, say: Callable[[str], None]
         _check_resumable(saved, cfg, run.config_path)
         if note := mixture.check_resume(saved.data, cfg.data, latest or 0):
             say(note)
+    if cfg.branch.parent is not None and latest is None:
+        branch.check(cfg)
     return latest, starting_point
 
 
@@ -281,7 +283,12 @@ def _restore_or_init(setup: Setup, checkpoints: Checkpointer, data: grain.Datase
             start = 0
             if notes:
                 data = data_iterator()  # a failed restore may have moved it
-            if initial is not None:
+            if cfg.branch.parent is not None:
+                start = cfg.branch.step
+                say(f"branching from {cfg.branch.parent} at step {start} (params, optimizer "
+                    "state and data position)")
+                state = branch.restore(cfg, setup.spec.abstract, data)
+            elif initial is not None:
                 say(f"starting from the weights of {initial[1]}")
                 state = state_from_params(initial[0], setup.tx, setup.spec, cfg.train.seed)
             else:
@@ -497,13 +504,15 @@ class Guard:
 
 
 def _summary(cfg: ExperimentConfig, run: RunDir, start: int, counts: dict[str, int],
-             tokens_per_step: int, flops_per_token: float, peak: float) -> dict[str, Any]:
+             tokens_per_step: int, flops_per_token: float, peak: float,
+             opt_state_bytes_per_param: float) -> dict[str, Any]:
     """summary.json as the run starts; a resumed run shows its last reported metrics."""
     return {
         "name": cfg.name, "state": "running", "step": start, "steps": cfg.train.steps,
         **{f"params_{k}": v for k, v in counts.items()},
         "flops_per_token": flops_per_token, "tokens_per_step": tokens_per_step,
-        "peak_flops": peak, "error": None,
+        "peak_flops": peak, "opt_state_bytes_per_param": opt_state_bytes_per_param,
+        "error": None,
         "final": run.summary().get("final", {}) if start else {},
     }
 
@@ -555,7 +564,12 @@ def train(cfg: ExperimentConfig, run_dir: Path,
     flops_per_token = flops.flops_per_token(cfg.model, setup.vocab_size, cfg.train.seq_len)
     peak = metrics.peak_flops(cfg.model.compute_dtype, cfg.logging.peak_flops) * jax.process_count()
     counts = flops.param_counts(cfg.model, setup.vocab_size)
-    summary = _summary(cfg, run, start, counts, tokens_per_step, flops_per_token, peak)
+    opt_bytes, opt_per_param = state_bytes(setup.spec.abstract["opt_state"],
+                                           setup.spec.abstract["params"])
+    say(f"optimizer {cfg.optim.name}: state {opt_bytes / 2**20:,.1f} MiB, {opt_per_param:.2f} "
+        "bytes per parameter")
+    summary = _summary(cfg, run, start, counts, tokens_per_step, flops_per_token, peak,
+                       opt_per_param)
     report = Reporter(run, cfg, summary, start, is_lead)
     profiler = metrics.StepProfiler(run.tensorboard, cfg.logging.profile_steps)
     if examples is not None:
