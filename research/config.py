@@ -635,6 +635,11 @@ class ExperimentConfig(_Section):
             raise ValueError(f"optim.cooldown_from={cooldown} must be below train.steps={steps}")
         if self.branch.step is not None and self.branch.step >= steps:
             raise ValueError(f"branch.step={self.branch.step} must be below train.steps={steps}")
+        if (self.optim.name == "adafactor" and self.optim.adafactor.multiply_by_parameter_scale
+                and self.model.parameterization != "standard"):
+            raise ValueError("optim.adafactor.multiply_by_parameter_scale=true scales each step "
+                             "by the parameter's RMS, which already follows width: it works "
+                             "only with model.parameterization=standard (docs/optimizers.md)")
         return self
 
     @model_validator(mode="after")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from research import cli
+from research import cli, config
 from research.train import branch
 from research.train.loop import load_run_config, train
 from tests.conftest import newest_checkpoint
@@ -24,10 +24,15 @@ PARENT = ("optim.schedule=wsd", "optim.decay_fraction=0.5", "train.steps=12", "c
           "checkpoint.keep_every=4", "train.eval_every=4")
 
 
-@pytest.fixture
-def parent(tiny, tmp_path) -> Path:
-    train(tiny(*PARENT), tmp_path / "parent")
-    return tmp_path / "parent"
+@pytest.fixture(scope="module")
+def parent(token_cache_dir, tmp_path_factory) -> Path:
+    """One parent run for the tests that only read it."""
+    from research import config
+    from tests.conftest import TINY
+
+    run_dir = tmp_path_factory.mktemp("branch") / "parent"
+    train(config.load(None, [*TINY, f"data.cache_dir={token_cache_dir}", *PARENT]), run_dir)
+    return run_dir
 
 
 def test_a_branch_keeping_the_parents_schedule_reproduces_it_bit_for_bit(tiny, tmp_path, parent):
@@ -69,8 +74,7 @@ def test_resume_of_a_branch_after_sigkill_is_bit_exact(tmp_path, tiny_overrides)
     common = ["experiments/dense_tiny.yaml", *tiny_overrides, "optim.schedule=wsd",
               "checkpoint.every=8", "checkpoint.keep_every=8", "train.eval_every=10"]
     parent = tmp_path / "parent"
-    run = _start(parent, [*common, "train.steps=40"])
-    assert run.communicate(timeout=240) and run.returncode == 0
+    train(config.load(common[0], [*common[1:], "train.steps=40"]), parent)
     flags = ["--branch-from", f"{parent}@8", "--cooldown-steps", "32"]
     straight = _start(tmp_path / "straight", [*common, *flags])
     assert straight.communicate(timeout=240) and straight.returncode == 0

@@ -21,7 +21,7 @@ from scipy import stats
 from research.analysis import families, fits, joint, plots, replicates, transfer
 from research.analysis.kinds import Kind
 from research.analysis.points import Points
-from research.analysis.runs import Run, finished, format_value, short_names
+from research.analysis.runs import Run, branch_of, finished, format_value, short_names
 from research.analysis.scaling import ScalingFit
 from research.analysis.sections import Figure, Part, Section, Table
 from research.format import si
@@ -69,10 +69,15 @@ class Lead(Section):
 
 
 def states(runs: list[Run]) -> str:
-    """`12 runs: 11 done, 1 failed.`"""
+    """`12 runs: 11 done, 1 failed.`, and which are cooldown branches (docs/training.md)."""
     counts = Counter(run.state for run in runs)
-    return f"{len(runs)} run{'s' * (len(runs) != 1)}: " + ", ".join(
+    text = f"{len(runs)} run{'s' * (len(runs) != 1)}: " + ", ".join(
         f"{n} {state}" for state, n in counts.most_common()) + "."
+    if branches := [b for run in runs if (b := branch_of(run))]:
+        text += (f" {len(branches)} of them are cooldown branches of a longer run (column branch: "
+                 f"{', '.join(branches)}), each a fully decayed model at its token count that "
+                 "shares its first steps with that run.")
+    return text
 
 
 def same_tokens(done: list[tuple[Run, dict[str, Any]]]) -> str:

@@ -227,7 +227,7 @@ def fixed_settings(runs: list[Run], fields: list[str]) -> dict[str, Any]:
 
 COLUMNS = ("state", "step", "steps", "params_total", "params_active", "params_non_embedding",
            "tokens", "flops", "final_eval_loss", "best_eval_loss", "final_eval_bpb",
-           "best_eval_bpb", "tokens_per_sec", "mfu", "error")
+           "best_eval_bpb", "tokens_per_sec", "mfu", "branch", "error")
 
 
 def _last(points: list[tuple[int, float]]) -> float | None:
@@ -273,5 +273,12 @@ def row(run: Run) -> dict[str, Any]:
         "final_eval_bpb": _last(run.series("eval/bpb")),
         "best_eval_bpb": _best(run.series("eval/bpb")),
         "tokens_per_sec": _median(run.series("train/tokens_per_sec")),
-        "mfu": _median(run.series("train/mfu")), "error": run.error,
+        "mfu": _median(run.series("train/mfu")), "branch": branch_of(run), "error": run.error,
     }
+
+
+def branch_of(run: Run) -> str | None:
+    """"PARENT@STEP" for a cooldown branch (docs/training.md), else None: its point is a fully
+    decayed model at its token count, though it shares its first STEP steps with the parent."""
+    parent = run.config.get("branch.parent")
+    return f"{Path(parent).name}@{run.config.get('branch.step')}" if parent else None

@@ -16,6 +16,12 @@ from research.train.rundir import RunDir, parse_metrics, write_json
 SWEEP_FILE = "sweep.json"  # in the sweep dir: name, storage, method; for status and analysis
 
 
+def trial_dir(sweep_dir: Path, trial: dict[str, Any]) -> Path:
+    """Where a trial runs: its own folder in the sweep dir, or the run_dir it names (a
+    cooldowns search's long run)."""
+    return Path(trial["run_dir"]) if trial.get("run_dir") else sweep_dir / trial["name"]
+
+
 class MetricsTail:
     """New complete lines of a growing metrics.jsonl (which a resumed run rewrites)."""
 

@@ -270,7 +270,7 @@ class Runner:
             store.finish(claim, "failed", None, str(exc))
             return None
         trial = claim.trial
-        run_dir = self.sweep_dir / trial["name"]
+        run_dir = rundir.trial_dir(self.sweep_dir, trial)
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.write_record(run_dir, trial, "running", None, None)
         # name=: the trial's progress lines and summary.json say which trial they are.

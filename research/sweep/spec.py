@@ -101,9 +101,11 @@ class Search(_Strict):
     """What is swept and how points are chosen. `isoflop`: the grid of `params` at each compute
     budget, `train.steps` set so that steps x tokens/step x FLOPs/token is the budget.
     `mixture`: `trials` mixtures of the base experiment's data sources (research/sweep/swarm.py)
-    at every point of the grid of `params` (which may be empty)."""
+    at every point of the grid of `params` (which may be empty). `cooldowns`: the long run in
+    `from` (trained first if it is not there), then one cooldown branch of it per entry of
+    `steps` (docs/training.md)."""
 
-    method: Literal["grid", "random", "tpe", "isoflop", "mixture"] = "grid"
+    method: Literal["grid", "random", "tpe", "isoflop", "mixture", "cooldowns"] = "grid"
     params: dict[str, Dimension] = Field({}, description="dotted config field -> values")
     startup_trials: int = Field(5, ge=1, description="tpe: random trials before the model kicks in")
     budgets: tuple[Annotated[float, Field(gt=0)], ...] = Field(
@@ -116,11 +118,29 @@ class Search(_Strict):
                                  "keeps draws nearer the natural mix")
     max_repetition: float | None = Field(None, gt=0, description="mixture: no source is read more "
                                          "than this many times over at train.steps")
+    from_: str | None = Field(None, alias="from", description="cooldowns: the long run's "
+                              "directory (relative to the current one); its config is the "
+                              "sweep's base + overrides")
+    steps: tuple[Annotated[int, Field(gt=0)], ...] = Field(
+        (), description="cooldowns: the long run's checkpoint steps to branch from")
+    cooldown_fraction: float | None = Field(None, gt=0, lt=1, description="cooldowns: each "
+                                            "branch's share of steps spent decaying")
 
     @model_validator(mode="after")
     def _method_fields(self) -> Search:
+        cooldown = [k for k in ("from_", "steps", "cooldown_fraction") if getattr(self, k)]
+        if self.method == "cooldowns":
+            if self.params:
+                raise ValueError("params: a cooldowns search sweeps no fields (its trials are the "
+                                 "long run and one branch per step)")
+            if len(cooldown) < 3:
+                missing = sorted({"from_", "steps", "cooldown_fraction"} - set(cooldown))[0]
+                raise ValueError(f"{missing.rstrip('_')}: a cooldowns search needs from (the long "
+                                 "run), steps and cooldown_fraction")
+        elif cooldown:
+            raise ValueError(f"{cooldown[0].rstrip('_')}: only a cooldowns search takes it")
         if self.method != "mixture":
-            if not self.params:
+            if not self.params and self.method != "cooldowns":
                 raise ValueError(f"params: a {self.method} search needs at least one swept field")
             given = [k for k in ("sources", "trials", "max_repetition") if getattr(self, k)]
             if given or self.concentration != 1.0:
@@ -196,7 +216,11 @@ class SweepSpec(_Strict):
         if method == "isoflop" and STEPS in {*params, *self.derived, *self.overrides}:
             raise ValueError(f"{STEPS}: an isoflop search sets it from each budget; do not sweep, "
                              "derive or override it")
-        if method not in ("grid", "isoflop", "mixture") and self.trials is None:
+        if method == "cooldowns" and (self.seeds > 1 or self.parallel > 1):
+            raise ValueError("seeds/parallel: a cooldowns search runs its long run, then its "
+                             "branches, one at a time (each branch starts from the long run's "
+                             "checkpoint); make one sweep per seed")
+        if method not in ("grid", "isoflop", "mixture", "cooldowns") and self.trials is None:
             raise ValueError(f"trials: a {self.search.method} search needs a trial budget")
         if method == "mixture" and self.trials is not None:
             raise ValueError("trials: a mixture search takes its number of mixtures as "
@@ -355,12 +379,14 @@ class Trial:
     overrides: tuple[str, ...]
     budget: float | None = None  # isoflop: the training FLOPs its steps were chosen for
     seed: int | None = None  # train.seed of a replicate (sweeps with `seeds:`)
+    run_dir: str | None = None  # where it runs, if not in the sweep dir (a cooldowns' long run)
 
     def record(self) -> dict[str, Any]:
         budget = {} if self.budget is None else {"budget": self.budget}
+        run_dir = {} if self.run_dir is None else {"run_dir": self.run_dir}
         return {"number": self.number, "name": self.name, "params": self.params,
                 "derived": self.derived, "seed": self.seed, "overrides": list(self.overrides),
-                **budget}
+                **budget, **run_dir}
 
 
 @dataclass(frozen=True)
@@ -470,8 +496,8 @@ class Sweep:
 
     def planned_trials(self) -> list[Trial]:
         """The fixed trial list of a grid, isoflop (the grid at each budget, budgets outermost),
-        random or mixture sweep (each mixture at each grid point, the grid outermost; TPE trials
-        are asked one at a time)."""
+        random, mixture (each mixture at each grid point, the grid outermost) or cooldowns sweep
+        (the long run, then its branches); TPE trials are asked one at a time."""
         params, method = self.spec.search.params, self.spec.search.method
         if method in ("grid", "isoflop"):
             grid = self._grid()
@@ -481,6 +507,8 @@ class Sweep:
             mixes = [{swarm.weight_key(k): w for k, w in mix.items()}
                      for mix in self.mixture_plan["mixtures"]]
             points = [(None, {**g, **m}) for g in self._grid() for m in mixes]
+        elif method == "cooldowns":
+            return self._cooldown_trials()
         elif method == "random":
             rng = random.Random(self.spec.seed)
             points = [(None, {k: d.sample(rng) for k, d in params.items()})
@@ -492,6 +520,29 @@ class Sweep:
             return [self.make_trial(n, p, c) for n, (c, p) in enumerate(points)]
         return [self.make_trial(n * seeds + s, p, c, s) for n, (c, p) in enumerate(points)
                 for s in range(seeds)]
+
+    def _cooldown_trials(self) -> list[Trial]:
+        """The long run (resumed, or a no-op, when it is there), then a branch per step."""
+        from research.train import branch
+
+        search = self.spec.search
+        long_run = Path(search.from_).absolute()  # type: ignore[arg-type]
+        parent = config_lib.load(self.base, self.fixed_overrides)
+        trials = [Trial(0, "t000-long", {}, {}, tuple(self.fixed_overrides),
+                        run_dir=str(long_run))]
+        keep_every = parent.checkpoint.keep_every
+        for number, step in enumerate(search.steps, 1):
+            where = f"{self.path}: search.steps: {step}"
+            if not keep_every or step % keep_every:
+                raise ConfigError(f"{where} is not a checkpoint the long run keeps "
+                                  f"(checkpoint.keep_every={keep_every}); set checkpoint.every "
+                                  "and checkpoint.keep_every in overrides to divide every step")
+            overrides = branch.overrides(parent, long_run, step,
+                                         cooldown_fraction=search.cooldown_fraction, what=where)
+            end = branch.cooldown_length(step, search.cooldown_fraction) + step  # type: ignore[arg-type]
+            trials.append(Trial(number, f"t{number:03d}-branch={step}", {"branch.step": step},
+                                {STEPS: end}, (*self.fixed_overrides, *overrides)))
+        return trials
 
     @property
     def budget(self) -> int:

@@ -38,7 +38,7 @@ def trial_rows(sweep_dir: Path, storage: str | None = None) -> tuple[dict[str, A
         state = row["state"]
         if state == "running" and store.claimable(row, now):
             state = "interrupted"
-        step, steps = rundir.progress(sweep_dir / trial["name"])
+        step, steps = rundir.progress(rundir.trial_dir(sweep_dir, trial))
         params = {**trial["params"], **({"seed": trial["seed"]} if trial.get("seed") is not None
                                          else {})}
         rows.append({"number": row["number"], "name": trial["name"], "params": params,
