@@ -15,7 +15,8 @@ import yaml
 
 from research import cli, config
 from research.train import branch
-from research.train.loop import load_run_config, train
+from research.train.loop import train
+from research.train.rundir import RunDir
 from tests.conftest import newest_checkpoint
 from tests.test_train import _start, final_params, losses
 
@@ -38,7 +39,7 @@ def parent(token_cache_dir, tmp_path_factory) -> Path:
 def test_a_branch_keeping_the_parents_schedule_reproduces_it_bit_for_bit(tiny, tmp_path, parent):
     """From step 8 of a wsd run, with the parent's own remaining schedule (its decay), the branch
     logs exactly the parent's losses, eval losses and learning rates, and ends with its params."""
-    overrides = branch.overrides(load_run_config(parent), parent, 8)
+    overrides = branch.overrides(RunDir(parent).config(), parent, 8)
     summary = train(tiny(*PARENT, *overrides), tmp_path / "branch")
     assert summary["step"] == 12
     ours, theirs = losses(tmp_path / "branch"), losses(parent)
@@ -56,7 +57,7 @@ def test_a_cooldown_branch_decays_linearly_to_the_floor(tiny, tmp_path, parent):
     """Branched at 4 (stable phase) with a 4-step cooldown: the lr of step 4+k is the stable
     peak decayed linearly to optim.min_lr_ratio at step 8 (the lr logged at step t is the one
     its update used, the schedule at t-1); and it keeps training from the parent's state."""
-    cfg = tiny(*PARENT, *branch.overrides(load_run_config(parent), parent, 4, cooldown_steps=4))
+    cfg = tiny(*PARENT, *branch.overrides(RunDir(parent).config(), parent, 4, cooldown_steps=4))
     assert (cfg.train.steps, cfg.optim.cooldown_from, cfg.optim.schedule_steps) == (8, 4, 12)
     train(cfg, tmp_path / "branch")
     peak, floor = cfg.optim.lr, cfg.optim.lr * cfg.optim.min_lr_ratio
@@ -64,6 +65,15 @@ def test_a_cooldown_branch_decays_linearly_to_the_floor(tiny, tmp_path, parent):
     np.testing.assert_allclose(list(losses(tmp_path / "branch", "lr").values()),
                                list(expected.values()), rtol=1e-6)
     assert losses(tmp_path / "branch", "loss")[5] == losses(parent)[5]  # same first update
+    # research analyze: a point at 8 steps' tokens, marked as a branch of the parent at step 4
+    from research.analysis.report import headline
+    from research.analysis.runs import load_runs, row
+
+    runs, _ = load_runs(tmp_path)
+    point = row(runs[0])
+    assert point["branch"] == "parent@4" and point["tokens"] == 8 * cfg.train.batch_size * cfg.train.seq_len
+    assert "1 of the 1 points are cooldown branches of a longer run (column branch: parent@4)" in \
+        headline(runs, [point], [], None)
     # K = S F / (1 - F): a 20% cooldown from step 120 ends at 150
     assert branch.cooldown_length(120, 0.2) == 30
 
@@ -121,3 +131,36 @@ def test_bad_branches_are_one_line_and_write_nothing(tiny_overrides, parent, tmp
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (flags, err)
         assert not new.exists()
+
+
+def test_a_cooldowns_sweep_plans_the_long_run_then_one_branch_per_step(tmp_path):
+    """Trial 0 trains the long run in `from`; each step gets a branch with a 20% cooldown. A step
+    the long run does not keep, swept params or parallel trials are refused in one line."""
+    from research.config import ConfigError
+    from research.sweep import spec
+
+    def sweep(**search) -> Path:
+        path = tmp_path / "cool.yaml"
+        path.write_text(yaml.safe_dump({
+            "base": str(Path(__file__).resolve().parents[1] / "experiments" / "dense_tiny.yaml"),
+            "overrides": {"optim.schedule": "wsd", "train.steps": 600, "checkpoint.every": 120,
+                          "checkpoint.keep_every": 120},
+            "search": {"method": "cooldowns", "from": str(tmp_path / "long"), "steps": [120, 360],
+                       "cooldown_fraction": 0.2, **search}}))
+        return path
+
+    trials = spec.load(sweep()).planned_trials()
+    assert [t.name for t in trials] == ["t000-long", "t001-branch=120", "t002-branch=360"]
+    assert trials[0].run_dir == str(tmp_path / "long")
+    branch_cfg = config.load(spec.load(sweep()).base, list(trials[2].overrides))
+    assert (branch_cfg.branch.parent, branch_cfg.branch.step) == (str(tmp_path / "long"), 360)
+    assert (branch_cfg.train.steps, branch_cfg.optim.cooldown_from,
+            branch_cfg.optim.schedule_steps) == (450, 360, 600)
+    for search, message in [({"steps": [130]}, "search.steps: 130 is not a checkpoint the long "
+                                                "run keeps"),
+                            ({"params": {"optim.lr": [1e-3]}}, "search.params: a cooldowns "
+                                                                "search sweeps no fields"),
+                            ({"cooldown_fraction": None}, "search.cooldown_fraction: a cooldowns "
+                                                          "search needs")]:
+        with pytest.raises(ConfigError, match=message):
+            spec.load(sweep(**search))
