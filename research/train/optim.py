@@ -96,6 +96,11 @@ def _is_spec(x: Any) -> bool:
     return isinstance(x, PartitionSpec)
 
 
+def _is_dims(x: Any) -> bool:
+    """A leaf of `muon_dimensions`' tree (None: not a Muon matrix)."""
+    return x is None or isinstance(x, MuonDimensionNumbers)
+
+
 def muon_dimensions(param_specs: Any) -> Any:
     """Per parameter: MuonDimensionNumbers (input and output axes) for the hidden matrices,
     None for what Muon leaves to AdamW (embeddings, the head, norms and other vectors)."""
@@ -117,8 +122,7 @@ def _scale_by_shape(dimensions: Any) -> optax.GradientTransformation:
 
     def update(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, Any]:
         return jax.tree.map(lambda dims, u: u if dims is None else u * factor(dims, u.shape),
-                            dimensions, updates,
-                            is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers)), state
+                            dimensions, updates, is_leaf=_is_dims), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -126,14 +130,12 @@ def _scale_by_shape(dimensions: Any) -> optax.GradientTransformation:
 def _muon_direction(cfg: OptimConfig, dimensions: Any) -> optax.GradientTransformation:
     """optax.contrib's Muon update (Nesterov momentum, Newton-Schulz, sqrt(max(1, out/in))
     shape scale) for the matrices, Adam's for the rest; no lr or weight decay (added after)."""
-    is_dims = lambda x: x is None or isinstance(x, MuonDimensionNumbers)  # noqa: E731
-
     def matrices(updates: Any) -> Any:  # the partition hands Muon a tree masked to its leaves
         return jax.tree.map(lambda dims, u: u if dims is None else dims, dimensions, updates,
-                            is_leaf=is_dims)
+                            is_leaf=_is_dims)
 
     labels = jax.tree.map(lambda dims: "adam" if dims is None else "muon", dimensions,
-                          is_leaf=is_dims)
+                          is_leaf=_is_dims)
     muon = cfg.muon
     return optax.partition({
         "muon": optax.chain(
@@ -180,8 +182,7 @@ def per_leaf_optimizer(cfg: OptimConfig, schedule: optax.Schedule, mask: Any, mu
         direction = _adafactor_direction(cfg)
     else:
         dimensions = muon_dimensions(param_specs)
-        is_matrix = jax.tree.map(lambda dims: dims is not None, dimensions,
-                                 is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers))
+        is_matrix = jax.tree.map(lambda dims: dims is not None, dimensions, is_leaf=_is_dims)
         direction = _muon_direction(cfg, dimensions)
         wds = jax.tree.map(lambda m, rule: rule.wd * rule.lr / rule.spectral_lr if m else rule.wd,
                            is_matrix, multipliers, is_leaf=_is_rule)
