@@ -253,12 +253,13 @@ MAMBA_TINY = ("model.mamba.head_dim=16", "model.mamba.d_state=8", "model.mamba.c
     ("muon", ("model.layer_pattern=[mamba:moe, attention:mlp]", "model.moe.n_experts=4",
               *MAMBA_TINY, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")),
     ("adafactor", ("model.layer_pattern=[attention:moe]", "model.moe.n_experts=4",
-                   "train.grad_accum=2", "optim.adafactor.min_dim_size_to_factor=16")),
+                   "train.grad_accum=2", "mesh.data=4", "mesh.tensor=2",
+                   "optim.adafactor.min_dim_size_to_factor=16")),
 ])
 def test_muon_and_adafactor_resume_bit_exact(tiny, tmp_path, optimizer, setup):
     """Muon (a partitioned state: momentum for the matrices, Adam's moments for the rest) on a
     Mamba + MoE hybrid sharded over data, fsdp and tensor, and Adafactor (factored statistics,
-    replicated) on MoE with two micro-batches, both under CompleteP: stopped at a checkpoint and
+    replicated) on MoE over data and tensor with two micro-batches, both under CompleteP: stopped at a checkpoint and
     resumed, a run ends exactly as a straight one (losses, params, optimizer state)."""
     common = (*COMPLETEP, *setup, f"optim.name={optimizer}", "checkpoint.every=2",
               "train.eval_every=2", "optim.schedule=constant", "optim.warmup_steps=0")
