@@ -158,9 +158,9 @@ def test_a_cooldowns_sweep_plans_the_long_run_then_one_branch_per_step(tmp_path)
             branch_cfg.optim.schedule_steps) == (450, 360, 600)
     for search, message in [({"steps": [130]}, "search.steps: 130 is not a checkpoint the long "
                                                 "run keeps"),
-                            ({"params": {"optim.lr": [1e-3]}}, "search.params: a cooldowns "
+                            ({"params": {"optim.lr": [1e-3]}}, "search: params: a cooldowns "
                                                                 "search sweeps no fields"),
-                            ({"cooldown_fraction": None}, "search.cooldown_fraction: a cooldowns "
+                            ({"cooldown_fraction": None}, "search: cooldown_fraction: a cooldowns "
                                                           "search needs")]:
         with pytest.raises(ConfigError, match=message):
             spec.load(sweep(**search))
