@@ -66,14 +66,14 @@ def test_a_cooldown_branch_decays_linearly_to_the_floor(tiny, tmp_path, parent):
                                list(expected.values()), rtol=1e-6)
     assert losses(tmp_path / "branch", "loss")[5] == losses(parent)[5]  # same first update
     # research analyze: a point at 8 steps' tokens, marked as a branch of the parent at step 4
-    from research.analysis.report import headline
+    from research.analysis.questions import states
     from research.analysis.runs import load_runs, row
 
     runs, _ = load_runs(tmp_path)
     point = row(runs[0])
     assert point["branch"] == "parent@4" and point["tokens"] == 8 * cfg.train.batch_size * cfg.train.seq_len
-    assert "1 of the 1 points are cooldown branches of a longer run (column branch: parent@4)" in \
-        headline(runs, [point], [], None)
+    assert "1 of them are cooldown branches of a longer run (column branch: parent@4)" in \
+        states(runs)
     # K = S F / (1 - F): a 20% cooldown from step 120 ends at 150
     assert branch.cooldown_length(120, 0.2) == 30
 
