@@ -22,6 +22,7 @@ import yaml
 from research import config
 from research.config import ConfigError
 from research.sweep import rundir, spec, study
+from research.train import compile_cache
 from research.train import rundir as train_rundir
 from research.sweep.runner import exit_error, device_env, split_devices, visible_devices
 from research.sweep.spec import Objective
@@ -390,7 +391,9 @@ def _attempts(run_dir: Path) -> int:
     return (run_dir / train_rundir.TRIAL_LOG).read_text().count("=== attempt ")
 
 
-def test_two_workers_run_each_grid_point_exactly_once(tmp_path, tiny_overrides):
+def test_two_workers_run_each_grid_point_exactly_once(tmp_path, tiny_overrides, monkeypatch):
+    # the sweep's own cache (sweep_dir/.jax_cache), not the suite's private one (conftest.py)
+    monkeypatch.delenv(compile_cache.ENV)
     path = write_sweep(tmp_path / "layers.yaml", search={"params": {"model.n_layers": [1, 2, 3]}})
     out = tmp_path / "out"
     workers = [_sweep(path, "--sweep-dir", out, "--worker", *_tiny(tiny_overrides, "model.n_layers"))

@@ -287,7 +287,7 @@ def derive_tasks(out: Path, documents: Iterable[Document] | None = None
     written atomically."""
     if documents is None:
         split = DataConfig()
-        files = source_files(split)
+        files = source_files(split.source)
         preferred = list(read_documents([f for f in files
                                          if is_heldout(f.doc_id, split.heldout_percent)], "text"))
         rest = [f for f in files if not is_heldout(f.doc_id, split.heldout_percent)]

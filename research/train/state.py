@@ -61,7 +61,7 @@ def _names_that_fit(opt_state: Any) -> Any:
 
 
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example: jax.Array,
-             multipliers: Any, reference: bool, guards: Any):
+             multipliers: Any, reference: bool, guards: Any = None):
     def init(rng: jax.Array) -> TrainState:
         init_rng, state_rng = jax.random.split(rng)
         params = model.init(init_rng, example)["params"]
