@@ -124,14 +124,16 @@ def example_files(source: str) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def read_records(files: list[Path]) -> Iterator[tuple[dict, str]]:
-    """(record, "file:line") for every non-blank line; malformed JSON is one clear error."""
+def read_records(files: list[Path], field: str | None = "examples.source"
+                 ) -> Iterator[tuple[dict, str]]:
+    """(record, "field: file:line") for every non-blank line of JSONL files; malformed JSON or a
+    line that is no JSON object is one clear error."""
     for path in files:
         with open(path, encoding="utf-8", errors="replace") as lines:
             for number, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
-                where = f"examples.source: {path}:{number}"
+                where = f"{field}: {path}:{number}" if field else f"{path}:{number}"
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:

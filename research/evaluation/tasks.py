@@ -25,7 +25,7 @@ from pathlib import Path
 
 from research.config import ConfigError, DataConfig
 from research.data.corpus import Document, is_heldout, read_documents, source_files
-from research.data.examples import builtin_cache_dir
+from research.data.examples import builtin_cache_dir, read_records
 
 BUILTIN_VERSION = 2  # bump when the derivation of the built-in tasks changes
 ITEMS = 200  # items per built-in task
@@ -56,9 +56,7 @@ class Task:
 # ----------------------------------------------------------------------------- reading
 
 
-def _item(record: object, where: str) -> Item:
-    if not isinstance(record, dict):
-        raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
+def _item(record: dict, where: str) -> Item:
     for name in ("context", "choices", "label"):
         if name not in record:
             raise ConfigError(f"{where}: missing field {name!r} (an item has context, choices, "
@@ -79,17 +77,7 @@ def _item(record: object, where: str) -> Item:
 
 def read_task(path: Path) -> Task:
     """A task file; malformed lines and invalid items are one ConfigError naming file:line."""
-    items = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{where}: malformed JSON ({exc.msg})") from None
-            items.append(_item(record, where))
+    items = [_item(record, where) for record, where in read_records([path], field=None)]
     if not items:
         raise ConfigError(f"{path}: empty task (no items)")
     return Task(path.name.removesuffix(".jsonl"), tuple(items))
