@@ -43,7 +43,7 @@ def write_sweep(path: Path, **fields) -> Path:
 
 
 @pytest.mark.parametrize("value", [1e-5, 0.001, 3e-3, 1.5e20, -2.5, 3, 0, True, False, None,
-                                   "cosine", "1e-4", "true", "null", "a b", "[1, 2]"])
+                                   "cosine", "1e-4", "true", "null", "a b", "[1, 2]", [], [1, 2.5]])
 def test_rendered_overrides_read_back_exactly(value):
     key, _, text = spec.render("x.y", value).partition("=")
     back = config.parse_value(text)
@@ -133,6 +133,9 @@ BAD_SWEEPS = [
      "trial t001-n_heads=3: model.n_heads=3 must divide model.d_model=128"),
     ({"overrides": {"train.stepz": 3}, "search": {"params": {"model.n_layers": [1]}}},
      "overrides: train.stepz: unknown field; did you mean train.steps?"),
+    ({"overrides": {"train": {"steps": 3}}, "search": {"params": {"model.n_layers": [1]}}},
+     "overrides.train: a number, string, boolean, null or list, not dict {'steps': 3} (dotted "
+     "keys set one field each, e.g. train.FIELD: ...)"),
     ({"search": {"params": {"model.n_layers": [1]}}, "derived": {"model.d_model": "n_layers.real"}},
      "derived.model.d_model: 'n_layers.real' is not allowed"),
     ({"search": {"params": {"model.n_layers": [1, 2]}},

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
 from research import config as config_lib
 from research.config import ConfigError
@@ -188,7 +188,8 @@ class SweepSpec(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     base: str = Field(description="experiment YAML, relative to the sweep file or the cwd")
-    overrides: dict[str, Scalar] = Field({}, description="fixed for every trial: dotted key -> value")
+    overrides: dict[str, Union[Scalar, list[Any]]] = Field(
+        {}, description="fixed for every trial: dotted key -> value (a list too, e.g. data.stages: [])")
     search: Search
     derived: dict[str, str] = Field({}, description="dotted key -> expression over swept names")
     objective: Objective = Objective()
@@ -201,6 +202,17 @@ class SweepSpec(_Strict):
     pruner: MedianPruner | HalvingPruner | None = Field(None, discriminator="type")
     lease_s: float = Field(60.0, ge=5, description="a claim with no heartbeat for this long is "
                            "taken over by another worker")
+
+    @field_validator("overrides", mode="before")
+    @classmethod
+    def _override_values(cls, overrides: Any) -> Any:
+        """Name the key whose value is not a config value (pydantic would name a union member)."""
+        for key, value in (overrides.items() if isinstance(overrides, dict) else ()):
+            if not isinstance(value, (bool, int, float, str, list, type(None))):
+                raise ValueError(f"overrides.{key}: a number, string, boolean, null or list, not "
+                                 f"{type(value).__name__} {value!r} (dotted keys set one field each, "
+                                 f"e.g. {key}.FIELD: ...)")
+        return overrides
 
     @model_validator(mode="after")
     def _consistent(self) -> SweepSpec:
