@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from scipy import stats
 
 from research import cli, config
 from research.analysis import mixture as laws
@@ -223,20 +224,53 @@ def test_a_resumed_mixture_sweep_runs_every_trial_once_and_analyzes(tmp_path, so
     page = (analysis / "report.html").read_text()
     assert "Data mixture" in page and "ranks held-out mixtures with Spearman 1.00" in page
 
-    # The proposal trained (docs/analysis.md's recipe: a run folder named proposal*): measured
-    # beside predicted, and not fitted.
-    proposal = out / "proposal"
-    proposal.mkdir()
-    sources = {s: {"source": "builtin", "weight": w} for s, w in entry["weights"].items()}
-    (proposal / "config.yaml").write_text(yaml.safe_dump({"data": {"sources": sources}}))
-    losses = {f"eval/{s}/loss": 1 + math.exp(-2 * w + 0.5 * (1 - w))
-              for s, w in entry["weights"].items()}
-    (proposal / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval_loss": 1.0, **losses}))
+    # The proposal trained over three seeds (docs/analysis.md's recipe: run folders named
+    # proposal*): measured beside predicted at its mix, and not fitted; seeds 1 and 2 of the
+    # natural and the uniform mix (fitted, averaged with the swarm's seed 0, whose loss they
+    # straddle, so the fit does not move) are what it is compared with, seed by seed.
+    def train(name: str, weights: dict[str, float], seed: int, noise: float) -> float:
+        run = out / name
+        run.mkdir()
+        sources = {s: {"source": "builtin", "weight": w} for s, w in weights.items()}
+        (run / "config.yaml").write_text(yaml.safe_dump({"data": {"sources": sources},
+                                                         "train": {"seed": seed}}))
+        losses = {f"eval/{s}/loss": 1 + math.exp(-2 * w + 0.5 * (1 - w)) + noise
+                  for s, w in weights.items()}
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval_loss": 1.0, **losses}))
+        return float(np.mean(list(losses.values())))
+
+    swarm_trials = {t.name: {swarm.source_of(k): v for k, v in t.params.items()} for t in trials}
+    natural_trial, uniform_trial = list(swarm_trials)[:2]
+    truth = {name: float(np.mean([1 + math.exp(-2 * w + 0.5 * (1 - w)) for w in mix.values()]))
+             for name, mix in swarm_trials.items()}
+    expected = {"proposal": [train(f"proposal-seed{s}", entry["weights"], s, e)
+                             for s, e in enumerate((0.0, 0.002, -0.002))]}
+    for mix, trial in (("natural", natural_trial), ("uniform", uniform_trial)):
+        expected[mix] = [truth[trial], *(train(f"{mix}-seed{s}", swarm_trials[trial], s, e)
+                                         for s, e in ((1, 0.001), (2, -0.001)))]
     analyze(out)
     again = json.loads((analysis / "fits.json").read_text())["mixture"]
     assert again["mixtures"] == 8 and again["weights"] == entry["weights"]
-    assert abs(again["measured"]["proposal"] - np.mean(list(losses.values()))) < 1e-12
-    assert "Measured at the proposal: proposal 1.7165" in (analysis / "report.md").read_text()
+    assert abs(again["measured"]["proposal-seed0"] - expected["proposal"][0]) < 1e-12
+    compared = again["compared"]
+    assert list(compared) == ["proposal", "natural", "uniform"]
+    for mix, values in expected.items():
+        assert np.allclose(sorted(compared[mix]["measured"]), sorted(values), atol=1e-12), mix
+        assert abs(compared[mix]["std"] - np.std(values, ddof=1)) < 1e-12
+    assert abs(compared["proposal"]["predicted"] - expected["proposal"][0]) < 1e-3  # the law
+    for mix, distinguishable in (("natural", True), ("uniform", False)):
+        a, b = np.array(expected[mix]), np.array(expected["proposal"])
+        va, vb = a.var(ddof=1) / 3, b.var(ddof=1) / 3  # Welch's test written out
+        t = (b.mean() - a.mean()) / math.sqrt(va + vb)
+        df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 2)
+        versus = compared["proposal"][f"vs_{mix}"]
+        assert abs(versus["difference"] - (b.mean() - a.mean())) < 1e-12
+        assert abs(versus["p_value"] - 2 * stats.t.sf(abs(t), df)) < 1e-9
+        assert (versus["p_value"] < 0.05) == distinguishable
+    report = (analysis / "report.md").read_text()
+    assert "Measured at the proposal: proposal-seed0 1.7165 (predicted at its mix 1.716" in report
+    assert "proposal lower than natural by 0.0937, larger than seed noise" in report
+    assert "Data mixture: measured over seeds" in report
 
 
 def test_the_largest_family_is_fitted_with_its_seeds_averaged(tmp_path):

@@ -6,7 +6,7 @@ Runs at several data mixtures are found by their `data.sources.<name>.weight` co
 that differ in anything else (a model size of the grid) form families and the largest is fitted.
 Runs whose folder name starts with `proposal` are a proposal's validation runs (the recipe in
 docs/analysis.md): they are not fitted, and the report sets their measured objective beside the
-prediction.
+law's prediction at their mix, and, over seeds, beside the runs at the natural and the uniform mix.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from research.analysis import mixture, plots
+from research.analysis import mixture, plots, replicates
 from research.analysis.sections import Figure, Part, Section
 from research.analysis.runs import Run, family
 from research.config import ConfigError
-from research.sweep.swarm import SOURCE_KEY, source_of
+from research.sweep.swarm import DECIMALS, SOURCE_KEY, project, source_of
 
 PROPOSAL = "proposal"  # folder-name prefix of a proposal's validation runs
+SAME_MIX = 10.0 ** (1 - DECIMALS)  # runs whose weights differ by less are at one mix (rounding)
 
 
 def final(run: Run, metric: str) -> float | None:
@@ -53,22 +54,26 @@ def default_metrics(runs: list[Run], sources: list[str], objective: str) -> dict
     return {objective: 1.0}
 
 
+Measured = list[tuple[str, np.ndarray, list[float]]]  # (run name, weights, metric values)
+Scored = list[tuple[str, np.ndarray, float]]  # (run name, weights, objective)
+
+
 def table_from_runs(runs: list[Run], fields: list[str], metrics: list[str]
-                    ) -> tuple[mixture.Table, dict[str, list[float]], list[str]] | None:
-    """The largest family's mixtures (seeds averaged), the validation runs' measured metrics
-    (by run name), and the runs left out with why; None without two or more mixtures."""
+                    ) -> tuple[mixture.Table, Measured, Measured, list[str]] | None:
+    """The largest family's mixtures (seeds averaged), each of its runs and each validation run
+    one by one, and the runs left out with why; None without two or more mixtures."""
     weighted = [(r, w) for r in runs if len(w := run_weights(r)) >= 2]
     if not weighted:
         return None
     sources = list(weighted[0][1])
-    usable, validation, left_out = [], {}, []
+    usable, validation, left_out = [], [], []
     for run, w in weighted:
         values = [final(run, m) for m in metrics]
         if list(w) != sources or None in values:
             left_out.append(f"{run.name} (no {metrics[values.index(None)]})" if None in values
                             else f"{run.name} (other sources)")
         elif run.name.startswith(PROPOSAL):
-            validation[run.name] = values
+            validation.append((run.name, np.array([w[s] for s in sources]), values))
         else:
             usable.append((run, np.array([w[s] for s in sources]), values))
     families: dict[tuple, list] = {}
@@ -88,10 +93,60 @@ def table_from_runs(runs: list[Run], fields: list[str], metrics: list[str]
     weights = np.array([list(key) for key in points])
     table = {m: np.array([np.mean([v[i] for _, v in members]) for members in points.values()])
              for i, m in enumerate(metrics)}
-    return mixture.Table(names, sources, weights, table), validation, left_out
+    fitted_runs = [(run.name, w, values) for run, w, values in chosen]
+    return mixture.Table(names, sources, weights, table), fitted_runs, validation, left_out
 
 
-def _figures(result: mixture.MixtureFit, validation: dict[str, float]) -> list[Figure]:
+def at_mix(runs: Scored, mix: np.ndarray) -> Scored:
+    """The runs at one mix (weights equal up to their rounding)."""
+    return [item for item in runs if np.max(np.abs(item[1] - mix)) < SAME_MIX]
+
+
+def seed_comparison(result: mixture.MixtureFit, checks: Scored, fitted: Scored,
+                    natural: np.ndarray | None, caps: np.ndarray | None
+                    ) -> tuple[dict[str, Any], str, list[list[str]]]:
+    """The validation runs' objective over their seeds against the runs at the natural and the
+    uniform mix (the swarm's reference points, with whatever seeds were trained there): fits.json's
+    entry, a sentence and table rows (mix, weights, runs, measured mean ± sd, predicted)."""
+    k = len(result.table.sources)
+    uniform = project(np.full(k, 1 / k), np.ones(k) if caps is None else caps)
+    groups: dict[str, Scored] = {}
+    for item in checks:  # validation runs of one mix form one group, named by the first run
+        name = next((g for g, members in groups.items() if at_mix(members, item[1])), None)
+        groups.setdefault(name or ("proposal" if not groups else item[0]), []).append(item)
+    for name, mix in (("natural", natural), ("uniform", uniform)):
+        if mix is not None and (members := at_mix(fitted, mix)):
+            groups[name] = members
+    entry, rows = {}, []
+    for name, members in groups.items():
+        values = [v for _, _, v in members]
+        group = replicates.Group(name, (), tuple(values))
+        predicted = float(result.objective(result.best, members[0][1][None])[0])
+        entry[name] = {"weights": dict(zip(result.table.sources, members[0][1].tolist())),
+                       "runs": [n for n, _, _ in members], "measured": values,
+                       "mean": group.mean, "std": group.std, "predicted": predicted}
+        rows.append([name, *(f"{w:.4f}" for w in members[0][1]), str(group.n),
+                     group.describe(), f"{predicted:.4f}"])
+    proposals = [g for g in groups if g not in ("natural", "uniform")]
+    references = [g for g in ("natural", "uniform") if g in groups]
+    if not references:
+        return entry, "", rows
+    words = []
+    for name in proposals:
+        for ref in references:
+            c = replicates.compare(entry[ref]["measured"], entry[name]["measured"])
+            entry[name][f"vs_{ref}"] = {"difference": c.difference, "p_value": c.p_value,
+                                        "interval": c.interval}
+            words.append(f"{name} {'lower' if c.difference < 0 else 'higher'} than {ref} by "
+                         f"{abs(c.difference):.4f}, {c.verdict()}")
+    text = (" Measured over seeds (mean ± sd): " + ", ".join(
+        f"{name} {r[-2]} ({r[-3]} runs)" for name, r in zip(groups, rows)) + "; "
+        + "; ".join(words) + ".")
+    return entry, text, rows
+
+
+def _figures(result: mixture.MixtureFit, validation: dict[str, tuple[float, float]]
+             ) -> list[Figure]:
     return [Figure("mixture_weights", "Data mixture: metrics against weights",
                    lambda: _weights_figure(result)),
             Figure("mixture_predicted", "Data mixture: predicted against measured",
@@ -113,15 +168,16 @@ def _weights_figure(result: mixture.MixtureFit) -> Any:
     return fig
 
 
-def _predicted_figure(result: mixture.MixtureFit, validation: dict[str, float]) -> Any:
+def _predicted_figure(result: mixture.MixtureFit, validation: dict[str, tuple[float, float]]
+                      ) -> Any:
     form = result.best
     fig, (ax,) = plots._figure(1)
     measured = result.measured()
     ax.plot(measured, result.objective(form, result.table.weights), "o", ms=5, label="fitted to all")
     ax.plot(measured, result.held_out[form]["objective"], "o", ms=7, mfc="none",
             label=f"held out (leave-{len(mixture.folds(len(measured))[0])}-out)")
-    for name, value in validation.items():
-        ax.plot(value, result.proposal["predicted"], "*", ms=14, label=f"proposal: {name}")
+    for name, (value, predicted) in validation.items():
+        ax.plot(value, predicted, "*", ms=14, label=f"proposal: {name}")
     low, high = ax.get_xlim()
     ax.plot([low, high], [low, high], color="0.6", lw=0.8)
     ax.set_xlabel("measured objective")
@@ -132,18 +188,30 @@ def _predicted_figure(result: mixture.MixtureFit, validation: dict[str, float]) 
 
 
 def build(table: mixture.Table, coefficients: dict[str, float], caps: np.ndarray | None,
-          natural: np.ndarray | None, kl: float, validation: dict[str, list[float]],
-          origins: dict[str, str] | None = None, left_out: list[str] = ()) -> Part:
-    """Fit, propose, and everything that reports it."""
+          natural: np.ndarray | None, kl: float, validation: Measured,
+          origins: dict[str, str] | None = None, left_out: list[str] = (),
+          fitted: Measured = ()) -> Part:
+    """Fit, propose, and everything that reports it. `validation`: the proposal's runs;
+    `fitted`: the fitted runs one by one (seeds not averaged), for the comparison over seeds."""
     result = mixture.fit_table(table, coefficients)
     mixture.propose(result, caps, natural, kl)
     label = mixture.label(coefficients)
-    measured = {name: float(sum(c * v for c, v in zip(coefficients.values(), values)))
-                for name, values in validation.items()}
+
+    def objective(values: list[float]) -> float:
+        return float(sum(c * v for c, v in zip(coefficients.values(), values)))
+
+    checks = [(name, w, objective(values)) for name, w, values in validation]
+    measured = {name: (v, float(result.objective(result.best, w[None])[0]))
+                for name, w, v in checks}
     text = mixture.trust(result, label)
     if measured:
         text += " Measured at the proposal: " + ", ".join(
-            f"{name} {v:.4f}" for name, v in measured.items()) + "."
+            f"{name} {v:.4f} (predicted at its mix {p:.4f})"
+            for name, (v, p) in measured.items()) + "."
+    compared, words, rows = seed_comparison(
+        result, checks, [(name, w, objective(values)) for name, w, values in fitted], natural,
+        caps) if checks else ({}, "", [])
+    text += words
     if left_out:
         text += f" Not fitted: {'; '.join(left_out)}."
     p = result.proposal
@@ -151,14 +219,20 @@ def build(table: mixture.Table, coefficients: dict[str, float], caps: np.ndarray
     entry = mixture.record(result, label)
     entry["block"] = mixture.sources_block(p["weights"], origins)
     if measured:
-        entry["measured"] = measured
+        entry["measured"] = {name: v for name, (v, _) in measured.items()}
+    if compared:
+        entry["compared"] = compared
     header, body = mixture.proposal_table(result)
-    body += [[name, *("" for _ in table.sources), "", f"{v:.4f}"] for name, v in measured.items()]
+    body += [[name, *(f"{x:.4f}" for x in w), f"{measured[name][1]:.4f}", f"{v:.4f}"]
+             for name, w, v in checks]
+    tables = [("Data mixture: laws (cross-validated)", mixture.laws_table(result)),
+              ("Data mixture: proposal", (header, body))]
+    if rows:
+        tables.append(("Data mixture: measured over seeds",
+                       (["mix", *table.sources, "runs", "measured (mean ± sd)", "predicted"],
+                        rows)))
     return Part(record={"mixture": entry}, section=Section(
-        "Data mixture", text=text,
-        tables=[("Data mixture: laws (cross-validated)", mixture.laws_table(result)),
-                ("Data mixture: proposal", (header, body))],
-        figures=_figures(result, measured)))
+        "Data mixture", text=text, tables=tables, figures=_figures(result, measured)))
 
 
 def section(runs: list[Run], fields: list[str], info: dict[str, Any] | None,
@@ -183,7 +257,7 @@ def section(runs: list[Run], fields: list[str], info: dict[str, Any] | None,
     found = table_from_runs(runs, fields, list(coefficients))
     if found is None:
         return Part()
-    table, validation, left_out = found
+    table, fitted, validation, left_out = found
     plan = (info or {}).get("mixture") or {}
     order = lambda d: None if not d else np.array([d[s] for s in table.sources])  # noqa: E731
     origins = {s: weighted[0].config.get(SOURCE_KEY.format(s)) for s in table.sources}
@@ -192,7 +266,7 @@ def section(runs: list[Run], fields: list[str], info: dict[str, Any] | None,
                           "to pull towards")
     try:
         return build(table, coefficients, order(plan.get("caps")), order(plan.get("natural")), kl,
-                     validation, {k: v for k, v in origins.items() if v}, left_out)
+                     validation, {k: v for k, v in origins.items() if v}, left_out, fitted)
     except ConfigError as exc:
         return Part(record={"mixture": {"error": str(exc)}},
                     omitted=[f"Data mixture: no fit ({exc})."])

@@ -302,7 +302,7 @@ def analyze_mixture_points(table: mixture.Table, coefficients: dict[str, float],
                            source: Path, out: Path) -> tuple[Path, str]:
     """Write fits.json (its "mixture" entry), the report and its figures to `out` for a table of
     mixtures (`--mixture-points`)."""
-    part = mixture_report.build(table, coefficients, caps, natural, kl, {})
+    part = mixture_report.build(table, coefficients, caps, natural, kl, [])
     lead = Lead("Mixture laws", f"{len(table.names)} mixtures of {', '.join(table.sources)} from "
                 f"{source}. {part.section.text}", tables=part.section.tables,
                 figures=part.section.figures)
