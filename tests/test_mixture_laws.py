@@ -292,13 +292,25 @@ def test_the_largest_family_is_fitted_with_its_seeds_averaged(tmp_path):
                 (run / "metrics.jsonl").write_text(json.dumps({"step": 5, "eval_loss": 1.0,
                                                                **losses}) + "\n")
                 number += 1
+    for layers in (2, 4):  # the proposal trained at each size: only the fitted size checks it
+        run = tmp_path / f"proposal-layers{layers}"
+        run.mkdir()
+        params = {"model.n_layers": layers, **{swarm.weight_key(s): 1 / 3 for s in TOKENS}}
+        rundir.write_record(run, {"number": number, "name": run.name, "params": params,
+                                  "derived": {}, "seed": 0}, "done", 1.0, None)
+        losses = {f"eval/{s}/loss": 1 + math.exp(-2 / 3 + 0.5 * 2 / 3) for s in TOKENS}
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 5, "eval_loss": 1.0, **losses}))
+        number += 1
     analysis, _ = analyze(tmp_path)
     entry = json.loads((analysis / "fits.json").read_text())["mixture"]
     assert entry["mixtures"] == 7
     assert entry["cross_validation"]["mixing_law"]["objective"]["rmse"] < 1e-6
     assert np.allclose(list(entry["weights"].values()), 1 / 3, atol=0.01)
+    assert list(entry["measured"]) == ["proposal-layers2"]
     report = (analysis / "report.md").read_text()
     assert report.count("(another setting)") == 4  # the other size's 2 mixtures x 2 seeds
+    assert ("proposal-layers4 (another setting than the fitted runs: model.n_layers=4)"
+            in report)
 
 
 # ----------------------------------------------------------------------------- the laws

@@ -72,18 +72,25 @@ def table_from_runs(runs: list[Run], fields: list[str], metrics: list[str]
         if list(w) != sources or None in values:
             left_out.append(f"{run.name} (no {metrics[values.index(None)]})" if None in values
                             else f"{run.name} (other sources)")
-        elif run.name.startswith(PROPOSAL):
-            validation.append((run.name, np.array([w[s] for s in sources]), values))
         else:
-            usable.append((run, np.array([w[s] for s in sources]), values))
+            (validation if run.name.startswith(PROPOSAL) else usable).append(
+                (run, np.array([w[s] for s in sources]), values))
+    free = ("data.sources.",)
     families: dict[tuple, list] = {}
     for item in usable:
-        families.setdefault(family(item[0], fields, ("data.sources.",)), []).append(item)
+        families.setdefault(family(item[0], fields, free), []).append(item)
     if not families:
         return None
-    chosen = max(families.values(), key=len)
+    key, chosen = max(families.items(), key=lambda kv: len(kv[1]))
     fitted = {item[0].name for item in chosen}
     left_out += [f"{run.name} (another setting)" for run, _, _ in usable if run.name not in fitted]
+    checks = []  # a proposal run checks the law only in the setting it was fitted to
+    for run, w, values in validation:
+        if (differs := [v for v in family(run, fields, free) if v not in key]):
+            left_out.append(f"{run.name} (another setting than the fitted runs: "
+                            f"{', '.join(differs)})")
+        else:
+            checks.append((run.name, w, values))
     points: dict[tuple, list] = {}
     for run, w, values in chosen:
         points.setdefault(tuple(np.round(w, 6)), []).append((run, values))
@@ -94,7 +101,7 @@ def table_from_runs(runs: list[Run], fields: list[str], metrics: list[str]
     table = {m: np.array([np.mean([v[i] for _, v in members]) for members in points.values()])
              for i, m in enumerate(metrics)}
     fitted_runs = [(run.name, w, values) for run, w, values in chosen]
-    return mixture.Table(names, sources, weights, table), fitted_runs, validation, left_out
+    return mixture.Table(names, sources, weights, table), fitted_runs, checks, left_out
 
 
 def at_mix(runs: Scored, mix: np.ndarray) -> Scored:
