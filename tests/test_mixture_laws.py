@@ -271,6 +271,9 @@ def test_a_resumed_mixture_sweep_runs_every_trial_once_and_analyzes(tmp_path, so
     assert "Measured at the proposal: proposal-seed0 1.7165 (predicted at its mix 1.716" in report
     assert "proposal lower than natural by 0.0937, larger than seed noise" in report
     assert "Data mixture: measured over seeds" in report
+    # Each run's eval_loss mixes the domains by its own weights: the lead does not rank by it.
+    assert "lowest final eval loss" not in report
+    assert f"the best of the 8 mixtures is {uniform_trial} / uniform-seed1 / uniform-seed2" in report
 
 
 def test_the_largest_family_is_fitted_with_its_seeds_averaged(tmp_path):

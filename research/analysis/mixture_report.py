@@ -152,6 +152,17 @@ def seed_comparison(result: mixture.MixtureFit, checks: Scored, fitted: Scored,
     return entry, text, rows
 
 
+def mixtures_table(result: mixture.MixtureFit) -> tuple[list[str], list[list[str]]]:
+    """Every fitted mixture by its measured objective: weights, measured, the better law's
+    prediction fitted to all and held out."""
+    table, form = result.table, result.best
+    measured, fitted = result.measured(), result.objective(form, table.weights)
+    held = result.held_out[form]["objective"]
+    header = ["mixture", *table.sources, "measured", "predicted", "held out"]
+    return header, [[table.names[i], *(f"{w:.4f}" for w in table.weights[i]), f"{measured[i]:.4f}",
+                     f"{fitted[i]:.4f}", f"{held[i]:.4f}"] for i in np.argsort(measured)]
+
+
 def _figures(result: mixture.MixtureFit, validation: dict[str, tuple[float, float]]
              ) -> list[Figure]:
     return [Figure("mixture_weights", "Data mixture: metrics against weights",
@@ -211,6 +222,10 @@ def build(table: mixture.Table, coefficients: dict[str, float], caps: np.ndarray
     measured = {name: (v, float(result.objective(result.best, w[None])[0]))
                 for name, w, v in checks}
     text = mixture.trust(result, label)
+    order = np.argsort(result.measured())
+    text += (f" Measured, the best of the {len(order)} mixtures is {table.names[order[0]]} "
+             f"({result.measured()[order[0]]:.4f}), the worst {table.names[order[-1]]} "
+             f"({result.measured()[order[-1]]:.4f}).")
     if measured:
         text += " Measured at the proposal: " + ", ".join(
             f"{name} {v:.4f} (predicted at its mix {p:.4f})"
@@ -233,7 +248,8 @@ def build(table: mixture.Table, coefficients: dict[str, float], caps: np.ndarray
     body += [[name, *(f"{x:.4f}" for x in w), f"{measured[name][1]:.4f}", f"{v:.4f}"]
              for name, w, v in checks]
     tables = [("Data mixture: laws (cross-validated)", mixture.laws_table(result)),
-              ("Data mixture: proposal", (header, body))]
+              ("Data mixture: proposal", (header, body)),
+              ("Data mixture: the mixtures, best measured first", mixtures_table(result))]
     if rows:
         tables.append(("Data mixture: measured over seeds",
                        (["mix", *table.sources, "runs", "measured (mean ± sd)", "predicted"],

@@ -462,19 +462,21 @@ def grid_lead(study: Study) -> Lead:
 
 def mixture_lead(study: Study) -> Lead:
     """A mixture swarm's answer: the fitted laws, the proposed mix and how far to trust it
-    (mixture_report.py), then its trials ranked as a grid over their weights."""
-    lead = grid_lead(study)
-    lead.title = "Mixture swarm"
+    (mixture_report.py). Its trials are not ranked by eval loss as a grid's are: each run's
+    eval_loss mixes the domains' held-out streams by that run's own weights, so two mixtures'
+    eval losses measure different text; the mixture part ranks them by its objective."""
     part = study.mixture.section
     if part is None:
+        lead = grid_lead(study)
+        lead.title = "Mixture swarm"
         lead.text = ("A mixture swarm, but no mixture law could be fitted "
                      f"({'; '.join(study.mixture.omitted) or 'no run sets two or more data.sources weights'}); its trials "
-                     "are ranked as a grid. " + lead.text)
+                     "are ranked as a grid (by eval loss, which each run measures on its own "
+                     "mix of the domains). " + lead.text)
         return lead
-    lead.text = f"{part.text} {lead.text}"
-    lead.tables = [*part.tables, *lead.tables]
-    lead.figures = [*part.figures, *lead.figures]
-    return lead
+    text, left_out = _left_out(study.family())
+    return Lead("Mixture swarm", f"{part.text}{text} {states(study.runs)}", tables=part.tables,
+                figures=part.figures, left_out=left_out)
 
 
 def _nothing(study: Study) -> Lead:
