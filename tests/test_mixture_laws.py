@@ -237,6 +237,7 @@ def test_a_resumed_mixture_sweep_runs_every_trial_once_and_analyzes(tmp_path, so
         losses = {f"eval/{s}/loss": 1 + math.exp(-2 * w + 0.5 * (1 - w)) + noise
                   for s, w in weights.items()}
         (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval_loss": 1.0, **losses}))
+        (run / "summary.json").write_text(json.dumps({"state": "done"}))
         return float(np.mean(list(losses.values())))
 
     swarm_trials = {t.name: {swarm.source_of(k): v for k, v in t.params.items()} for t in trials}
@@ -295,12 +296,15 @@ def test_the_largest_family_is_fitted_with_its_seeds_averaged(tmp_path):
                 (run / "metrics.jsonl").write_text(json.dumps({"step": 5, "eval_loss": 1.0,
                                                                **losses}) + "\n")
                 number += 1
-    for layers in (2, 4):  # the proposal trained at each size: only the fitted size checks it
-        run = tmp_path / f"proposal-layers{layers}"
+    # The proposal trained at each size (only the fitted size checks it), and a mixture still
+    # running (its last eval is a shorter run's: not fitted).
+    for name, layers, state in (("proposal-layers2", 2, "done"), ("proposal-layers4", 4, "done"),
+                                ("running", 2, "running")):
+        run = tmp_path / name
         run.mkdir()
         params = {"model.n_layers": layers, **{swarm.weight_key(s): 1 / 3 for s in TOKENS}}
         rundir.write_record(run, {"number": number, "name": run.name, "params": params,
-                                  "derived": {}, "seed": 0}, "done", 1.0, None)
+                                  "derived": {}, "seed": 0}, state, 1.0, None)
         losses = {f"eval/{s}/loss": 1 + math.exp(-2 / 3 + 0.5 * 2 / 3) for s in TOKENS}
         (run / "metrics.jsonl").write_text(json.dumps({"step": 5, "eval_loss": 1.0, **losses}))
         number += 1
@@ -314,6 +318,7 @@ def test_the_largest_family_is_fitted_with_its_seeds_averaged(tmp_path):
     assert report.count("(another setting)") == 4  # the other size's 2 mixtures x 2 seeds
     assert ("proposal-layers4 (another setting than the fitted runs: model.n_layers=4)"
             in report)
+    assert "running (running)" in report
 
 
 # ----------------------------------------------------------------------------- the laws

@@ -69,7 +69,9 @@ def table_from_runs(runs: list[Run], fields: list[str], metrics: list[str]
     usable, validation, left_out = [], [], []
     for run, w in weighted:
         values = [final(run, m) for m in metrics]
-        if list(w) != sources or None in values:
+        if run.state != "done":  # a running or failed run's last eval is a shorter run's
+            left_out.append(f"{run.name} ({run.state})")
+        elif list(w) != sources or None in values:
             left_out.append(f"{run.name} (no {metrics[values.index(None)]})" if None in values
                             else f"{run.name} (other sources)")
         else:
