@@ -406,6 +406,8 @@ def test_the_trust_sentence_calls_out_a_poor_rank_and_extrapolation():
     text = laws.trust(fitted, "L0")
     assert "no better than a guess" in text
     assert "The proposal lies outside the mixtures tried: a 1.00 (tried 0.25 to 0.41)" in text
+    # A bootstrap law that runs off along an exponential gives a bound that reads as a number.
+    assert laws.interval(2.66744, 4.4398e65) == "[2.6674, 4.44e+65]"
 
 
 def test_minimum_mixtures_leave_more_points_than_parameters_in_every_fold():

@@ -166,7 +166,7 @@ def _print_proposal(fits_json: Path) -> None:
     if entry and "weights" in entry:
         low, high = entry["interval"]
         print(f"proposed mix ({entry['regressor']} law; predicted {entry['objective']} "
-              f"{entry['predicted']:.4f}, 95% bootstrap [{low:.4f}, {high:.4f}]):\n"
+              f"{entry['predicted']:.4f}, 95% bootstrap {mixture.interval(low, high)}):\n"
               f"{entry['block']}\nas overrides: {mixture.overrides(entry['weights'])}")
 
 

@@ -274,6 +274,12 @@ def overrides(weights: dict[str, float]) -> str:
     return " ".join(f"{weight_key(name)}={w:.4f}" for name, w in weights.items())
 
 
+def interval(low: float, high: float) -> str:
+    """`[2.6674, 2.7348]`; a bound past 10^4 (a bootstrap law that ran off along an exponential,
+    far outside the mixtures tried) in 3 significant digits, `[2.6674, 4.44e+65]`."""
+    return "[" + ", ".join(f"{x:.4f}" if abs(x) < 1e4 else f"{x:.3g}" for x in (low, high)) + "]"
+
+
 def trust(result: MixtureFit, metric_label: str) -> str:
     """The plain sentence on how far the law and its proposal can be trusted."""
     q = result.quality[result.best]["objective"]
@@ -285,7 +291,7 @@ def trust(result: MixtureFit, metric_label: str) -> str:
             f"square, {len(result.table.names)} mixtures, leave-{math.ceil(len(result.table.names) / CV_FOLDS)}"
             f"-out; the {TITLES[other]}: Spearman "
             f"{result.quality[other]['objective'].spearman:.2f}, {result.quality[other]['objective'].rmse:.3g}). "
-            f"Its proposal predicts {p['predicted']:.4f} [{lo:.4f}, {hi:.4f}]")
+            f"Its proposal predicts {p['predicted']:.4f} {interval(lo, hi)}")
     if "gain_vs_natural" in p:
         mean, sd = p["gain_vs_natural"]
         text += (f" and beats the natural mix by {mean:.3g} ± {sd:.2g} predicted" if mean > 2 * sd
@@ -317,7 +323,7 @@ def proposal_table(result: MixtureFit) -> tuple[list[str], list[list[str]]]:
     header = ["mix", *result.table.sources, "predicted", "measured"]
     lo, hi = p["interval"]
     body = [["proposal", *(f"{w:.4f}" for w in p["weights"].values()),
-             f"{p['predicted']:.4f} [{lo:.4f}, {hi:.4f}]", "–"]]
+             f"{p['predicted']:.4f} {interval(lo, hi)}", "–"]]
     if "natural" in p:
         body.append(["natural", *(f"{w:.4f}" for w in p["natural"].values()),
                      f"{p['natural_predicted']:.4f}", "–"])
