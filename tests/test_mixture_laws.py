@@ -410,6 +410,24 @@ def test_the_trust_sentence_calls_out_a_poor_rank_and_extrapolation():
     assert laws.interval(2.66744, 4.4398e65) == "[2.6674, 4.44e+65]"
 
 
+def test_bootstrap_refits_that_overflow_are_counted_not_averaged():
+    """Mixtures bunched in the middle, two domains pulling opposite ways: the proposal is a
+    corner, where some bootstrap refits overflow (inf, nan). The interval and the gain over the
+    natural mix stay finite, the gain is the refits' median (their mean would be infinite), and
+    the sentence counts the refits left out."""
+    rng = np.random.default_rng(1)
+    w = rng.dirichlet(np.full(3, 30.0), 12)
+    y = _dml(np.ones(2), np.ones(2), np.array([[-0.3, 0.2, 0.0], [0.3, -0.3, 0.0]]), w)
+    y += rng.normal(0, 0.05, y.shape)
+    fitted = laws.fit_table(_table(w, y), {"L0": 0.5, "L1": 0.5})
+    p = laws.propose(fitted, natural=np.full(3, 1 / 3), bootstrap=30)
+    assert p["bootstrap_runaway"] > 0
+    assert np.all(np.isfinite([*p["interval"], *p["gain_vs_natural"]]))
+    assert p["interval"][0] <= p["predicted"]
+    json.dumps(p, allow_nan=False)  # fits.json stays standard JSON
+    assert f"{p['bootstrap_runaway']} bootstrap refits overflow" in laws.trust(fitted, "L")
+
+
 def test_minimum_mixtures_leave_more_points_than_parameters_in_every_fold():
     for k in range(2, 9):
         n = swarm.min_trials(k)

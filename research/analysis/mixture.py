@@ -216,22 +216,34 @@ def propose(result: MixtureFit, caps: np.ndarray | None = None, natural: np.ndar
     rng = np.random.default_rng(seed)
     at_proposal, gains = [], []
     reference = None if natural is None else np.asarray(natural, float)[None]
+    runaway = 0  # refits whose law overflows at the proposal or the natural mix
     for _ in range(bootstrap):
         rows = rng.integers(0, len(table.names), len(table.names))
-        laws = {m: fit(form, table.weights[rows], y[rows], result.laws[form][m])
-                for m, y in table.metrics.items()}
-        value = float(result.objective(form, weights[None], laws)[0])
+        with np.errstate(over="ignore", invalid="ignore"):  # a refit may run off: counted below
+            laws = {m: fit(form, table.weights[rows], y[rows], result.laws[form][m])
+                    for m, y in table.metrics.items()}
+            value = float(result.objective(form, weights[None], laws)[0])
+            gain = (float(result.objective(form, reference, laws)[0]) - value
+                    if reference is not None else 0.0)
+        if not (math.isfinite(value) and math.isfinite(gain)):
+            runaway += 1
+            continue
         at_proposal.append(value)
-        if reference is not None:
-            gains.append(float(result.objective(form, reference, laws)[0]) - value)
+        gains.append(gain)
+    if not at_proposal:
+        raise ConfigError(f"every one of {bootstrap} bootstrap refits overflows at the proposed "
+                          "mix: the law is extrapolated too far (cap the weights or pull towards "
+                          "the natural mix with --kl)")
     out: dict[str, Any] = {
         "weights": dict(zip(table.sources, weights.tolist())), "predicted": predicted,
         "interval": [float(np.percentile(at_proposal, 2.5)), float(np.percentile(at_proposal, 97.5))],
-        "regressor": form, "kl": kl, "caps": dict(zip(table.sources, upper.tolist()))}
+        "regressor": form, "kl": kl, "caps": dict(zip(table.sources, upper.tolist())),
+        "bootstrap_runaway": runaway}
     if reference is not None:
         out["natural"] = dict(zip(table.sources, np.asarray(natural, float).tolist()))
         out["natural_predicted"] = float(result.objective(form, reference)[0])
-        out["gain_vs_natural"] = [float(np.mean(gains)), float(np.std(gains))]
+        low, median, high = np.percentile(gains, [16, 50, 84])  # robust to refits that run off
+        out["gain_vs_natural"] = [float(median), float((high - low) / 2)]
     result.proposal = out
     return out
 
@@ -298,6 +310,9 @@ def trust(result: MixtureFit, metric_label: str) -> str:
                  else f"; its predicted gain over the natural mix, {mean:.3g} ± {sd:.2g}, is "
                  "within the bootstrap's spread")
     text += "."
+    if p.get("bootstrap_runaway"):
+        text += (f" {p['bootstrap_runaway']} bootstrap refits overflow at the proposal and are "
+                 "left out of its interval: the law is extrapolated far there.")
     w = result.table.weights
     beyond = [f"{s} {v:.2f} (tried {lo:.2f} to {hi:.2f})" for s, v, lo, hi in
               zip(result.table.sources, p["weights"].values(), w.min(0), w.max(0))
