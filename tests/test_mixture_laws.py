@@ -28,21 +28,12 @@ from test_sweep import BASE, REPO, _env, _wait_for, write_sweep
 
 FAKE_TRIAL = Path(__file__).resolve().parent / "sweep_fake_trial.py"
 TOKENS = {"code": 6000, "docs": 3000, "tests": 1000}
-HAS_SOURCES = "sources" in config.DataConfig.model_fields  # issue 28's data.sources
 
 
 def stand_in(set_attribute) -> None:
-    """Mixture sweeps over TOKENS' sources of dense_tiny.yaml: the data layer's token counts are
-    stood in for, and (until data.sources is in the schema) so is reading the weight overrides."""
+    """Mixture sweeps over TOKENS' sources: the data layer's token counts are stood in for, so
+    that the caps and the natural mix are known exactly."""
     set_attribute(swarm, "source_tokens", lambda cfg: dict(TOKENS))
-    if not HAS_SOURCES:
-        load = config.load
-
-        def without_weights(path, overrides=()):
-            return load(path, [o for o in overrides
-                               if swarm.source_of(o.partition("=")[0]) is None])
-
-        set_attribute(config, "load", without_weights)
 
 
 @pytest.fixture
@@ -65,18 +56,17 @@ sys.exit(runner.Runner(spec.load(sys.argv[1]), Path(sys.argv[2]), sys.argv[3],
 
 
 def _mixture_sweep(tmp_path: Path, **search) -> Path:
-    """A mixture sweep over TOKENS' sources; its base is dense_tiny.yaml, with those sources
-    (all the built-in corpus) once data.sources is in the schema."""
+    """A mixture sweep over TOKENS' sources; its base is dense_tiny.yaml with those sources (each
+    the whole built-in corpus)."""
     path = write_sweep(tmp_path / "mix.yaml", overrides={"optim.lr": 0.001, "train.steps": 10},
                        search={"method": "mixture", "sources": list(TOKENS), "trials": 8,
                                **search})
-    if HAS_SOURCES:
-        base = yaml.safe_load(BASE.read_text())
-        base.setdefault("data", {}).pop("source", None)
-        base["data"]["sources"] = {name: {"source": "builtin"} for name in TOKENS}
-        (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-        raw = yaml.safe_load(path.read_text())
-        path.write_text(yaml.safe_dump({**raw, "base": str(tmp_path / "base.yaml")}))
+    base = yaml.safe_load(BASE.read_text())
+    base.setdefault("data", {}).pop("source", None)
+    base["data"]["sources"] = {name: {"source": "builtin"} for name in TOKENS}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "base": str(tmp_path / "base.yaml")}))
     return path
 
 
@@ -122,7 +112,6 @@ def test_projection_onto_the_capped_simplex_is_the_nearest_point():
         assert all(np.sum((w - target) ** 2) <= np.sum((o - target) ** 2) + 1e-12 for o in others)
 
 
-@pytest.mark.skipif(not HAS_SOURCES, reason="needs data.sources (the data-mixtures issue)")
 def test_source_tokens_counts_each_training_source(tmp_path, token_cache_dir):
     texts = {"a": "x" * 5000, "b": "y" * 2000, "c": "z" * 700}
     for name, text in texts.items():
