@@ -1,12 +1,15 @@
-"""Mamba-2: the chunked SSD against the sequential recurrence, and mamba_tiny through the real loop.
+"""Mamba-2: the chunked SSD against the sequential recurrence, and mamba_tiny's train step.
 
-    python bench/mamba.py [--seq-len 2048] [--batch 2] [--steps 20] [key=value ...]
+    PYTHONPATH=. python bench/mamba.py [--seq-len 2048] [--batch 2] [--chunks 32 64 128]
+        [--steps 3] [--repeats 5] [key=value ...]
 
 Part 1 times forward + backward (gradients w.r.t. x, dt, A, B, C) of `ssd_chunked` at several
-chunk sizes and of `ssd_sequential` (lax.scan over steps) side by side on the same float32
-inputs, shaped like one mamba_tiny layer, and checks they agree. Part 2 trains
-experiments/mamba_tiny.yaml (plus any key=value overrides) for --steps steps through the real
-loop with bench/throughput.py's `measure`: steady-state tokens/s and MFU.
+chunk sizes and of `ssd_sequential` (lax.scan over steps) on the same float32 inputs, shaped
+like one mamba_tiny layer, and checks they agree; the compiled calls take turns, `--repeats`
+rounds, so machine load hits them alike. Part 2 times experiments/mamba_tiny.yaml's real train
+step (plus any key=value overrides) with bench/sidebyside.py's `alternate` (`--steps` steps per
+round) and its MFU by the loop's FLOPs formula. Ends with one `result:` line per headline figure
+and its target (issue #25): the speed-up at the experiment's own chunk size, and the MFU.
 """
 
 from __future__ import annotations
@@ -21,23 +24,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.sidebyside import alternate, mfu
 from research import config
 from research.models.mamba import ssd_chunked, ssd_sequential
-from throughput import measure
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "experiments/mamba_tiny.yaml"
 
 
-def seconds(fn, *args, repeats: int = 5) -> float:
-    """Median wall time of a compiled call (compilation excluded)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def seconds(fns: dict[str, Callable], args: tuple, repeats: int) -> dict[str, float]:
+    """Median wall time of each compiled call (compilation excluded), the calls taking turns."""
+    for fn in fns.values():
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def ssd_inputs(batch: int, seq_len: int, cfg: config.ModelConfig) -> tuple[jax.Array, ...]:
@@ -62,37 +67,42 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--chunks", type=int, nargs="+", default=[32, 64, 128, 256])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of mamba_tiny")
     args = parser.parse_args()
-    cfg = config.load(EXPERIMENT, args.overrides).model
-    inputs = ssd_inputs(args.batch, args.seq_len, cfg)
+    cfg = config.load(EXPERIMENT, args.overrides)
+    m = cfg.model.mamba
+    chunks = sorted({*args.chunks, m.chunk_size})
+    inputs = ssd_inputs(args.batch, args.seq_len, cfg.model)
     tokens = args.batch * args.seq_len
-    m = cfg.mamba
     print(f"SSD forward+backward, float32, batch {args.batch} x {args.seq_len} tokens, "
-          f"{m.expand * cfg.d_model // m.head_dim} heads x {m.head_dim}, state {m.d_state}, "
-          f"{m.n_groups} group(s), {jax.devices()[0].device_kind}")
+          f"{m.n_heads(cfg.model.d_model)} heads x {m.head_dim}, state {m.d_state}, "
+          f"{m.n_groups} group(s), {jax.devices()[0].device_kind}, median of {args.repeats}")
+    fns = {"sequential": forward_backward(ssd_sequential)}
+    fns.update({q: forward_backward(lambda *a, q=q: ssd_chunked(*a, q)) for q in chunks})
+    times = seconds(fns, inputs, args.repeats)
+    y_ref = ssd_sequential(*inputs)[0]
+    base = times["sequential"]
     print("| algorithm | ms | tokens/s | speed vs sequential | max rel. diff of y |")
     print("|---|---:|---:|---:|---:|")
-    sequential = forward_backward(ssd_sequential)
-    base = seconds(sequential, *inputs)
-    y_ref = ssd_sequential(*inputs)[0]
-    print(f"| sequential (lax.scan) | {base * 1e3:.1f} | {tokens / base:,.0f} | 1.00x | - |",
-          flush=True)
-    for chunk in args.chunks:
-        chunked = forward_backward(lambda *a, q=chunk: ssd_chunked(*a, q))
-        t = seconds(chunked, *inputs)
-        y = ssd_chunked(*inputs, chunk)[0]
+    print(f"| sequential (lax.scan) | {base * 1e3:.1f} | {tokens / base:,.0f} | 1.00x | - |")
+    for q in chunks:
+        y = ssd_chunked(*inputs, q)[0]
         diff = float(jnp.max(jnp.abs(y - y_ref)) / jnp.max(jnp.abs(y_ref)))
-        print(f"| chunked, Q={chunk} | {t * 1e3:.1f} | {tokens / t:,.0f} | {base / t:.2f}x | "
-              f"{diff:.1e} |", flush=True)
+        print(f"| chunked, Q={q} | {times[q] * 1e3:.1f} | {tokens / times[q]:,.0f} | "
+              f"{base / times[q]:.2f}x | {diff:.1e} |")
 
-    row = measure(EXPERIMENT, args.overrides, args.steps)
-    print(f"\n{EXPERIMENT.stem} through the training loop ({args.steps} steps, second half timed)")
-    print("| params | FLOPs/token | tokens/s | MFU |\n|---:|---:|---:|---:|")
-    print(f"| {row['params']:,} | {row['flops_per_token']:,.0f} | {row['tokens_per_sec']:,.0f} | "
-          f"{row['mfu']:.1%} |")
+    step = alternate({EXPERIMENT.stem: cfg}, args.steps, args.repeats)[EXPERIMENT.stem]
+    step_tokens = cfg.train.batch_size * cfg.train.seq_len
+    print(f"\n{EXPERIMENT.stem} train step (median of {args.repeats} x {args.steps} steps)")
+    print("| step ms | tokens/s | MFU |\n|---:|---:|---:|")
+    print(f"| {step['step_time'] * 1e3:.1f} | {step_tokens / step['step_time']:,.0f} | "
+          f"{mfu(cfg, step['step_time']):.1%} |")
+    print(f"result: mamba chunked/sequential T={args.seq_len} "
+          f"{base / times[m.chunk_size]:.1f} (target >= 10)")
+    print(f"result: {EXPERIMENT.stem} MFU {mfu(cfg, step['step_time']):.1%} (target >= 40)")
 
 
 if __name__ == "__main__":

@@ -21,12 +21,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.sidebyside import alternate
+from bench.sidebyside import alternate, mfu
 from research import config
 from research.data.tokenizer import load_tokenizer
 from research.models.decoder import padded_vocab
-from research.train.flops import flops_per_token, param_counts
-from research.train.metrics import peak_flops
+from research.train.flops import param_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +56,6 @@ def main() -> None:
     }.items()}
     vocab = padded_vocab(base.model, load_tokenizer(base.data.tokenizer).vocab_size)
     tokens = base.train.batch_size * base.train.seq_len
-    peak = peak_flops(base.model.compute_dtype, base.logging.peak_flops)
     times = {name: r["step_time"] for name, r in alternate(cfgs, args.steps, args.repeats).items()}
 
     print(f"| {experiment.stem} (median of {args.repeats} x {args.steps} steps) | params | active "
@@ -66,9 +64,9 @@ def main() -> None:
     dense, capacity, dropless = times.values()
     for name, cfg in cfgs.items():
         counts = param_counts(cfg.model, vocab)
-        mfu = flops_per_token(cfg.model, vocab, cfg.train.seq_len) * tokens / times[name] / peak
         print(f"| {name} | {counts['total']:,} | {counts['active']:,} | {times[name] * 1e3:.0f} | "
-              f"{tokens / times[name]:,.0f} | {mfu:.1%} | {times[name] / dense:.2f}x |")
+              f"{tokens / times[name]:,.0f} | {mfu(cfg, times[name]):.1%} | "
+              f"{times[name] / dense:.2f}x |")
     print(f"result: moe dropless/capacity step {dropless / capacity:.2f} (target <= 1.5)")
     print(f"result: moe capacity/dense step {capacity / dense:.2f} (target <= 1.2)")
 

@@ -22,7 +22,11 @@ import numpy as np
 
 from research import config
 from research.data import mixture
+from research.data.tokenizer import load_tokenizer
+from research.models.decoder import padded_vocab
+from research.train.flops import flops_per_token
 from research.train.loop import compile_train_step, prepare
+from research.train.metrics import peak_flops
 from research.train.state import init_state
 
 
@@ -71,6 +75,15 @@ def alternate(cfgs: dict[str, config.ExperimentConfig], steps: int, repeats: int
             run[1] = state
     return {name: {"step_time": float(np.median(t)), "loss": losses[name][0]}
             for name, t in times.items()}
+
+
+def mfu(cfg: config.ExperimentConfig, step_time: float) -> float:
+    """Model FLOPs utilisation of a train step of `step_time` seconds: the loop's FLOPs formula
+    (`research.train.flops`) against the device's peak (`research.train.metrics.peak_flops`)."""
+    vocab = padded_vocab(cfg.model, load_tokenizer(cfg.data.tokenizer).vocab_size)
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    return (flops_per_token(cfg.model, vocab, cfg.train.seq_len) * tokens / step_time
+            / peak_flops(cfg.model.compute_dtype, cfg.logging.peak_flops))
 
 
 def main() -> None:
