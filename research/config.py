@@ -87,8 +87,8 @@ class MoEConfig(_Section):
     d_expert: int | None = Field(None, gt=0, description="expert hidden width; None: model.d_ff "
                                  "(smaller values give fine-grained experts)")
     dispatch: Literal["capacity", "dropless"] = Field(
-        "capacity", **_role(NUMERICS), description="capacity: padded per-expert buffers, overflow dropped (fast on "
-        "CPU); dropless: tokens sorted by expert into grouped matmuls (GPU/TPU)")
+        "capacity", **_role(NUMERICS), description="capacity: padded per-expert buffers, overflow dropped; "
+        "dropless: every choice computed, laid out by expert in blocks (block-sparse matmul)")
     capacity_factor: float = Field(1.25, gt=0, **_role(NUMERICS), description="buffer = factor * tokens * top_k / E")
     balance_coef: float = Field(0.01, ge=0, **_role(NUMERICS), description="Switch load-balancing loss coefficient")
     z_loss_coef: float = Field(1e-3, ge=0, **_role(NUMERICS), description="router z-loss coefficient")
