@@ -10,7 +10,7 @@ shared experts' output. Two dispatch paths compute the same function (`model.moe
   earlier tokens: no information flows backwards through drops). Overflow choices are dropped:
   they contribute nothing (the residual carries the token on). Buffers are filled by gathering
   token rows at cumsum-computed slots, not by one-hot dispatch einsums (measured faster on CPU,
-  see docs/moe.md). The fast path on CPU.
+  see docs/moe.md). Its [E, B, C, D] buffer is what expert parallelism shards.
 - dropless: all B*T*top_k choices laid out by expert in blocks (each expert's group padded to
   whole blocks) and run through one batched matmul over the blocks, each with its expert's
   weights (block-sparse, MegaBlocks-style). Nothing is dropped.
@@ -24,6 +24,7 @@ Losses (raw values are metrics; their coefficient-weighted sum is "aux_loss"):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -67,6 +68,13 @@ def swiglu(dot: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
            gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
     """down(silu(gate x) * up x) for all experts at once; `dot` applies per-expert weights."""
     return dot(nn.silu(dot(x, gate)) * dot(x, up), down)
+
+
+def expert_matmul(a: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """[G, rows, in] x [G, in, out] -> [G, rows, out]: one matmul per expert (or block). The
+    batch dimension leads: XLA:CPU refuses bf16 batched dots whose batch dimension is not the
+    leading one."""
+    return matmul("egi,eio->ego", a, w, dtype)
 
 
 def capacity_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, n_experts: int,
@@ -133,9 +141,7 @@ def dropless_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array,
     block_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(n_blocks) * block, "right"),
                                n_experts - 1)  # unused blocks: the last expert, on zero rows
 
-    def dot(a: jax.Array, w: jax.Array) -> jax.Array:
-        return matmul("egi,eio->ego", a, w, dtype)
-
+    dot = functools.partial(expert_matmul, dtype=dtype)
     out = swiglu(dot, rows, *(w[block_expert] for w in params)).reshape(empty, d)
     picked = jnp.pad(out, ((0, 1), (0, 0)))[dest].reshape(*experts.shape, d)
     return (picked * weights[..., None]).sum(-2)
@@ -173,13 +179,9 @@ class MoE(nn.Module):
             y = dropless_dispatch(x, experts, weights, params, dtype)
             aux["drop_frac"] = jnp.zeros((), jnp.float32)
         else:
-            def dot(a: jax.Array, w: jax.Array) -> jax.Array:
-                # expert-major [E, rows, in] operands: XLA:CPU refuses bf16 batched dots whose
-                # batch dimension is not the leading one
-                return matmul("egi,eio->ego", a, w, dtype)
-
             def expert_fn(buffer: jax.Array) -> jax.Array:
                 flat = buffer.reshape(e, -1, d)  # [E, B*C, D]: one matmul per expert
+                dot = functools.partial(expert_matmul, dtype=dtype)
                 return swiglu(dot, flat, *params).reshape(buffer.shape)
 
             decoding = self.is_mutable_collection("cache") and not self.is_initializing()
