@@ -7,8 +7,7 @@ Per head (H heads of size P, state size N, G groups sharing B and C like kv head
     y_t = h_t C_t + D x_t
 
 `ssd_chunked` evaluates the recurrence in chunks of Q steps: within a chunk it is a masked
-(Q x Q) "attention" C B^T weighted by decays; across chunks only the [P, N] states are passed,
-in one scan over the chunks.
+(Q x Q) "attention" C B^T weighted by decays; across chunks only the [P, N] states are passed.
 `ssd_sequential` is the plain step-by-step scan, the reference for tests and the benchmark.
 
 Decode: the conv keeps its last conv_width-1 inputs and the SSD its final state in the "cache"
@@ -89,8 +88,9 @@ def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.
 
     Layout: head-major [b, H, c, q, ...] throughout, so that every matmul is a batched dot with
     its batch dimensions leading (no operand transposed per matmul; x and y are transposed once).
-    The states pass from chunk to chunk in one scan over the chunks (c small steps of [b, H, P, N]
-    multiply-adds), not as a (c+1)^2 matmul.
+    The states pass between chunks as one (c+1) x (c+1) decay matmul: a scan over the chunks
+    measured faster alone at T = 2048 but 1.4x slower inside the remat'd layer scan of a train
+    step (docs/performance.md).
     """
     b, t, H, P = x.shape
     G, N = B.shape[-2:]
@@ -117,21 +117,17 @@ def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.
     to_end = jnp.exp(a_cum[..., -1:] - a_cum)
     states = jnp.einsum("bhcsp,bhcsn->bhcpn", jnp.einsum("bhcsp,bhcs->bhcsp", xdt, to_end),
                         to_heads(B, R))
-    # 3. pass states across chunks: the state entering each chunk, and after the last one
+    # 3. pass states across chunks: state at the start of chunk z, and after the last chunk
     if initial_state is None:
         initial_state = jnp.zeros((b, H, P, N), dtype)
-
-    def carry(state: jax.Array, chunk: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
-        decay, added = chunk
-        return decay[..., None, None] * state + added, state
-
-    final, entering = jax.lax.scan(carry, initial_state.astype(dtype),
-                                   (jnp.moveaxis(jnp.exp(a_cum[..., -1]), 2, 0),
-                                    jnp.moveaxis(states, 2, 0)))
+    states = jnp.concatenate([initial_state.astype(dtype)[:, :, None], states], 2)
+    chunk_decay = jnp.exp(segsum(jnp.pad(a_cum[..., -1], [(0, 0), (0, 0), (1, 0)])))
+    states = jnp.einsum("bhzc,bhcm->bhzm", chunk_decay, states.reshape(b, H, c + 1, P * N))
+    states = states.reshape(b, H, c + 1, P, N)
     # 4. each step reads the state entering its chunk, decayed to the step
-    y_off = jnp.einsum("bhcln,cbhpn->bhclp", to_heads(C, R), entering)
+    y_off = jnp.einsum("bhcln,bhcpn->bhclp", to_heads(C, R), states[:, :, :-1])
     y = y + jnp.einsum("bhclp,bhcl->bhclp", y_off, jnp.exp(a_cum))
-    return jnp.moveaxis(y.reshape(b, H, c * q, P), 1, 2)[:, :t], final
+    return jnp.moveaxis(y.reshape(b, H, c * q, P), 1, 2)[:, :t], states[:, :, -1]
 
 
 def ssd_sequential(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,

@@ -24,12 +24,11 @@ weight per token; the per-head/per-channel vectors (biases, A_log, D, norm scale
 are counted alike for simplicity. Its SSD adds, per token, the matmuls of research/models/
 mamba.py's `ssd_chunked` on T padded to c = ceil(T/q) chunks of q = min(Q, T) steps, times 3:
 
-    c * (2 q^2 (G N + H P) + 4 q H P N) / T
+    [c * (2 q^2 (G N + H P) + 4 q H P N) + 2 H P N (c + 1)^2] / T
 
 i.e. C B^T and its product with x within chunks (2 q G N + 2 q H P per token), each chunk's
-state and each step's read of it (4 H P N). The state passing between chunks is a scan of
-elementwise multiply-adds (H P N per chunk), not a matmul, and like other elementwise work
-is not counted.
+state and each step's read of it (4 H P N), and the state passing between chunks, done as one
+(c+1) x (c+1) decay matmul (2 H P N (c+1)^2 per sequence).
 """
 
 from __future__ import annotations
@@ -84,7 +83,7 @@ def ssd_flops(cfg: ModelConfig, seq_len: int) -> float:
     chunks = -(-seq_len // q)
     hpn = heads * m.head_dim * m.d_state
     per_chunk = 2 * q * q * (m.n_groups * m.d_state + heads * m.head_dim) + 4 * q * hpn
-    return chunks * per_chunk / seq_len
+    return (chunks * per_chunk + 2 * hpn * (chunks + 1) ** 2) / seq_len
 
 
 MIXER_PARAMS = {"attention": attention_params, "mamba": mamba_params}
