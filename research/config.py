@@ -168,8 +168,11 @@ class ModelConfig(_Section):
                                   "scaled by base_d_model/d_model (the 8/3 rule if d_ff is null)")
     base_d_expert: int | None = Field(None, gt=0, description="the proxy's expert width; None: "
                                       "moe.d_expert scaled by base_d_model/d_model")
-    output_multiplier: float = Field(1.0, gt=0, description="alpha_out: logits x alpha_out/m_N "
-                                     "(non-standard parameterizations)")
+    output_multiplier: float = Field(1.0, gt=0, allow_inf_nan=False, description="alpha_out: "
+                                     "logits x alpha_out/m_N (m_N is 1 under standard)")
+    embedding_multiplier: float = Field(1.0, gt=0, allow_inf_nan=False, description="alpha_emb: "
+                                        "the token embedding's output x alpha_emb, at every width "
+                                        "(a tied head's logits are not scaled by it)")
     qk_norm: bool = Field(False, description="RMSNorm of each head's queries and keys before "
                           "rotary (OLMo 2, Gemma 3, Qwen3): bounds the attention logits")
 

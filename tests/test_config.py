@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
     (["mesh.rules=[[act_batch, [dat]]]"], "maps to unknown mesh axis 'dat'"),
     (["steps"], "override 'steps': expected key=value"),
     (["model.mamba.dt_min=0.5"], "model.mamba.dt_min=0.5 must be <= model.mamba.dt_max=0.1"),
+    (["model.embedding_multiplier=0"], "model.embedding_multiplier: Input should be greater than 0"),
+    (["model.output_multiplier=nan"], "model.output_multiplier: Input should be a finite number"),
     (["model.layer_pattern=[mamba:mlp]", "model.mamba.head_dim=48"],
      "model.mamba.head_dim=48 must divide expand*d_model=512"),
     (["model.layer_pattern=[attention:mlp, mamba:moe]", "model.n_layers=3"],

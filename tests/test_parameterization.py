@@ -110,7 +110,7 @@ def test_standard_is_the_identity(example):
     assert cfg.parameterization == "standard"
     rules = leaves(param_multipliers(Decoder(cfg, 384), example))
     assert all(rule == parameterization.Rule() for _, rule in rules)
-    assert parameterization.forward(cfg) == parameterization.Forward(1.0, 1.0, None)
+    assert parameterization.forward(cfg) == parameterization.Forward(1.0, 1.0, 1.0, None)
     x = jnp.ones(3)
     assert parameterization.scale(x, 1.0) is x
 
@@ -153,3 +153,97 @@ def test_coordinate_check_separates_standard_from_completep(tiny_overrides, tmp_
         assert abs(rows[("completep", row)]) < 0.3, row
     assert (tmp_path / "coordcheck_completep_width.png").stat().st_size > 0
     assert "| completep | width | logits |" in (tmp_path / "slopes.md").read_text()
+
+
+# ----------------------------------------------------------------------------- away from the base
+# m_N = 4 (d_model 128 over 32, d_ff 512 over 128) and m_L = 4 (4 layers over 1); every number
+# below is worked out by hand from CompleteP's Table 1 (docs/transfer.md), none by the code's
+# helpers. head_dim 32, base head_dim 8; α_out = 2, α_emb = 3.
+AWAY = ["model.d_model=128", "model.base_d_model=32", "model.n_layers=4", "model.base_n_layers=1",
+        "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=512", "model.base_d_ff=128",
+        "model.tie_embeddings=false", "model.output_multiplier=2", "model.embedding_multiplier=3"]
+IN, OUT = ("q", "k", "v", "gate", "up"), ("o", "down")  # reads the residual stream / writes it
+# (init, lr, wd, eps) of: hidden reading the stream, hidden writing it, block norm, embedding and
+# head; then the forward multipliers (embedding, residual branch, logits, attention scale).
+BY_HAND = {
+    "completep": ((0.5, 0.25, 4, 1 / 16), (1.0, 0.25, 4, 1 / 16), (1, 1, 1, 0.25),
+                  (1, 1, 1, 0.25), (3, 0.25, 0.5, 0.08838834764831845)),
+    "depth_mup": ((0.5, 0.125, 4, 0.125), (1.0, 0.125, 4, 0.125), (1, 0.5, 1, 0.5),
+                  (1, 1, 1, 0.25), (3, 0.5, 0.5, 0.08838834764831845)),
+    "mup": ((0.5, 0.25, 4, 0.25), (0.5, 0.25, 4, 0.25), (1, 1, 1, 1),
+            (1, 1, 1, 0.25), (3, 1.0, 0.5, 0.08838834764831845)),
+}
+
+
+def by_hand(name: str, p: str) -> tuple[float, float, float, float]:
+    hidden_in, hidden_out, block_norm, embedding, _ = BY_HAND[p]
+    layer = name.split("/")[-2] if name.endswith("/kernel") else ""
+    if layer in IN:
+        return hidden_in
+    if layer in OUT:
+        return hidden_out
+    if name in ("mixer_norm/scale", "ffn_norm/scale"):
+        return block_norm
+    if name in ("embed/embedding", "lm_head/kernel"):
+        return embedding
+    assert name == "final_norm/scale", name
+    return 1, 1, 1, 1
+
+
+@pytest.mark.parametrize("p", ["mup", "depth_mup", "completep"])
+def test_multipliers_at_4x_width_and_depth_by_hand(p, example):
+    """Per-parameter init, lr, wd and ε, the forward multipliers, and the lr each parameter's
+    first AdamW update actually moves by (all-ones gradients: Adam's first step is lr x sign),
+    against the hand-computed values at m_N = m_L = 4."""
+    from research.train.optim import make_optimizer
+
+    cfg = config.load(None, [*AWAY, f"model.parameterization={p}",
+                             "optim.schedule=constant", "optim.warmup_steps=0",
+                             "optim.weight_decay=0", "optim.grad_clip=null"])
+    model = Decoder(cfg.model, 256)
+    multipliers = param_multipliers(model, example)
+    rules = leaves(multipliers)
+    assert len(rules) == 12  # 9 per layer (stacked) + embedding, head, final norm
+    for name, rule in rules:
+        np.testing.assert_allclose((rule.init, rule.lr, rule.wd, rule.eps), by_hand(name, p),
+                                   rtol=1e-12, err_msg=name)
+    embedding, residual, logits, attention = BY_HAND[p][4]
+    f = parameterization.forward(cfg.model)
+    np.testing.assert_allclose((f.embedding, f.residual, f.logits, f.attention_scale),
+                               (embedding, residual, logits, attention), rtol=1e-12)
+
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example)["params"])
+    specs, ones = nn.get_partition_spec(shapes), jax.tree.map(
+        lambda s: jnp.ones(s.shape), nn.meta.unbox(shapes))
+    tx = make_optimizer(cfg.optim, 10, specs, multipliers)
+    updates, _ = tx.update(ones, tx.init(ones), ones)
+    for (name, update), (_, rule) in zip(leaves(updates), rules):
+        np.testing.assert_allclose(np.asarray(update), -by_hand(name, p)[1], rtol=1e-6,
+                                   err_msg=name)
+
+
+def test_forward_multipliers_are_applied_where_the_table_says(example):
+    """CompleteP at m_N = m_L = 4 computes standard's function of rescaled weights, rescaled by
+    hand: embedding table x α_emb, every residual branch's output matrix (o, down) x m_L^-1,
+    q x (sqrt(8)/32) / (1/sqrt(32)) = 1/2 for the attention scale, and the head x α_out/m_N.
+    Leaving out any one multiplier in the model (or here) breaks the equality."""
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)), jnp.int32)
+    completep = config.load(None, [*AWAY, "model.parameterization=completep"]).model
+    standard = config.load(None, [*AWAY, "model.output_multiplier=1",
+                                  "model.embedding_multiplier=1", "model.base_d_model=null",
+                                  "model.base_n_layers=null", "model.base_d_ff=null"]).model
+    model = Decoder(completep, 256)
+    params = nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
+    factor = {"embedding": 3.0, "o": 0.25, "down": 0.25, "q": 0.5, "lm_head": 0.5}
+
+    def rescale(path, w):
+        keys = [str(getattr(k, "key", k)) for k in path]
+        hits = [factor[k] for k in keys if k in factor]
+        return w * hits[0] if hits else w
+
+    rescaled = jax.tree_util.tree_map_with_path(rescale, params)
+    ours = model.apply({"params": params}, tokens)[0]
+    reference = Decoder(standard, 256).apply({"params": rescaled}, tokens)[0]
+    np.testing.assert_allclose(ours, reference, rtol=2e-5, atol=2e-5)
+    unscaled = Decoder(standard, 256).apply({"params": params}, tokens)[0]
+    assert float(jnp.max(jnp.abs(ours - unscaled))) > 0.1  # the multipliers are not small

@@ -132,8 +132,9 @@ def family_of(cfg: ModelConfig) -> str:
     """The HF family that expresses `cfg`, or a ConfigError naming the field that none does."""
     if not is_standard_function(cfg):
         raise ConfigError(f"model.parameterization={cfg.parameterization} away from its base shape "
-                          "(or model.output_multiplier != 1) scales the forward pass in ways no "
-                          "Hugging Face class expresses (allowed: standard)")
+                          "(or model.output_multiplier or model.embedding_multiplier != 1) "
+                          "scales the forward pass in ways no Hugging Face class expresses "
+                          "(allowed: standard, both multipliers 1)")
     if cfg.qk_norm:
         raise ConfigError("model.qk_norm=true: none of the Hugging Face families written here "
                           f"({', '.join(ARCHITECTURES)}) normalises queries and keys (allowed: "

@@ -158,7 +158,7 @@ class Decoder(nn.Module):
                  ) -> tuple[jax.Array, Aux]:
         cfg = self.cfg
         embed = Embed(self.vocab_size, cfg, name="embed")
-        x = nn.with_logical_constraint(embed(tokens), BTD)
+        x = nn.with_logical_constraint(scale(embed(tokens), forward(cfg).embedding), BTD)
         if positions is None:
             positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
 

@@ -11,7 +11,8 @@ for the vector-like parameters), m_L = n_layers / base_n_layers and residual exp
     embedding, unembedding         1             1                 1      m_N^-1
     final norm                     1             1                 1      1
 
-plus residual branches x m_L^-α, logits x output_multiplier / m_N and attention logits
+plus embedding output x embedding_multiplier (α_emb, at every width), residual branches x m_L^-α,
+logits x output_multiplier / m_N and attention logits
 x sqrt(base head_dim) / head_dim (1/head_dim, equal to standard at the base shape).
 μP ignores depth (its m_L is 1: Table 1's μP column); depth-μP has α = 1/2, CompleteP α = 1.
 Multipliers are relative to standard, whose every multiplier is exactly 1 (and applied as no op).
@@ -54,6 +55,7 @@ class Rule:
 class Forward:
     """Multipliers the model applies in its forward pass."""
 
+    embedding: float  # the token embedding's output (α_emb; not the tied head's logits)
     residual: float  # each residual branch's output
     logits: float
     attention_scale: float | None  # softmax(scale q k^T); None: 1/sqrt(head_dim)
@@ -73,9 +75,9 @@ def depth_ratio(cfg: ModelConfig) -> float:
 
 def forward(cfg: ModelConfig) -> Forward:
     if cfg.parameterization == "standard":
-        return Forward(1.0, cfg.output_multiplier, None)
+        return Forward(cfg.embedding_multiplier, 1.0, cfg.output_multiplier, None)
     base_head = base_width_config(cfg).head_size
-    return Forward(depth_ratio(cfg) ** -ALPHA[cfg.parameterization],
+    return Forward(cfg.embedding_multiplier, depth_ratio(cfg) ** -ALPHA[cfg.parameterization],
                    cfg.output_multiplier / width_ratio(cfg),
                    math.sqrt(base_head) / cfg.head_size)
 
@@ -84,7 +86,7 @@ def is_standard_function(cfg: ModelConfig) -> bool:
     """The forward pass is standard's (every forward multiplier 1; a non-standard model at its
     base shape is): what a Hugging Face config can express."""
     f = forward(cfg)
-    return f.residual == f.logits == 1.0 and (
+    return f.embedding == f.residual == f.logits == 1.0 and (
         f.attention_scale is None or math.isclose(f.attention_scale, cfg.head_size ** -0.5))
 
 
