@@ -328,16 +328,30 @@ def transfer_lead(study: Study) -> Lead:
     for t in study.transfers:
         name = t.size_field.split(".")[-1]
         small, large = t.curves[0], t.curves[-1]
-        verdict = ("it transfers" if abs(t.drift) <= TRANSFERS
-                   else "it moves: retune per size, or try a parameterization that transfers")
-        words.append(f"Under {t.parameterization}, the best lr goes from {small.best_lr:.3g} at "
-                     f"{name}={format_value(small.size)} to {large.best_lr:.3g} at "
-                     f"{name}={format_value(large.size)}: {transfer.octaves(t.drift)} octaves, "
-                     f"{verdict}.")
-        edge = [format_value(c.size) for c in t.curves if c.best_lr in (c.lrs[0], c.lrs[-1])]
-        if edge:
-            words.append(f"At {name}={', '.join(edge)} the best lr is at the edge of the grid: "
-                         "widen it there before trusting the drift.")
+        where = (f"Under {t.parameterization}, the best lr goes from {small.best_lr:.3g} at "
+                 f"{name}={format_value(small.size)} to {large.best_lr:.3g} at "
+                 f"{name}={format_value(large.size)}")
+        if t.drift is None:
+            edge = [format_value(c.size) for c in (small, large) if c.at_edge]
+            words.append(f"{where}, but at {name}={', '.join(edge)} it is on the edge of the "
+                         f"grid: {transfer.UNKNOWN}; widen the grid there.")
+        else:
+            verdict = ("it transfers" if abs(t.drift) <= TRANSFERS
+                       else "it moves: retune per size, or try a parameterization that transfers")
+            words.append(f"{where}: {transfer.octaves(t.drift)} octaves, {verdict}.")
+        g = transfer.gap(study.transfers, t, large)
+        if g is not None:
+            words.append(f"Transferred (lr {t.base_lr:.3g}, the smallest size's best) to "
+                         f"{name}={format_value(large.size)}, it reaches "
+                         f"{transfer.describe(g.transferred)} against {transfer.describe(g.tuned)} "
+                         f"for the best tuned there ({g.tuned_by}): a transfer gap of "
+                         f"{g.comparison.difference:+.4f}, {g.comparison.verdict()}.")
+        worse = [f"{lr:.3g} ({c.difference:+.4f})" for lr, c in transfer.wider_is_better(t)
+                 if c.difference > 0 and (c.distinguishable or not c.tested)]
+        if worse:
+            words.append(f"At {name}={format_value(large.size)} the loss is higher than at "
+                         f"{name}={format_value(small.size)} at lr " + ", ".join(worse) +
+                         " (within an octave of the base's best; untested with one seed).")
     by_size: dict[tuple[str, int], list[tuple[float, str]]] = {}
     for t in study.transfers:
         by_size.setdefault((t.size_field, t.curves[-1].size), []).append(
