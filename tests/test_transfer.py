@@ -112,3 +112,29 @@ def test_an_optimum_on_the_grid_edge_has_no_drift_number(tmp_path):
     assert "a transfer gap of +0.4000, the run-to-run noise is unknown" in answer
     assert ("At d_model=256 the loss is higher than at d_model=64 at lr 0.004 (+0.5500), "
             "0.008 (+0.2500) (within an octave") in answer
+
+
+def test_the_best_base_setting_prints_as_a_block_to_paste(tmp_path, capsys):
+    """A tuning grid over lr x output multiplier, 2 seeds: the best mean (lr 0.0116, α_out 3.21:
+    2.25 ± 0.0141) comes back as the YAML an experiment takes and as overrides."""
+    import yaml
+
+    from research.analysis.cli import _print_proposal
+
+    i = 0
+    for lr in (0.004, 0.0116):
+        for out in (1.0, 3.21):
+            for seed in (0, 1):
+                params = {"optim.lr": lr, "model.output_multiplier": out}
+                loss = 2.5 - (0.2 if lr > 0.005 else 0) - (0.05 if out > 1 else 0) + 0.01 * seed
+                write_run(tmp_path / f"t{i:03d}", params=100_000, tokens_per_step=1024, steps=10,
+                          eval_loss=loss, trial={"trial": i, "name": f"t{i:03d}", "params": params,
+                                                 "seed": seed, "state": "done"})
+                i += 1
+    out, _ = analyze(tmp_path)
+    _print_proposal(out / "fits.json")
+    printed = capsys.readouterr().out
+    assert printed.startswith("best setting (eval loss 2.2550 ± 0.0071), ready to paste")
+    block = printed.split("\n", 1)[1].split("\nas overrides: ")[0]
+    assert yaml.safe_load(block) == {"optim": {"lr": 0.0116}, "model": {"output_multiplier": 3.21}}
+    assert printed.rstrip().endswith("as overrides: optim.lr=0.0116 model.output_multiplier=3.21")

@@ -157,12 +157,17 @@ def _mixture_points(args: argparse.Namespace) -> tuple[Path, str]:
 
 
 def _print_proposal(fits_json: Path) -> None:
-    """The proposed mix, ready to paste: a data.sources block and the same as overrides."""
+    """What to paste into an experiment: the best setting of a grid or lr sweep, the proposed
+    mix of a mixture swarm (a data.sources block), each also as overrides."""
     import json
 
     from research.analysis import mixture
 
-    entry = json.loads(fits_json.read_text()).get("mixture") if fits_json.is_file() else None
+    record = json.loads(fits_json.read_text()) if fits_json.is_file() else {}
+    if best := record.get("best_setting"):
+        print(f"best setting (eval loss {best['loss']}), ready to paste into the experiment:\n"
+              f"{best['block']}\nas overrides: {best['overrides']}")
+    entry = record.get("mixture")
     if entry and "weights" in entry:
         low, high = entry["interval"]
         print(f"proposed mix ({entry['regressor']} law; predicted {entry['objective']} "

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import yaml
 from scipy import stats
 
 from research.analysis import families, fits, joint, plots, replicates, transfer
@@ -63,6 +64,7 @@ class Study:
 @dataclass
 class Lead(Section):
     left_out: dict[str, str] = field(default_factory=dict)  # run -> why it is not compared
+    record: dict[str, Any] = field(default_factory=dict)  # fits.json entries of the answer
 
 
 # ----------------------------------------------------------------------------- words
@@ -133,6 +135,21 @@ def replicates_table(groups: list[replicates.Group]) -> Table:
                       if c.tested else f"+{c.difference:.4f}, untested (one run)")
         body.append([g.label, str(g.n), g.describe(), spread, versus])
     return header, body
+
+
+def best_setting(values: dict[str, Any], loss: str) -> dict[str, Any]:
+    """fits.json's "best_setting": the winning swept values as the YAML block an experiment
+    takes and as key=value overrides (floats to 3 significant digits), and its loss."""
+    short = {k: float(f"{v:.3g}") if isinstance(v, float) else v for k, v in values.items()}
+    nested: dict[str, Any] = {}
+    for key, value in short.items():
+        *sections, name = key.split(".")
+        node = nested
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    return {"block": yaml.safe_dump(nested, sort_keys=False).rstrip(), "loss": loss,
+            "overrides": " ".join(f"{k}={v}" for k, v in short.items())}
 
 
 def _groups(pairs: list[tuple[Run, dict[str, Any]]]) -> list[replicates.Group]:
@@ -390,6 +407,7 @@ def lr_lead(study: Study) -> Lead:
         else:
             words.append(f"A parabola in log2(lr) through the best and its neighbours puts the "
                          f"optimum at lr = {best_lr:.3g} (loss {best_loss:.4f}).")
+    lead.record["best_setting"] = best_setting({key: best_lr}, f"{best_loss:.4f}")
     text, lead.left_out = _left_out(family)
     lead.text = " ".join(words) + text + " " + states(study.runs)
     lead.tables.append(("Settings and seed noise", replicates_table(groups)))
@@ -471,6 +489,7 @@ def grid_lead(study: Study) -> Lead:
         states(study.runs)
     if len(groups) > 1 or groups[0].n > 1:
         lead.tables.append(("Settings and seed noise", replicates_table(groups)))
+    lead.record["best_setting"] = best_setting(groups[0].runs[0].values, groups[0].describe())
     return lead
 
 

@@ -267,7 +267,7 @@ def write(s: Study) -> tuple[Path, str]:
     fixed = [f"{key} = {_clip(format_value(value))}"
              for key, value in fixed_settings(s.runs, s.fields).items()]
     record = {"kind": s.kind.name, **fits_record(s.scaling, s.iso), **s.joint.record,
-              **s.downstream.record, **s.mixture.record}
+              **s.downstream.record, **s.mixture.record, **lead.record}
     tags = {tag for run in s.runs for tag in run.scalars}
     write_report(out, f"Analysis of {root.resolve().name}", lead,
                  [*rest, Section("Runs", tables=[("Runs", runs_table)])], omitted, record, fixed,
