@@ -502,6 +502,7 @@ def mixture_lead(study: Study) -> Lead:
     if part is None:
         lead = grid_lead(study)
         lead.title = "Mixture swarm"
+        lead.record.pop("best_setting", None)  # eval losses of different mixes: no winner
         lead.text = ("A mixture swarm, but no mixture law could be fitted "
                      f"({'; '.join(study.mixture.omitted) or 'no run sets two or more data.sources weights'}); its trials "
                      "are ranked as a grid (by eval loss, which each run measures on its own "
