@@ -110,8 +110,8 @@ def test_an_optimum_on_the_grid_edge_has_no_drift_number(tmp_path):
            "drift unknown | 2.7500 | 2.3500, completep at lr 0.032 | +0.4000 (one seed: noise " \
            "unknown) |" in report
     assert "a transfer gap of +0.4000, the run-to-run noise is unknown" in answer
-    assert ("At d_model=256 the loss is higher than at d_model=64 at lr 0.004 (+0.5500), "
-            "0.008 (+0.2500) (within an octave") in answer
+    assert ("At d_model=256 the loss is higher than at d_model=64 at lr 0.004 (+0.5500, one "
+            "seed), 0.008 (+0.2500, one seed), within an octave of the base's best.") in answer
 
 
 def test_the_best_base_setting_prints_as_a_block_to_paste(tmp_path, capsys):

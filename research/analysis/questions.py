@@ -363,12 +363,14 @@ def transfer_lead(study: Study) -> Lead:
                          f"{transfer.describe(g.transferred)} against {transfer.describe(g.tuned)} "
                          f"for the best tuned there ({g.tuned_by}): a transfer gap of "
                          f"{g.comparison.difference:+.4f}, {g.comparison.verdict()}.")
-        worse = [f"{lr:.3g} ({c.difference:+.4f})" for lr, c in transfer.wider_is_better(t)
+        worse = [f"{lr:.3g} ({c.difference:+.4f}, "
+                 + (f"p = {c.p_value:.2g})" if c.tested else "one seed)")
+                 for lr, c in transfer.wider_is_better(t)
                  if c.difference > 0 and (c.distinguishable or not c.tested)]
         if worse:
             words.append(f"At {name}={format_value(large.size)} the loss is higher than at "
                          f"{name}={format_value(small.size)} at lr " + ", ".join(worse) +
-                         " (within an octave of the base's best; untested with one seed).")
+                         ", within an octave of the base's best.")
     by_size: dict[tuple[str, int], list[tuple[float, str]]] = {}
     for t in study.transfers:
         by_size.setdefault((t.size_field, t.curves[-1].size), []).append(
