@@ -150,9 +150,15 @@ class ModelConfig(_Section):
     compute_dtype: Literal["float32", "bfloat16"] = Field("float32", **_role(NUMERICS))
     param_dtype: Literal["float32"] = "float32"
     remat: Literal["none", "full", "dots"] = Field("none", **_role(NUMERICS))
-    projection: Literal["custom", "plain"] = Field(
-        "custom", **_role(NUMERICS), description="custom: projections as 2-D matmuls with a hand-written backward "
-        "(faster, docs/performance.md); plain: einsum + autodiff, for comparison")
+    projection: Literal["auto", "custom", "plain"] = Field(
+        "auto", **_role(NUMERICS), description="custom: projections as 2-D matmuls with a hand-written backward "
+        "(faster on CPU, docs/performance.md); plain: einsum + autodiff; auto: custom on CPU, plain "
+        "on GPU/TPU (recorded resolved in the run's config.yaml)")
+    attention_impl: Literal["auto", "chunked", "xla", "cudnn"] = Field(
+        "auto", **_role(NUMERICS), description="chunked: query chunks scoring only the keys they "
+        "see (fastest on CPU); xla, cudnn: jax.nn.dot_product_attention's implementation (cudnn: "
+        "NVIDIA GPUs, bfloat16); auto: chunked on CPU, cudnn on an NVIDIA GPU in bfloat16, else "
+        "xla (docs/performance.md; recorded resolved in the run's config.yaml)")
     scan_layers: bool = True
     layer_pattern: tuple[str, ...] = Field(
         ("attention:mlp",), description="the repeating period of 'mixer:ffn' layers; mixers: "
@@ -225,6 +231,10 @@ class ModelConfig(_Section):
             if heads % self.mamba.n_groups:
                 raise ValueError(f"model.mamba.n_groups={self.mamba.n_groups} must divide the "
                                  f"{heads} Mamba heads")
+        if self.attention_impl == "cudnn" and self.compute_dtype != "bfloat16":
+            raise ValueError("model.attention_impl=cudnn needs model.compute_dtype=bfloat16 "
+                             "(cuDNN's fused attention takes bf16/fp16 only); float32: auto, "
+                             "chunked or xla")
         if self.qk_norm and all(m != "attention" for m, _ in self.period):
             raise ValueError("model.qk_norm=true needs an attention layer in model.layer_pattern "
                              "(allowed with attention-free patterns: false)")
@@ -685,10 +695,54 @@ class ExperimentConfig(_Section):
         return to_yaml(self.to_dict())
 
 
-def resolved(cfg: ExperimentConfig, vocab_size: int | None) -> dict[str, Any]:
+# ----------------------------------------------------------------------------- per backend
+# What `auto` runs on each backend (research.models.layers.backend(): cpu, cuda, rocm, tpu, or
+# another jax.default_backend() name); the reasons and measurements are in docs/performance.md.
+CUDNN_HEAD_SIZES = range(8, 129, 8)  # cuDNN flash attention: head dim a multiple of 8, <= 128
+
+
+def auto_projection(platform: str) -> str:
+    """custom on CPU (XLA:CPU copies transposed operands for N-D dots' gradients); plain
+    elsewhere, where the backward matmuls then run in the compute dtype and layout assignment
+    folds the transposes into the GEMM."""
+    return "custom" if platform == "cpu" else "plain"
+
+
+def auto_attention(model: ModelConfig, platform: str) -> str:
+    """chunked on CPU; cuDNN's fused (flash) attention on an NVIDIA GPU where it takes the
+    shapes (bf16, head size a multiple of 8 up to 128); XLA's attention everywhere else (TPU,
+    ROCm, float32 on a GPU): portable and never refused."""
+    if platform == "cpu":
+        return "chunked"
+    if platform == "cuda" and model.compute_dtype == "bfloat16" \
+            and model.head_size in CUDNN_HEAD_SIZES:
+        return "cudnn"
+    return "xla"
+
+
+def for_backend(model: ModelConfig, platform: str) -> ModelConfig:
+    """The model section as it runs on `platform`: `auto` replaced by that backend's choice. A
+    choice that cannot run there is a ConfigError (cuDNN anywhere but on an NVIDIA GPU)."""
+    if model.attention_impl == "cudnn" and platform != "cuda":
+        raise ConfigError(f"model.attention_impl=cudnn needs an NVIDIA GPU (cuDNN); this JAX "
+                          f"backend is {platform}: use auto, chunked or xla")
+    update = {}
+    if model.projection == "auto":
+        update["projection"] = auto_projection(platform)
+    if model.attention_impl == "auto":
+        update["attention_impl"] = auto_attention(model, platform)
+    return model.model_copy(update=update)
+
+
+def resolved(cfg: ExperimentConfig, vocab_size: int | None,
+             platform: str | None = None) -> dict[str, Any]:
     """The config as the run uses it, for its config.yaml: every derived size filled in
     (n_kv_heads, head_dim, d_ff, vocab_size: the padded embedding rows, moe.d_expert), the
-    moe/mamba sections left out when no layer uses them and other optimizers' fields left out. Validating it gives the same run."""
+    moe/mamba sections left out when no layer uses them and other optimizers' fields left out.
+    With `platform`, the `auto` choices are those that run there (`for_backend`). Validating it
+    gives the same run."""
+    if platform is not None:
+        cfg = cfg.model_copy(update={"model": for_backend(cfg.model, platform)})
     out = cfg.to_dict()
     model = out["model"]
     model.update(n_kv_heads=cfg.model.kv_heads, head_dim=cfg.model.head_size,

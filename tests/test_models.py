@@ -195,8 +195,9 @@ def test_attention_backward_runs_in_bfloat16_on_this_backend():
 
 
 @pytest.mark.parametrize("window", [None, 4])
-def test_attention_module_matches_reference_projections(window):
-    cfg = tiny(sliding_window=window, rope_theta=100.0)
+@pytest.mark.parametrize("impl", ["chunked", "xla"])
+def test_attention_module_matches_reference_projections(window, impl):
+    cfg = tiny(sliding_window=window, rope_theta=100.0, attention_impl=impl)
     x = jax.random.normal(jax.random.key(0), (2, 7, 32))
     positions = jnp.arange(7)[None]
     attn = Attention(cfg)

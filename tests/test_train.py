@@ -197,6 +197,8 @@ def test_resume_refuses_a_changed_config(tiny, tmp_path, capsys):
     assert {k: saved["model"][k] for k in ("n_kv_heads", "head_dim", "d_ff", "vocab_size")} == {
         "n_kv_heads": 4, "head_dim": 4, "d_ff": 128, "vocab_size": 384}  # 8/3·32 → 128; 257 → 384
     assert "moe" not in saved["model"] and "mamba" not in saved["model"]
+    # what ran on this CPU, not `auto` (the config.yaml written below keeps `auto` and resumes)
+    assert (saved["model"]["attention_impl"], saved["model"]["projection"]) == ("chunked", "custom")
     assert RunDir(tmp_path / "run").config().model.ff_size == 128
 
     again = train(tiny(*flat_lr, "train.steps=2"), tmp_path / "run")

@@ -4,6 +4,10 @@ The module projects and rotates; `causal_attention` is a pure function of (q, k,
 mode a KV cache sits between them: the new q, k are rotated at their absolute `positions`, k and
 v are written into the cache at its index, and q attends over the whole cache with a mask built
 from positions (key slot s holds position s), which also applies the sliding window.
+
+Without a cache the implementation is `model.attention_impl` (`config.for_backend`: `auto` is
+chunked on CPU, cuDNN on an NVIDIA GPU in bf16, else XLA's); all compute the same function to
+float tolerance (tests/test_attention_impl.py). Decoding always uses `cached_attention`.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research.config import ModelConfig
-from research.models.layers import BTD, Einsum, RMSNorm, out_std, rotary
+from research.config import ModelConfig, for_backend
+from research.models.layers import BTD, Einsum, RMSNorm, backend, out_std, rotary
 from research.models.parameterization import forward
 
 BTNH = ("act_batch", "act_seq", "act_heads", None)
@@ -53,6 +57,20 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
         outs.append(_attend(q[:, start:end], kh[:, :, first:end], vh[:, :, first:end],
                             allowed, scale))
     return _token_major(jnp.concatenate(outs, axis=3))
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str,
+                    sliding_window: int | None = None, scale: float | None = None,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+    """The same function as `causal_attention`, by jax.nn.dot_product_attention with
+    `implementation` "xla" or "cudnn" (cuDNN's flash attention: NVIDIA GPUs, bf16/fp16): the
+    window becomes a left window of W-1 keys, packed segments a boolean mask [B, 1, T, T]."""
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
+                                        local_window_size=window, implementation=implementation)
 
 
 def attention_logit_max(q: jax.Array, k: jax.Array, scale: float | None = None,
@@ -146,8 +164,11 @@ class Attention(nn.Module):
         if decode:
             k, v = self._append_to_cache(k, v)
             out = cached_attention(q, k, v, positions, cfg.sliding_window, attention_scale)
-        else:
+        elif (implementation := for_backend(cfg, backend()).attention_impl) == "chunked":
             out = causal_attention(q, k, v, cfg.sliding_window, attention_scale, segment_ids)
+        else:
+            out = fused_attention(q, k, v, implementation, cfg.sliding_window, attention_scale,
+                                  segment_ids)
         out = nn.with_logical_constraint(out, BTNH)
         y = Einsum("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), out_std(cfg),
                    name="o", **proj)(out)

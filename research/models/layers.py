@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from research.config import ModelConfig
+from research.config import ModelConfig, auto_projection
 
 # Logical names of the main activation layouts.
 BTD = ("act_batch", "act_seq", "act_embed")
@@ -30,16 +30,28 @@ BTF = ("act_batch", "act_seq", "act_mlp")
 BTV = ("act_batch", "act_seq", "act_vocab")
 
 
+def backend() -> str:
+    """The platform the `auto` choices are made for (config.for_backend): cpu, tpu, cuda or
+    rocm (jax.default_backend() says "gpu" for both), or another backend's name."""
+    name = jax.default_backend()
+    if name == "gpu":
+        return "rocm" if "rocm" in jax.devices()[0].client.platform_version.lower() else "cuda"
+    return name
+
+
 def matmul(spec: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype,
            projection: str = "plain") -> jax.Array:
     """einsum with `dtype` operands and a float32 result: the dtype policy of every projection.
 
     projection="custom" runs a projection spec (see `projection_dims`) as one 2-D matmul over
-    the flattened tokens with a hand-written backward (`project`); "plain" is einsum + autodiff.
+    the flattened tokens with a hand-written backward (`project`); "plain" is einsum + autodiff;
+    "auto" is this backend's choice (config.auto_projection).
     The backward matmuls see a float32 cotangent and so run in float32. Casting it to bf16
     would make them faster, but XLA:CPU (jax 0.10.2) then fails on some weight-gradient
     shapes with "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32".
     """
+    if projection == "auto":
+        projection = auto_projection(backend())
     if projection == "custom":
         n_in, transposed = projection_dims(spec)
         return project(x, w, n_in, transposed, dtype)
@@ -122,7 +134,7 @@ class Einsum(nn.Module):
     std: float
     dtype: str  # compute dtype of the operands
     param_dtype: str = "float32"
-    projection: str = "plain"  # ModelConfig.projection: "custom" (2-D, own backward) or "plain"
+    projection: str = "plain"  # ModelConfig.projection: "custom" (2-D, own backward), "plain", "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -17,6 +17,7 @@ from research import config as config_lib
 from research.config import ConfigError, ExperimentConfig
 from research.data.tokenizer import load_tokenizer
 from research.models.decoder import padded_vocab
+from research.models.layers import backend
 from research.train.rundir import RunDir
 
 # Fields a branch sets itself, on top of those a resumed run may change.
@@ -78,7 +79,8 @@ def check(cfg: ExperimentConfig) -> None:
     what = f"branch.parent={parent.path}"
     source = read_parent(parent.path, what)
     vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
-    mine, theirs = (config_lib.resolved(c, padded_vocab(c.model, vocab)) for c in (cfg, source))
+    mine, theirs = (config_lib.resolved(c, padded_vocab(c.model, vocab), backend())
+                    for c in (cfg, source))
     free = config_lib.fields_with_role(config_lib.BOOKKEEPING, config_lib.EXTENT) | BRANCH_FIELDS
     difference = config_lib.first_difference(mine, theirs, free)
     if difference is not None:

@@ -35,6 +35,7 @@ from research.data.mixture import Mixture
 from research.data.tokenizer import load_tokenizer
 from research.evaluation.evaluator import Downstream
 from research.models.decoder import Decoder, padded_vocab
+from research.models.layers import backend
 from research.parallel.mesh import (AxisRules, axis_rules, batch_sharding, check_divisibility,
                                     make_mesh)
 from research.train import branch, flops, metrics, recovery, stability
@@ -85,7 +86,7 @@ def prepare(cfg: ExperimentConfig, devices: list[jax.Device] | None = None,
     rules = axis_rules(cfg.mesh)
     data = mixture.load(cfg.data, None if say is _quiet else say)
     vocab = padded_vocab(cfg.model, data.tokenizer.vocab_size)
-    model = Decoder(cfg.model, vocab)
+    model = Decoder(config_lib.for_backend(cfg.model, backend()), vocab)  # what runs here
     example = jnp.zeros((1, cfg.train.seq_len), jnp.int32)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         multipliers = param_multipliers(model, example)
@@ -157,13 +158,14 @@ def evaluate(setup: Setup, params: Any, sets: dict[str, list[np.ndarray]],
 
 
 def _check_resumable(saved: ExperimentConfig, new: ExperimentConfig, path: Path) -> None:
-    """Compared as resolved, so a config.yaml with derived sizes filled in (or from before they
-    were) matches the null it was derived from; only fields whose role says they leave the
-    trajectory alone (config.BOOKKEEPING, config.EXTENT) may differ."""
+    """Compared as resolved, so a config.yaml with derived sizes and `auto` choices filled in
+    (or from before they were) matches what it was derived from on this backend; only fields
+    whose role says they leave the trajectory alone (config.BOOKKEEPING, config.EXTENT) may
+    differ."""
     vocab = padded_vocab(new.model, load_tokenizer(new.data.tokenizer).vocab_size)
     free = config_lib.fields_with_role(config_lib.BOOKKEEPING, config_lib.EXTENT)
-    difference = config_lib.first_difference(config_lib.resolved(new, vocab),
-                                             config_lib.resolved(saved, vocab), free)
+    difference = config_lib.first_difference(config_lib.resolved(new, vocab, backend()),
+                                             config_lib.resolved(saved, vocab, backend()), free)
     if difference is not None:
         key, now, old = difference
         raise ConfigError(f"{key}: {now!r} differs from {old!r} in {path}; a run directory "
@@ -548,7 +550,7 @@ def train(cfg: ExperimentConfig, run_dir: Path,
                                 global_batch=cfg.train.batch_size, n_batches=cfg.train.eval_batches,
                                 process_index=jax.process_index(), process_count=jax.process_count())
     plan = mixture.Plan(setup.data, global_batch=cfg.train.batch_size, seed=cfg.train.seed)
-    resolved_yaml = config_lib.to_yaml(config_lib.resolved(cfg, setup.vocab_size))
+    resolved_yaml = config_lib.to_yaml(config_lib.resolved(cfg, setup.vocab_size, backend()))
     if is_lead:
         run.write_config(resolved_yaml)
     checkpoints = run.checkpointer(cfg.checkpoint, read_only=False)
