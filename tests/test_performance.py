@@ -99,3 +99,18 @@ def test_a_command_reexecutes_itself_with_tcmalloc_loaded():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, check=True)
     assert "libtcmalloc" in out.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus"], "error: unknown argument '--bogus' (allowed: --dry-run, --steps N, --repeats N)"),
+    (["--steps", "x"], "error: --steps takes a positive integer, got 'x'"),
+    (["--dry-run", "--repeats", "0"], "error: --repeats takes a positive integer, got '0'"),
+    (["--steps"], "error: --steps takes a positive integer, got ''"),
+    ([], "error: no GPU here (JAX backend cpu); bench/accelerator.sh --dry-run checks the script "
+         "on CPU"),
+])
+def test_the_accelerator_script_refuses_bad_arguments_in_one_line(argv, message):
+    """Exit 2 and one line, before any measuring (the suite runs with JAX_PLATFORMS=cpu)."""
+    out = subprocess.run(["bash", str(ROOT / "bench" / "accelerator.sh"), *argv],
+                         capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stderr.splitlines(), out.stdout) == (2, [message], "")
