@@ -7,10 +7,11 @@ on the same GPU, as one table.
 The set: dense_small and moe_tiny with model.attention_impl chunked, xla and cudnn (and
 dense_small with the CPU's custom-backward projections instead of auto's plain ones: does that
 choice hold on a GPU?), mamba_tiny (no attention layer) as configured, each against PyTorch
-eager and torch.compile of the same model from the same weights (bench/vs_torch.py: one process per variant, equal parameter
-counts and first losses checked, timed in turns). MFU counts the training FLOPs of
-research.train.flops (active parameters, attention scores, the SSD) against
-research.train.metrics.peak_flops (the vendor's dense bf16 peak: H100/H200 989 TFLOP/s).
+eager and torch.compile of the same model from the same weights (bench/vs_torch.py: one
+process per variant, equal parameter counts and first losses checked, timed in turns). MFU
+counts the training FLOPs of research.train.flops (active parameters, attention scores, the
+SSD) against research.train.metrics.peak_flops (the vendor's dense bf16 peak: H100/H200 989
+TFLOP/s).
 `--dry-run` checks the script on CPU: tiny shapes, 1 step, 1 round, without cuDNN (refused on
 CPU) and without torch.compile (minutes of compilation on a CPU).
 """

@@ -67,6 +67,11 @@ def tensor(a) -> torch.Tensor:
     return torch.from_numpy(np.array(a, np.float32))
 
 
+def linear_weight(kernel, n_in: int = 1) -> torch.Tensor:
+    """Our projection kernel [*in (n_in axes), *out] -> nn.Linear.weight [out, in]."""
+    return tensor(kernel.reshape(math.prod(kernel.shape[:n_in]), -1).T)
+
+
 class Attention(nn.Module):
     """GQA attention with rotary positions, by `scaled_dot_product_attention`."""
 
@@ -87,11 +92,9 @@ class Attention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, t, -1))
 
     def load(self, p: dict) -> None:
-        for name in ("q", "k", "v"):  # [D, heads, H] -> Linear.weight [heads * H, D]
-            kernel = p[name]["kernel"]
-            getattr(self, name).weight.copy_(tensor(kernel.reshape(kernel.shape[0], -1).T))
-        kernel = p["o"]["kernel"]  # [N, H, D]
-        self.o.weight.copy_(tensor(kernel.reshape(-1, kernel.shape[-1]).T))
+        for name in ("q", "k", "v"):  # [D, heads, H]
+            getattr(self, name).weight.copy_(linear_weight(p[name]["kernel"]))
+        self.o.weight.copy_(linear_weight(p["o"]["kernel"], n_in=2))  # [N, H, D]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -114,7 +117,7 @@ class MLP(nn.Module):
 
     def load(self, p: dict) -> None:
         for name in ("gate", "up", "down"):
-            getattr(self, name).weight.copy_(tensor(p[name]["kernel"].T))
+            getattr(self, name).weight.copy_(linear_weight(p[name]["kernel"]))
 
 
 class MoE(nn.Module):
@@ -151,7 +154,7 @@ class MoE(nn.Module):
         return out.view(shape), self.cfg.balance_coef * balance + self.cfg.z_loss_coef * z
 
     def load(self, p: dict) -> None:
-        self.router.weight.copy_(tensor(p["router"]["kernel"].T))
+        self.router.weight.copy_(linear_weight(p["router"]["kernel"]))
         for name in ("gate", "up", "down"):
             getattr(self, name).copy_(tensor(p[name]))
 
@@ -174,9 +177,10 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     q = min(chunk, t)
     pad = -t % q
     x, dt = F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad))
-    B, C = (F.pad(v, (0, 0, 0, 0, 0, pad)).repeat_interleave(h // v.shape[2], dim=2) for v in (B, C))
+    B, C = (F.pad(v, (0, 0, 0, 0, 0, pad)).repeat_interleave(h // v.shape[2], dim=2)
+            for v in (B, C))  # groups -> heads
     c = (t + pad) // q
-    X, B, C = ((v.reshape(b, c, q, *v.shape[2:])) for v in (x * dt[..., None], B, C))
+    X, B, C = (v.reshape(b, c, q, *v.shape[2:]) for v in (x * dt[..., None], B, C))
     a = (dt * A).reshape(b, c, q, h).permute(0, 3, 1, 2)  # [b, h, c, q]
     a_cum = torch.cumsum(a, dim=-1)
     y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, torch.exp(segsum(a)), X)
@@ -222,16 +226,16 @@ class Mamba2(nn.Module):
         return self.out(y.reshape(b, t, h * p) * self.norm)
 
     def load(self, p: dict) -> None:
-        self.in_zxdt.weight.copy_(tensor(p["in_zxdt"]["kernel"].reshape(p["in_zxdt"]["kernel"].shape[0], -1).T))
-        self.in_bc.weight.copy_(tensor(p["in_bc"]["kernel"].reshape(p["in_bc"]["kernel"].shape[0], -1).T))
+        self.in_zxdt.weight.copy_(linear_weight(p["in_zxdt"]["kernel"]))  # [D, H, 2P + 1]
+        self.in_bc.weight.copy_(linear_weight(p["in_bc"]["kernel"]))  # [D, G, 2N]
         for name in ("conv_x", "conv_bc"):  # kernel [w, *channels] -> Conv1d weight [ch, 1, w]
-            conv, kernel = getattr(self, name), p[name]["kernel"]
-            conv.weight.copy_(tensor(kernel.reshape(kernel.shape[0], -1).T[:, None, :]))
+            conv = getattr(self, name)
+            conv.weight.copy_(linear_weight(p[name]["kernel"])[:, None, :])
             conv.bias.copy_(tensor(p[name]["bias"].reshape(-1)))
         for name in ("dt_bias", "A_log", "D"):
             getattr(self, name).copy_(tensor(p[name]))
         self.norm.copy_(tensor(p["norm"].reshape(-1)))
-        self.out.weight.copy_(tensor(p["out"]["kernel"].reshape(-1, p["out"]["kernel"].shape[-1]).T))
+        self.out.weight.copy_(linear_weight(p["out"]["kernel"], n_in=2))  # [H, P, D]
 
 
 MIXERS = {"attention": Attention, "mamba": Mamba2}
@@ -417,8 +421,9 @@ def compare(experiment: Path, overrides: list[str], variants: list[str], dtype: 
     for name, (loss, count) in checks.items():
         assert count == checks[reference][1], \
             f"{name}: {count} parameters, {reference} {checks[reference][1]}"
-        assert math.isclose(loss, checks[reference][0], rel_tol=tol), \
-            f"{name}: first-batch loss {loss:.6f} vs {reference} {checks[reference][0]:.6f} (tol {tol})"
+        assert math.isclose(loss, checks[reference][0], rel_tol=tol), (
+            f"{name}: first-batch loss {loss:.6f} vs {reference} {checks[reference][0]:.6f} "
+            f"(tol {tol})")
 
     times: dict[str, list[float]] = {name: [] for name in workers}
     for round_ in range(repeats + 1):  # round 0: compilation and warm-up
