@@ -55,7 +55,7 @@ def main() -> None:
     overrides = ["model.compute_dtype=bfloat16", *([] if gpu else DRY_RUN)]
     steps, repeats = (args.steps, args.repeats) if not args.dry_run else (1, 1)
     peak = peak_flops("bfloat16")
-    print(f"{jax.devices()[0].device_kind}, bfloat16, peak {peak / 1e12:,.0f} TFLOP/s"
+    print(f"{jax.devices()[0].device_kind}, bfloat16, peak {peak / 1e12:.3g} TFLOP/s"
           f"{' (measured matmul peak)' if not gpu else ''}; median of {repeats} rounds of "
           f"{steps} steps{'; DRY RUN: tiny shapes, no cudnn, no torch.compile' * args.dry_run}")
     print("| experiment | variant | step ms | tokens/s | MFU | vs PyTorch eager | "

@@ -115,7 +115,8 @@ def test_field_roles_are_the_one_source_of_what_may_differ():
     assert {"name", "train.steps", "train.eval_batches", "mesh.data", "checkpoint.keep_last",
             "logging.progress", "data.cache_dir"} <= resumable
     assert {"model.remat", "model.compute_dtype", "model.init_from", "model.moe.balance_coef",
-            "model.mamba.chunk_size"} <= params_free - resumable
+            "model.mamba.chunk_size", "model.attention_impl", "model.projection"
+            } <= params_free - resumable
     for field in ("model.d_model", "model.layer_pattern", "optim.lr", "train.seed",
                   "train.batch_size", "data.source", "model.moe.n_experts"):
         assert field not in params_free, field
