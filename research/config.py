@@ -703,8 +703,7 @@ CUDNN_HEAD_SIZES = range(8, 129, 8)  # cuDNN flash attention: head dim a multipl
 
 def auto_projection(platform: str) -> str:
     """custom on CPU (XLA:CPU copies transposed operands for N-D dots' gradients); plain
-    elsewhere, where the backward matmuls then run in the compute dtype and layout assignment
-    folds the transposes into the GEMM."""
+    elsewhere, where layout assignment folds those transposes into the GEMM."""
     return "custom" if platform == "cpu" else "plain"
 
 
