@@ -725,6 +725,12 @@ def for_backend(model: ModelConfig, platform: str) -> ModelConfig:
     if model.attention_impl == "cudnn" and platform != "cuda":
         raise ConfigError(f"model.attention_impl=cudnn needs an NVIDIA GPU (cuDNN); this JAX "
                           f"backend is {platform}: use auto, chunked or xla")
+    return auto_resolved(model, platform)
+
+
+def auto_resolved(model: ModelConfig, platform: str) -> ModelConfig:
+    """The model section with each `auto` replaced by `platform`'s choice, whether or not the
+    other choices can run there (reading a run that ran elsewhere)."""
     update = {}
     if model.projection == "auto":
         update["projection"] = auto_projection(platform)

@@ -21,6 +21,7 @@ import yaml
 from research import config as config_lib
 from research.analysis.events import Series, has_events, read_scalars, scalars_from_metrics
 from research.config import ConfigError
+from research.models.layers import backend
 from research.train import rundir
 from research.train.rundir import RunDir
 from research.sweep.spec import SEED_KEY
@@ -89,6 +90,9 @@ def _read_config(path: Path, check: bool = False) -> dict[str, Any] | None:
         return None
     except ConfigError:
         return None if check else config_lib.flatten(raw)
+    # A run records what its `auto` choices ran as; a config that never ran (or predates a
+    # choice) still says auto: read it as what auto runs here, so that it does not look swept.
+    cfg = cfg.model_copy(update={"model": config_lib.auto_resolved(cfg.model, backend())})
     return config_lib.flatten(config_lib.resolved(cfg, cfg.model.vocab_size))
 
 
