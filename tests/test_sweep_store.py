@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -38,11 +39,19 @@ def _grid(tmp_path: Path, points: int = 12, **fields) -> Path:
                        **fields)
 
 
-def _worker(sweep: Path, out: Path, url: str, trial_s: float = 0.3) -> subprocess.Popen:
-    """A `research sweep --worker` whose trials are the fake trial."""
+def _ignore_sigint() -> None:
+    """As a shell's background job (`nohup research sweep ... &`) starts: SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _worker(sweep: Path, out: Path, url: str, trial_s: float = 0.3,
+            background: bool = False) -> subprocess.Popen:
+    """A `research sweep --worker` whose trials are the fake trial (`background`: started with
+    SIGINT ignored, as by a shell's `&`)."""
     command = [sys.executable, "-c", WORKER, str(sweep), str(out), url, str(FAKE_TRIAL)]
     return subprocess.Popen(command, cwd=REPO, env={**_env(), "FAKE_TRIAL_S": str(trial_s)},
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=_ignore_sigint if background else None)
 
 
 def _finish(workers: list[subprocess.Popen]) -> list[str]:
@@ -223,12 +232,13 @@ def test_workers_run_each_grid_point_exactly_once_while_status_is_read(store_url
 
 def test_a_sigkilled_workers_trial_is_taken_over(store_url, tmp_path):
     sweep, out = _grid(tmp_path, 4), tmp_path / "out"
-    doomed = _worker(sweep, out, store_url, trial_s=120)
+    doomed = _worker(sweep, out, store_url, trial_s=120, background=True)
     _wait_for(lambda: "t000-lr=0.001" in _calls(out) if out.exists() else False)
     doomed.kill()
     doomed.communicate(timeout=30)
     [(_, trial_pid)] = _calls(out)["t000-lr=0.001"]
-    _wait_for(lambda: process_gone(trial_pid))  # SIGINTed when its worker died
+    # SIGINTed when its worker died, though the worker ignored SIGINT (not after its 120 s)
+    _wait_for(lambda: process_gone(trial_pid), timeout=60)
     _, rows = trial_rows(out, store_url)
     assert [r["state"] for r in rows] == ["interrupted", "pending", "pending", "pending"]
     [log] = _finish([_worker(sweep, out, store_url)])

@@ -101,9 +101,13 @@ def trial_env(sweep_dir: Path, devices: dict[str, str]) -> dict[str, str]:
 
 
 def _die_with_parent(parent: int) -> None:
-    """Runs in the child before exec: SIGINT it when the runner dies, however it dies (Linux)."""
+    """Runs in the child before exec: SIGINT it when the runner dies, however it dies (Linux).
+    SIGINT is first set back to its default: a sweep started in the background (`nohup ... &`)
+    ignores it, and an ignored signal stays ignored across exec, so the trial would outlive it."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT)  # 1 = PR_SET_PDEATHSIG
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.signal(signal.SIGINT, 0)  # 0 = SIG_DFL
+        libc.prctl(1, signal.SIGINT)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
     if os.getppid() != parent:  # the runner died before prctl took effect
