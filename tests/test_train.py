@@ -83,8 +83,8 @@ def test_run_directory_layout_and_eval_command(tiny, tmp_path):
     run_dir = tmp_path / "run"
     summary = train(tiny(), run_dir)
     assert (run_dir / "config.yaml").is_file()
-    # The resolved config reads back as the same run (derived sizes now explicit).
-    assert config.resolved(RunDir(run_dir).config(), 384) == config.resolved(tiny(), 384)
+    # The resolved config reads back as the same run (derived sizes and `auto` choices explicit).
+    assert config.resolved(RunDir(run_dir).config(), 384) == config.resolved(tiny(), 384, "cpu")
     rows = read_metrics(run_dir)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
