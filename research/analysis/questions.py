@@ -163,6 +163,17 @@ def _left_out(family: families.Family) -> tuple[str, dict[str, str]]:
     return text, {name: f"not compared: {why}" for name, why in family.reasons().items()}
 
 
+def _close(lead: Lead, study: Study, family: families.Family, words: str,
+           groups: list[replicates.Group]) -> None:
+    """End a lead that compares one family's settings: its words, the runs left out of the
+    comparison, the runs' states, and the settings table (only when there is more than one
+    setting or seed to show)."""
+    text, lead.left_out = _left_out(family)
+    lead.text = f"{words}{text} {states(study.runs)}"
+    if len(groups) > 1 or groups[0].n > 1:
+        lead.tables.append(("Settings and seed noise", replicates_table(groups)))
+
+
 def _swept_figure(study: Study, key: str) -> Figure:
     return Figure(f"loss_vs_{key.split('.')[-1]}", f"Final eval loss against {key}",
                   lambda: plots.swept(study.runs, study.rows, study.fields, [key], study.palette))
@@ -410,9 +421,7 @@ def lr_lead(study: Study) -> Lead:
             words.append(f"A parabola in log2(lr) through the best and its neighbours puts the "
                          f"optimum at lr = {best_lr:.3g} (loss {best_loss:.4f}).")
     lead.record["best_setting"] = best_setting({key: best_lr}, f"{best_loss:.4f}")
-    text, lead.left_out = _left_out(family)
-    lead.text = " ".join(words) + text + " " + states(study.runs)
-    lead.tables.append(("Settings and seed noise", replicates_table(groups)))
+    _close(lead, study, family, " ".join(words), groups)
     lead.figures.append(_swept_figure(study, key))
     return lead
 
@@ -472,9 +481,7 @@ def ladder_lead(study: Study) -> Lead:
                                    lambda: plots.scaling(study.runs, study.rows, law.key, law.label,
                                                          law.symbol, law.fit, law.fitted,
                                                          law.left_out, study.palette)))
-    text, lead.left_out = _left_out(family)
-    lead.text = " ".join(words) + text + " " + states(study.runs)
-    lead.tables.append(("Settings and seed noise", replicates_table(groups)))
+    _close(lead, study, family, " ".join(words), groups)
     lead.figures.insert(0, _swept_figure(study, key))
     return lead
 
@@ -486,11 +493,8 @@ def grid_lead(study: Study) -> Lead:
     if not groups:
         return _nothing(study)
     lead = Lead("The best setting")
-    text, lead.left_out = _left_out(family)
-    lead.text = same_tokens(family.members) + ranking(groups, family.members) + text + " " + \
-        states(study.runs)
-    if len(groups) > 1 or groups[0].n > 1:
-        lead.tables.append(("Settings and seed noise", replicates_table(groups)))
+    _close(lead, study, family, same_tokens(family.members) + ranking(groups, family.members),
+           groups)
     lead.record["best_setting"] = best_setting(groups[0].runs[0].values, groups[0].describe())
     return lead
 
