@@ -60,6 +60,13 @@ def _legend_columns(runs: list[Run]) -> int:
     return max(1, -(-settings // 18))  # 18 entries fit beside one row of panels
 
 
+def _legend_font(columns: int) -> str:
+    return "small" if columns == 1 else "x-small"
+
+
+_CHAR_INCHES = {"small": 0.066, "x-small": 0.055}  # mean glyph width of the default font there
+
+
 @dataclass(frozen=True)
 class Palette:
     """A colour per run, and the key that explains it: one colour per setting with a legend of
@@ -73,8 +80,15 @@ class Palette:
         return self.colors[name]
 
     def width(self, runs: list[Run]) -> float:
-        """Inches the key takes on the right of a figure."""
-        return 1.3 if self.scale else 2.2 * _legend_columns(runs)
+        """Inches the key takes on the right of a figure: a legend is as wide as its longest
+        label (counted as if every run were hidden, the longest that label can be), so that long
+        settings (a mixture's weights) widen the figure instead of squeezing its panels to
+        nothing."""
+        if self.scale:
+            return 1.3
+        columns = _legend_columns(runs)
+        longest = max(len(label) for _, label in _legend_entries(runs, shown=set()))
+        return columns * (0.6 + _CHAR_INCHES[_legend_font(columns)] * longest)
 
     def key(self, fig: Figure, runs: list[Run], shown: set[str] | None = None) -> None:
         if self.scale is None:
@@ -133,10 +147,9 @@ def _title(fig: Figure, text: str) -> None:
     fig.suptitle(text, x=0.01, ha="left")  # left: clear of the run legend at the top right
 
 
-def _run_legend(fig: Figure, runs: list[Run], colors: dict[str, Any],
-                shown: set[str] | None = None) -> None:
-    """One entry per setting, with its number of seeds; runs that did not finish say so, and
-    whether they are drawn."""
+def _legend_entries(runs: list[Run], shown: set[str] | None = None) -> list[tuple[Run, str]]:
+    """(first run, label) per setting: the setting with its number of seeds; runs that did not
+    finish say so, and whether they are drawn (`shown`: the runs drawn; None: all)."""
     members: dict[tuple, list[Run]] = {}
     for run in runs:
         members.setdefault(run.setting, []).append(run)
@@ -150,11 +163,17 @@ def _run_legend(fig: Figure, runs: list[Run], colors: dict[str, Any],
             notes.append("not shown" if hidden == len(members) else f"{hidden} not shown")
         return f"{setting} ({', '.join(notes)})" if notes else setting
 
-    handles = [Line2D([], [], color=colors[m[0].name], marker="o", lw=1.5, label=label(m[0].group, m))
-               for m in members.values()]
+    return [(m[0], label(m[0].group, m)) for m in members.values()]
+
+
+def _run_legend(fig: Figure, runs: list[Run], colors: dict[str, Any],
+                shown: set[str] | None = None) -> None:
+    """One legend entry per setting (`_legend_entries`), in columns beside the panels."""
+    handles = [Line2D([], [], color=colors[run.name], marker="o", lw=1.5, label=label)
+               for run, label in _legend_entries(runs, shown)]
     columns = _legend_columns(runs)
     fig.legend(handles=handles, loc="outside right upper", title="setting", ncols=columns,
-               fontsize="small" if columns == 1 else "x-small")
+               fontsize=_legend_font(columns))
 
 
 def _smooth(values: np.ndarray) -> np.ndarray:
