@@ -18,6 +18,7 @@ matmul form, a single token is a chunk of one). The formulas are in docs/mamba.m
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -31,46 +32,33 @@ BTH = ("act_batch", "act_seq", "act_mamba_heads")
 BTGN = ("act_batch", "act_seq", None, None)
 
 
-def cumsum(a: jax.Array, axis: int = -1) -> jax.Array:
-    """Cumulative sum as a log-depth scan. jnp.cumsum lowers to a reduce_window, which XLA:CPU
-    computes in O(T^2) and re-evaluates inside every fused consumer (6x slower SSD here)."""
-    return jax.lax.associative_scan(jnp.add, a, axis=axis)
+def cumsum(a: jax.Array, reverse: bool = False) -> jax.Array:
+    """Cumulative sum over the last axis as a log-depth scan. jnp.cumsum lowers to a
+    reduce_window, which XLA:CPU computes in O(T^2) and re-evaluates inside every fused consumer
+    (6x slower SSD here)."""
+    return jax.lax.associative_scan(jnp.add, a, reverse=reverse, axis=a.ndim - 1)
 
 
-def segsum(a: jax.Array) -> jax.Array:
-    """[..., T] -> [..., T, T]: out[i, j] = a[j+1] + ... + a[i] for i >= j, -inf above the diagonal.
+def decays(cum: jax.Array) -> jax.Array:
+    """Cumulative log-decays [..., T] -> [..., T, T]: out[i, j] = exp(cum[i] - cum[j]) for i >= j,
+    the decay from step j to step i, and 0 above the diagonal.
 
-    exp() of it is the decay from step j to step i. Taken as a difference of cumulative sums, so
-    the exponent's rounding error is ~1e-7 x |cumsum| (float32); masking to -inf *before* exp()
-    keeps the positive differences above the diagonal from overflowing (and their gradients out).
+    A difference of cumulative sums, so the exponent's rounding error is ~1e-7 x |cum|
+    (float32); masking to -inf *before* exp() keeps the positive differences above the diagonal
+    from overflowing.
     """
-    t = a.shape[-1]
-    cum = cumsum(a)
+    t = cum.shape[-1]
     lower = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-    return jnp.where(lower, cum[..., :, None] - cum[..., None, :], -jnp.inf)
+    return jnp.exp(jnp.where(lower, cum[..., :, None] - cum[..., None, :], -jnp.inf))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def to_heads(v: jax.Array, heads_per_group: int) -> jax.Array:
-    """[b, G, ...] -> [b, H, ...], head h reading group h // (H / G).
-
-    The backward sums each group's heads as a chain of slice adds: autodiff's reduce over the
-    repeated axis lands in an XLA:CPU (jax 0.10.2) YNNPACK reduction 10x slower (a profile of
-    the SSD's backward: 70 of 215 ms in two such reductions).
-    """
-    return jnp.repeat(v, heads_per_group, axis=1)
-
-
-def _to_heads_fwd(v: jax.Array, heads_per_group: int) -> tuple[jax.Array, None]:
-    return to_heads(v, heads_per_group), None
-
-
-def _to_heads_bwd(heads_per_group: int, _: None, g: jax.Array) -> tuple[jax.Array]:
-    g = g.reshape(g.shape[0], -1, heads_per_group, *g.shape[2:])
-    return (functools.reduce(jnp.add, [g[:, :, r] for r in range(heads_per_group)]),)
-
-
-to_heads.defvjp(_to_heads_fwd, _to_heads_bwd)
+def sum_heads(v: jax.Array, heads_per_group: int) -> jax.Array:
+    """[b, H, ...] -> [b, G, ...]: the sum of each group's heads (the transpose of jnp.repeat
+    over axis 1) as a chain of slice adds: XLA:CPU (jax 0.10.2) lowers a reduce over the
+    repeated axis to a YNNPACK reduction 10x slower (a profile: 70 of 215 ms of the SSD's
+    backward)."""
+    v = v.reshape(v.shape[0], -1, heads_per_group, *v.shape[2:])
+    return functools.reduce(jnp.add, [v[:, :, r] for r in range(heads_per_group)])
 
 
 def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
@@ -86,48 +74,137 @@ def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.
     1 and no input, so padding changes neither the final state nor (being later) any real output.
     A sequence shorter than a chunk is one chunk of its own length.
 
-    Layout: head-major [b, H, c, q, ...] throughout, so that every matmul is a batched dot with
-    its batch dimensions leading (no operand transposed per matmul; x and y are transposed once).
-    The states pass between chunks as one (c+1) x (c+1) decay matmul: a scan over the chunks
-    measured faster alone at T = 2048 but 1.4x slower inside the remat'd layer scan of a train
-    step (docs/performance.md).
+    The gradient is hand-written (`_ssd_backward`, formulas in docs/mamba.md): autodiff's
+    backward of the same forward ran ~30 elementwise ops over the [q, q] score and decay
+    matrices; this one needs a single product of them and gets every decay gradient from
+    row sums of products the matmuls already give.
     """
+    dtype = jnp.result_type(x, dt, A, B, C, jnp.float32)
+    if initial_state is None:
+        initial_state = jnp.zeros((x.shape[0], x.shape[2], x.shape[3], B.shape[-1]), dtype)
+    y, state = _ssd(*(v.astype(dtype) for v in (x, dt, A, B, C, initial_state)), chunk_size)
+    return y, state
+
+
+class _Chunked(NamedTuple):
+    """The forward's values in the head-major chunk layout [b, heads, c, q, ...] (every matmul a
+    batched dot with its batch dimensions leading), kept for the backward."""
+
+    xdt: jax.Array  # dt_t x_t  [b, H, c, q, P]
+    B: jax.Array  # [b, G, c, q, N]
+    C: jax.Array  # [b, G, c, q, N]
+    a_cum: jax.Array  # log-decay from the chunk's start to each step  [b, H, c, q]
+    decay: jax.Array  # within-chunk decays(a_cum)  [b, H, c, q, q]
+    scores: jax.Array  # (C_l . B_s) decay[l, s]  [b, H, c, q, q]
+    chunk_decay: jax.Array  # decays between chunk boundaries  [b, H, c + 1, c + 1]
+    inputs: jax.Array  # initial state, then what each chunk adds  [b, H, c + 1, P, N]
+    states: jax.Array  # state at each chunk boundary  [b, H, c + 1, P, N]
+    y: jax.Array  # [b, H, c, q, P]
+
+
+def _chunks(v: jax.Array, q: int) -> jax.Array:
+    """[b, T, heads, ...] -> [b, heads, c, q, ...], T padded with zeros to c * q."""
+    b, t = v.shape[:2]
+    c = -(-t // q)
+    v = jnp.pad(v, [(0, 0), (0, c * q - t)] + [(0, 0)] * (v.ndim - 2))
+    return jnp.moveaxis(v, 2, 1).reshape(b, v.shape[2], c, q, *v.shape[3:])
+
+
+def _unchunk(v: jax.Array, t: int) -> jax.Array:
+    """[b, heads, c, q, ...] -> [b, t, heads, ...], the padding dropped."""
+    b, heads, c, q = v.shape[:4]
+    return jnp.moveaxis(v.reshape(b, heads, c * q, *v.shape[4:]), 1, 2)[:, :t]
+
+
+def _ssd_forward(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+                 initial_state: jax.Array, chunk_size: int) -> _Chunked:
     b, t, H, P = x.shape
     G, N = B.shape[-2:]
     R = H // G
-    dtype = jnp.result_type(x, dt, A, B, C, jnp.float32)
     q = min(chunk_size, t)
-    c = -(-t // q)
-
-    def chunks(v: jax.Array) -> jax.Array:  # [b, T, heads, ...] -> [b, heads, c, q, ...]
-        v = jnp.pad(v.astype(dtype), [(0, 0), (0, c * q - t)] + [(0, 0)] * (v.ndim - 2))
-        return jnp.moveaxis(v, 2, 1).reshape(b, v.shape[2], c, q, *v.shape[3:])
-
-    # Products that broadcast are einsums too: XLA:CPU (jax 0.10.2) runs the multiply-and-reduce
-    # their gradients need 10-50x slower than the equivalent dot.
-    xdt = chunks(jnp.einsum("bthp,bth->bthp", x, dt))  # dt_t x_t  [b, H, c, q, P]
-    B, C = chunks(B), chunks(C)  # [b, G, c, q, N]
-    a = chunks(dt * A)  # log-decays [b, H, c, q]
-    a_cum = cumsum(a)  # log-decay from the chunk's start to each step
-
+    xdt = _chunks(x * dt[..., None], q)
+    B, C = _chunks(B, q), _chunks(C, q)
+    a_cum = cumsum(_chunks(dt * A, q))
     # 1. within each chunk: y_l = sum_{s <= l} (C_l . B_s) decay[l, s] dt_s x_s
-    scores = to_heads(jnp.einsum("bgcln,bgcsn->bgcls", C, B), R) * jnp.exp(segsum(a))
+    decay = decays(a_cum)
+    scores = jnp.repeat(jnp.einsum("bgcln,bgcsn->bgcls", C, B), R, axis=1) * decay
     y = jnp.einsum("bhcls,bhcsp->bhclp", scores, xdt)
     # 2. what each chunk adds to the state at its end
     to_end = jnp.exp(a_cum[..., -1:] - a_cum)
-    states = jnp.einsum("bhcsp,bhcsn->bhcpn", jnp.einsum("bhcsp,bhcs->bhcsp", xdt, to_end),
-                        to_heads(B, R))
+    added = jnp.einsum("bhcsp,bhcsn->bhcpn", xdt * to_end[..., None], jnp.repeat(B, R, axis=1))
     # 3. pass states across chunks: state at the start of chunk z, and after the last chunk
-    if initial_state is None:
-        initial_state = jnp.zeros((b, H, P, N), dtype)
-    states = jnp.concatenate([initial_state.astype(dtype)[:, :, None], states], 2)
-    chunk_decay = jnp.exp(segsum(jnp.pad(a_cum[..., -1], [(0, 0), (0, 0), (1, 0)])))
-    states = jnp.einsum("bhzc,bhcm->bhzm", chunk_decay, states.reshape(b, H, c + 1, P * N))
-    states = states.reshape(b, H, c + 1, P, N)
+    inputs = jnp.concatenate([initial_state[:, :, None], added], 2)
+    chunk_decay = decays(cumsum(jnp.pad(a_cum[..., -1], [(0, 0), (0, 0), (1, 0)])))
+    c = a_cum.shape[2]
+    states = jnp.einsum("bhzc,bhcm->bhzm", chunk_decay, inputs.reshape(b, H, c + 1, P * N))
+    states = states.reshape(inputs.shape)
     # 4. each step reads the state entering its chunk, decayed to the step
-    y_off = jnp.einsum("bhcln,bhcpn->bhclp", to_heads(C, R), states[:, :, :-1])
-    y = y + jnp.einsum("bhclp,bhcl->bhclp", y_off, jnp.exp(a_cum))
-    return jnp.moveaxis(y.reshape(b, H, c * q, P), 1, 2)[:, :t], states[:, :, -1]
+    y_off = jnp.einsum("bhcln,bhcpn->bhclp", jnp.repeat(C, R, axis=1), states[:, :, :-1])
+    y = y + y_off * jnp.exp(a_cum)[..., None]
+    return _Chunked(xdt, B, C, a_cum, decay, scores, chunk_decay, inputs, states, y)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+         initial_state: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    f = _ssd_forward(x, dt, A, B, C, initial_state, chunk_size)
+    return _unchunk(f.y, x.shape[1]), f.states[:, :, -1]
+
+
+def _ssd_fwd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+             initial_state: jax.Array, chunk_size: int):
+    f = _ssd_forward(x, dt, A, B, C, initial_state, chunk_size)
+    return (_unchunk(f.y, x.shape[1]), f.states[:, :, -1]), (f, x, dt, A)
+
+
+def _ssd_backward(chunk_size: int, saved: tuple[_Chunked, jax.Array, jax.Array, jax.Array],
+                  grads: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
+    """Gradients w.r.t. x, dt, A, B, C, initial_state; the steps of `_ssd_forward` in reverse.
+
+    Every log-decay enters as a difference of cumulative sums, and d/d(exponent) of
+    exp(exponent) * (product) is that term itself, so the gradient w.r.t. a_cum[l] is a row sum
+    minus a column sum of (decayed product x its cotangent), which the matmuls already hold:
+    sum_p dy y (rows of steps 1 and 4), sum_p dxdt xdt (columns of steps 1 and 2), and per
+    chunk boundary <d state, state> - <d input, input> (step 3). docs/mamba.md derives them.
+    """
+    f, x, dt, A = saved
+    dy, d_final = grads
+    b, t, H, P = x.shape
+    G, N = f.B.shape[1], f.B.shape[-1]
+    R, c, q = H // G, f.a_cum.shape[2], f.a_cum.shape[3]
+    dy = _chunks(dy, q)
+    # 4. y_off = (C_h states^T) exp(a_cum)
+    dy_off = dy * jnp.exp(f.a_cum)[..., None]
+    dC = jnp.einsum("bhclp,bhcpn->bhcln", dy_off, f.states[:, :, :-1])
+    d_states = jnp.einsum("bhclp,bhcln->bhcpn", dy_off, jnp.repeat(f.C, R, axis=1))
+    d_states = jnp.concatenate([d_states, d_final[:, :, None]], 2)
+    # 3. states = chunk_decay inputs
+    d_inputs = jnp.einsum("bhzc,bhzm->bhcm", f.chunk_decay,
+                          d_states.reshape(b, H, c + 1, P * N)).reshape(d_states.shape)
+    input_products = jnp.sum(d_inputs * f.inputs, (-2, -1))  # [b, H, c + 1]
+    d_boundaries = jnp.sum(d_states * f.states, (-2, -1)) - input_products
+    d_added = d_inputs[:, :, 1:]
+    # 2. added = (xdt to_end)^T B_h
+    to_end = jnp.exp(f.a_cum[..., -1:] - f.a_cum)[..., None]
+    dxdt = jnp.einsum("bhcsn,bhcpn->bhcsp", jnp.repeat(f.B, R, axis=1), d_added) * to_end
+    dB = jnp.einsum("bhcsp,bhcpn->bhcsn", f.xdt * to_end, d_added)
+    # 1. y = (CB_h * decay) xdt
+    d_scores = jnp.einsum("bhclp,bhcsp->bhcls", dy, f.xdt)
+    dxdt = dxdt + jnp.einsum("bhcls,bhclp->bhcsp", f.scores, dy)
+    dCB = sum_heads(d_scores * f.decay, R)
+    dC = sum_heads(dC, R) + jnp.einsum("bgcls,bgcsn->bgcln", dCB, f.B)
+    dB = sum_heads(dB, R) + jnp.einsum("bgcls,bgcln->bgcsn", dCB, f.C)
+    # the decays: a_cum = cumsum(dt A) within each chunk; a chunk's total reaches the later ones
+    d_a_cum = jnp.sum(dy * f.y - f.xdt * dxdt, -1)
+    d_a_cum = d_a_cum.at[..., -1].add(input_products[..., 1:]
+                                       + cumsum(d_boundaries, reverse=True)[..., 1:])
+    da = _unchunk(cumsum(d_a_cum, reverse=True), t)
+    dxdt = _unchunk(dxdt, t)
+    return (dxdt * dt[..., None], jnp.sum(dxdt * x, -1) + da * A, jnp.sum(da * dt, (0, 1)),
+            _unchunk(dB, t), _unchunk(dC, t), d_inputs[:, :, 0])
+
+
+_ssd.defvjp(_ssd_fwd, _ssd_backward)
 
 
 def ssd_sequential(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
