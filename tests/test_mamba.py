@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from research.config import ModelConfig
+from research.models import mamba
 from research.models.mamba import Mamba2, ssd_chunked, ssd_sequential
 from research.train.flops import mamba_params, ssd_flops
 from research.train.loop import train
@@ -74,23 +75,38 @@ def test_ssd_chunked_equals_float64_recurrence(T, chunk, H, G):
     np.testing.assert_allclose(h32, h_ref, atol=1e-5 * np.abs(h_ref).max())
 
 
-def test_ssd_chunked_gradients_equal_the_recurrence():
-    """d/d(x, dt, A, B, C, initial state) of a random functional of (y, final state), float64."""
-    inputs = ssd_inputs(T=21, H=4, G=2, seed=1)
+@pytest.mark.parametrize("T, chunk, H, G, initial", [
+    (21, 8, 4, 2, True),   # a partial last chunk, groups, an initial state
+    (24, 8, 8, 1, False),  # whole chunks, one group of 8 heads (mamba_tiny's layout), zeros
+    (5, 8, 4, 4, True),    # shorter than one chunk
+])
+def test_ssd_chunked_gradients_equal_the_recurrence_and_autodiff(T, chunk, H, G, initial):
+    """The hand-written backward: d/d(x, dt, A, B, C, initial state) of a random functional of
+    (y, final state), float64, against autodiff of the step-by-step scan and of the chunked
+    forward itself (the same values as `ssd_chunked`'s, differentiated by jax)."""
+    inputs = ssd_inputs(T=T, H=H, G=G, seed=1)
     rng = np.random.default_rng(2)
     wy, wh = rng.normal(size=inputs[0].shape), rng.normal(size=inputs[5].shape)
 
     def loss(fn):
         def f(*args):
-            y, h = fn(*args)
+            y, h = fn(*args) if initial else fn(*args[:5])
             return jnp.sum(wy * jnp.tanh(y)) + jnp.sum(wh * h)
-        return jax.jit(jax.grad(f, argnums=tuple(range(6))))
+        return jax.jit(jax.grad(f, argnums=tuple(range(6 if initial else 5))))
+
+    def autodiff(x, dt, A, B, C, h0=None):
+        h0 = jnp.zeros((x.shape[0], H, x.shape[3], B.shape[3])) if h0 is None else h0
+        return mamba._output(mamba._ssd_forward(x, dt, A, B, C, h0, chunk), T)
 
     with jax.enable_x64(True):
-        chunked = loss(lambda x, dt, A, B, C, h0: ssd_chunked(x, dt, A, B, C, 8, h0))(*inputs)
+        chunked = loss(lambda *args: ssd_chunked(*args[:5], chunk, *args[5:]))(*inputs)
         sequential = loss(ssd_sequential)(*inputs)
-    for name, got, want in zip(["x", "dt", "A", "B", "C", "h0"], chunked, sequential):
+        reference = loss(autodiff)(*inputs)
+    for name, got, want, also in zip(["x", "dt", "A", "B", "C", "h0"], chunked, sequential,
+                                     reference):
+        assert got.dtype == jnp.float64
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11, err_msg=name)
+        np.testing.assert_allclose(got, also, rtol=1e-9, atol=1e-11, err_msg=name)
 
 
 def dot_flops(jaxpr) -> int:

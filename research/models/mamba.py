@@ -52,13 +52,11 @@ def decays(cum: jax.Array) -> jax.Array:
     return jnp.exp(jnp.where(lower, cum[..., :, None] - cum[..., None, :], -jnp.inf))
 
 
-def sum_heads(v: jax.Array, heads_per_group: int) -> jax.Array:
-    """[b, H, ...] -> [b, G, ...]: the sum of each group's heads (the transpose of jnp.repeat
-    over axis 1) as a chain of slice adds: XLA:CPU (jax 0.10.2) lowers a reduce over the
-    repeated axis to a YNNPACK reduction 10x slower (a profile: 70 of 215 ms of the SSD's
-    backward)."""
-    v = v.reshape(v.shape[0], -1, heads_per_group, *v.shape[2:])
-    return functools.reduce(jnp.add, [v[:, :, r] for r in range(heads_per_group)])
+def sum_heads(v: jax.Array) -> jax.Array:
+    """[b, c, G, H/G, ...] -> [b, c, G, ...]: the sum of each group's heads, as a chain of slice
+    adds: XLA:CPU (jax 0.10.2) lowers a reduce over that axis to a YNNPACK reduction 10x slower
+    (a profile: 70 of 215 ms of the SSD's autodiff backward)."""
+    return functools.reduce(jnp.add, [v[:, :, :, r] for r in range(v.shape[3])])
 
 
 def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
@@ -87,121 +85,139 @@ def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.
 
 
 class _Chunked(NamedTuple):
-    """The forward's values in the head-major chunk layout [b, heads, c, q, ...] (every matmul a
-    batched dot with its batch dimensions leading), kept for the backward."""
+    """The forward's values, kept for the backward. Chunk-major [b, c, heads, ...], so that the
+    products with the group-shared B and C fold a group's heads into one matmul's rows; the
+    step axis of x and y is last ("_t": transposed), where the matmuls want it. The states
+    pass between chunks head-major [b, H, c + 1, P, N]."""
 
-    xdt: jax.Array  # dt_t x_t  [b, H, c, q, P]
-    B: jax.Array  # [b, G, c, q, N]
-    C: jax.Array  # [b, G, c, q, N]
-    a_cum: jax.Array  # log-decay from the chunk's start to each step  [b, H, c, q]
-    decay: jax.Array  # within-chunk decays(a_cum)  [b, H, c, q, q]
-    scores: jax.Array  # (C_l . B_s) decay[l, s]  [b, H, c, q, q]
+    x_t: jax.Array  # dt_s x_s  [b, c, H, P, q]
+    B: jax.Array  # [b, c, G, q, N]
+    C: jax.Array  # [b, c, G, q, N]
+    a_cum: jax.Array  # log-decay from the chunk's start to each step  [b, c, H, q]
+    decay: jax.Array  # decays(a_cum) within each chunk  [b, c, H, q, q]
+    scores: jax.Array  # (C_l . B_s) decay[l, s]  [b, c, H, q, q]
     chunk_decay: jax.Array  # decays between chunk boundaries  [b, H, c + 1, c + 1]
     inputs: jax.Array  # initial state, then what each chunk adds  [b, H, c + 1, P, N]
     states: jax.Array  # state at each chunk boundary  [b, H, c + 1, P, N]
-    y: jax.Array  # [b, H, c, q, P]
+    entering: jax.Array  # states[:, :, :-1] chunk-major  [b, c, G, H/G * P, N]
+    y_t: jax.Array  # [b, c, H, P, q]
 
 
 def _chunks(v: jax.Array, q: int) -> jax.Array:
-    """[b, T, heads, ...] -> [b, heads, c, q, ...], T padded with zeros to c * q."""
+    """[b, T, ...] -> [b, c, q, ...], T padded with zeros to c * q (a free reshape)."""
     b, t = v.shape[:2]
     c = -(-t // q)
     v = jnp.pad(v, [(0, 0), (0, c * q - t)] + [(0, 0)] * (v.ndim - 2))
-    return jnp.moveaxis(v, 2, 1).reshape(b, v.shape[2], c, q, *v.shape[3:])
+    return v.reshape(b, c, q, *v.shape[2:])
 
 
 def _unchunk(v: jax.Array, t: int) -> jax.Array:
-    """[b, heads, c, q, ...] -> [b, t, heads, ...], the padding dropped."""
-    b, heads, c, q = v.shape[:4]
-    return jnp.moveaxis(v.reshape(b, heads, c * q, *v.shape[4:]), 1, 2)[:, :t]
+    """[b, c, q, ...] -> [b, t, ...], the padding dropped."""
+    return v.reshape(v.shape[0], -1, *v.shape[3:])[:, :t]
 
 
 def _ssd_forward(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
                  initial_state: jax.Array, chunk_size: int) -> _Chunked:
     b, t, H, P = x.shape
     G, N = B.shape[-2:]
-    R = H // G
-    q = min(chunk_size, t)
-    xdt = _chunks(x * dt[..., None], q)
-    B, C = _chunks(B, q), _chunks(C, q)
-    a_cum = cumsum(_chunks(dt * A, q))
+    R, q = H // G, min(chunk_size, t)
+    c = -(-t // q)
+    x_t = _chunks(x * dt[..., None], q).transpose(0, 1, 3, 4, 2)
+    B, C = (jnp.swapaxes(_chunks(v, q), 2, 3) for v in (B, C))
+    a_cum = cumsum(jnp.swapaxes(_chunks(dt * A, q), 2, 3))
     # 1. within each chunk: y_l = sum_{s <= l} (C_l . B_s) decay[l, s] dt_s x_s
     decay = decays(a_cum)
-    scores = jnp.repeat(jnp.einsum("bgcln,bgcsn->bgcls", C, B), R, axis=1) * decay
-    y = jnp.einsum("bhcls,bhcsp->bhclp", scores, xdt)
-    # 2. what each chunk adds to the state at its end
-    to_end = jnp.exp(a_cum[..., -1:] - a_cum)
-    added = jnp.einsum("bhcsp,bhcsn->bhcpn", xdt * to_end[..., None], jnp.repeat(B, R, axis=1))
+    scores = jnp.einsum("bcgln,bcgsn->bcgls", C, B)[:, :, :, None] * decay.reshape(
+        b, c, G, R, q, q)
+    scores = scores.reshape(decay.shape)
+    y_t = jnp.einsum("bchps,bchls->bchpl", x_t, scores)
+    # 2. what each chunk adds to the state at its end (a group's heads as the rows of one matmul)
+    to_end = jnp.exp(a_cum[..., -1:] - a_cum)[..., None, :]
+    added = jnp.einsum("bcgks,bcgsn->bcgkn", (x_t * to_end).reshape(b, c, G, R * P, q), B)
     # 3. pass states across chunks: state at the start of chunk z, and after the last chunk
-    inputs = jnp.concatenate([initial_state[:, :, None], added], 2)
-    chunk_decay = decays(cumsum(jnp.pad(a_cum[..., -1], [(0, 0), (0, 0), (1, 0)])))
-    c = a_cum.shape[2]
-    states = jnp.einsum("bhzc,bhcm->bhzm", chunk_decay, inputs.reshape(b, H, c + 1, P * N))
+    inputs = jnp.concatenate([initial_state[:, :, None],
+                              jnp.swapaxes(added.reshape(b, c, H, P, N), 1, 2)], 2)
+    chunk_decay = decays(cumsum(jnp.pad(jnp.swapaxes(a_cum[..., -1], 1, 2),
+                                        [(0, 0), (0, 0), (1, 0)])))
+    states = jnp.einsum("bhzk,bhkm->bhzm", chunk_decay, inputs.reshape(b, H, c + 1, P * N))
     states = states.reshape(inputs.shape)
     # 4. each step reads the state entering its chunk, decayed to the step
-    y_off = jnp.einsum("bhcln,bhcpn->bhclp", jnp.repeat(C, R, axis=1), states[:, :, :-1])
-    y = y + y_off * jnp.exp(a_cum)[..., None]
-    return _Chunked(xdt, B, C, a_cum, decay, scores, chunk_decay, inputs, states, y)
+    entering = jnp.swapaxes(states[:, :, :-1], 1, 2).reshape(b, c, G, R * P, N)
+    y_off = jnp.einsum("bcgkn,bcgln->bcgkl", entering, C).reshape(b, c, H, P, q)
+    y_t = y_t + y_off * jnp.exp(a_cum)[..., None, :]
+    return _Chunked(x_t, B, C, a_cum, decay, scores, chunk_decay, inputs, states, entering, y_t)
+
+
+def _output(f: _Chunked, t: int) -> tuple[jax.Array, jax.Array]:
+    """y [b, t, H, P] and the final state [b, H, P, N]."""
+    return _unchunk(f.y_t.transpose(0, 1, 4, 2, 3), t), f.states[:, :, -1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
          initial_state: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
-    f = _ssd_forward(x, dt, A, B, C, initial_state, chunk_size)
-    return _unchunk(f.y, x.shape[1]), f.states[:, :, -1]
+    return _output(_ssd_forward(x, dt, A, B, C, initial_state, chunk_size), x.shape[1])
 
 
 def _ssd_fwd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
              initial_state: jax.Array, chunk_size: int):
     f = _ssd_forward(x, dt, A, B, C, initial_state, chunk_size)
-    return (_unchunk(f.y, x.shape[1]), f.states[:, :, -1]), (f, x, dt, A)
+    return _output(f, x.shape[1]), (f, x, dt, A)
 
 
 def _ssd_backward(chunk_size: int, saved: tuple[_Chunked, jax.Array, jax.Array, jax.Array],
                   grads: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
-    """Gradients w.r.t. x, dt, A, B, C, initial_state; the steps of `_ssd_forward` in reverse.
+    """Gradients w.r.t. x, dt, A, B, C, initial_state: the steps of `_ssd_forward` in reverse.
 
     Every log-decay enters as a difference of cumulative sums, and d/d(exponent) of
-    exp(exponent) * (product) is that term itself, so the gradient w.r.t. a_cum[l] is a row sum
+    exp(exponent) * product is that term itself, so the gradient w.r.t. a_cum[l] is a row sum
     minus a column sum of (decayed product x its cotangent), which the matmuls already hold:
-    sum_p dy y (rows of steps 1 and 4), sum_p dxdt xdt (columns of steps 1 and 2), and per
-    chunk boundary <d state, state> - <d input, input> (step 3). docs/mamba.md derives them.
+    sum_p dy y (rows, steps 1 and 4), sum_p dxdt xdt (columns, steps 1 and 2), and per chunk
+    boundary <d state, state> - <d input, input> (step 3). docs/mamba.md derives them.
     """
     f, x, dt, A = saved
     dy, d_final = grads
     b, t, H, P = x.shape
-    G, N = f.B.shape[1], f.B.shape[-1]
-    R, c, q = H // G, f.a_cum.shape[2], f.a_cum.shape[3]
-    dy = _chunks(dy, q)
-    # 4. y_off = (C_h states^T) exp(a_cum)
-    dy_off = dy * jnp.exp(f.a_cum)[..., None]
-    dC = jnp.einsum("bhclp,bhcpn->bhcln", dy_off, f.states[:, :, :-1])
-    d_states = jnp.einsum("bhclp,bhcln->bhcpn", dy_off, jnp.repeat(f.C, R, axis=1))
-    d_states = jnp.concatenate([d_states, d_final[:, :, None]], 2)
+    c, G, q, N = f.B.shape[1:]
+    R = H // G
+    dy = _chunks(dy, q)  # [b, c, q, H, P]
+    dy_t = dy.transpose(0, 1, 3, 4, 2)
+    growth = jnp.exp(f.a_cum)  # [b, c, H, q]
+    # 4. y_off^T = (entering C^T) growth
+    d_entering = jnp.einsum("bcgkl,bcgln->bcgkn",
+                            (dy_t * growth[..., None, :]).reshape(b, c, G, R * P, q), f.C)
+    dy_off = (dy * jnp.swapaxes(growth, 2, 3)[..., None]).reshape(b, c, q, G, R * P)
+    dC = jnp.einsum("bcglk,bcgkn->bcgln", jnp.swapaxes(dy_off, 2, 3), f.entering)
     # 3. states = chunk_decay inputs
-    d_inputs = jnp.einsum("bhzc,bhzm->bhcm", f.chunk_decay,
+    d_states = jnp.concatenate([jnp.swapaxes(d_entering.reshape(b, c, H, P, N), 1, 2),
+                                d_final[:, :, None]], 2)
+    d_inputs = jnp.einsum("bhkz,bhzm->bhkm", jnp.swapaxes(f.chunk_decay, 2, 3),
                           d_states.reshape(b, H, c + 1, P * N)).reshape(d_states.shape)
     input_products = jnp.sum(d_inputs * f.inputs, (-2, -1))  # [b, H, c + 1]
     d_boundaries = jnp.sum(d_states * f.states, (-2, -1)) - input_products
-    d_added = d_inputs[:, :, 1:]
-    # 2. added = (xdt to_end)^T B_h
-    to_end = jnp.exp(f.a_cum[..., -1:] - f.a_cum)[..., None]
-    dxdt = jnp.einsum("bhcsn,bhcpn->bhcsp", jnp.repeat(f.B, R, axis=1), d_added) * to_end
-    dB = jnp.einsum("bhcsp,bhcpn->bhcsn", f.xdt * to_end, d_added)
-    # 1. y = (CB_h * decay) xdt
-    d_scores = jnp.einsum("bhclp,bhcsp->bhcls", dy, f.xdt)
-    dxdt = dxdt + jnp.einsum("bhcls,bhclp->bhcsp", f.scores, dy)
-    dCB = sum_heads(d_scores * f.decay, R)
-    dC = sum_heads(dC, R) + jnp.einsum("bgcls,bgcsn->bgcln", dCB, f.B)
-    dB = sum_heads(dB, R) + jnp.einsum("bgcls,bgcln->bgcsn", dCB, f.C)
+    d_added = jnp.swapaxes(d_inputs[:, :, 1:], 1, 2).reshape(b, c, G, R * P, N)
+    # 2. added = (x_t to_end) B
+    to_end = jnp.exp(f.a_cum[..., -1:] - f.a_cum)  # [b, c, H, q]
+    dx_t = jnp.einsum("bcgkn,bcgsn->bcgks", d_added, f.B).reshape(f.x_t.shape)
+    dx_t = dx_t * to_end[..., None, :]
+    x_end = (_chunks(x * dt[..., None], q) * jnp.swapaxes(to_end, 2, 3)[..., None])
+    dB = jnp.einsum("bcgsk,bcgkn->bcgsn", jnp.swapaxes(x_end.reshape(b, c, q, G, R * P), 2, 3),
+                    d_added)
+    # 1. y_t = x_t scores^T
+    d_scores = jnp.einsum("bchlp,bchps->bchls", jnp.swapaxes(dy_t, 3, 4), f.x_t)
+    dx_t = dx_t + jnp.einsum("bchpl,bchls->bchps", dy_t, f.scores)
+    dCB = sum_heads((d_scores * f.decay).reshape(b, c, G, R, q, q))
+    dC = dC + jnp.einsum("bcgls,bcgsn->bcgln", dCB, f.B)
+    dB = dB + jnp.einsum("bcgls,bcgln->bcgsn", dCB, f.C)
     # the decays: a_cum = cumsum(dt A) within each chunk; a chunk's total reaches the later ones
-    d_a_cum = jnp.sum(dy * f.y - f.xdt * dxdt, -1)
-    d_a_cum = d_a_cum.at[..., -1].add(input_products[..., 1:]
-                                       + cumsum(d_boundaries, reverse=True)[..., 1:])
-    da = _unchunk(cumsum(d_a_cum, reverse=True), t)
-    dxdt = _unchunk(dxdt, t)
-    return (dxdt * dt[..., None], jnp.sum(dxdt * x, -1) + da * A, jnp.sum(da * dt, (0, 1)),
-            _unchunk(dB, t), _unchunk(dC, t), d_inputs[:, :, 0])
+    d_a_cum = jnp.sum(dy_t * f.y_t - f.x_t * dx_t, -2)
+    d_total = input_products[..., 1:] + cumsum(d_boundaries, reverse=True)[..., 1:]
+    d_a_cum = d_a_cum.at[..., -1].add(jnp.swapaxes(d_total, 1, 2))
+    da = _unchunk(jnp.swapaxes(cumsum(d_a_cum, reverse=True), 2, 3), t)
+    dxdt = _unchunk(dx_t.transpose(0, 1, 4, 2, 3), t)
+    dB, dC = (_unchunk(jnp.swapaxes(v, 2, 3), t) for v in (dB, dC))
+    return (dxdt * dt[..., None], jnp.sum(dxdt * x, -1) + da * A, jnp.sum(da * dt, (0, 1)), dB,
+            dC, d_inputs[:, :, 0])
 
 
 _ssd.defvjp(_ssd_fwd, _ssd_backward)
