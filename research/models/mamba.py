@@ -36,7 +36,8 @@ def cumsum(a: jax.Array, reverse: bool = False) -> jax.Array:
     """Cumulative sum over the last axis as a log-depth scan. jnp.cumsum lowers to a
     reduce_window, which XLA:CPU computes in O(T^2) and re-evaluates inside every fused consumer
     (6x slower SSD here)."""
-    return jax.lax.associative_scan(jnp.add, a, reverse=reverse, axis=a.ndim - 1)
+    return jax.lax.optimization_barrier(
+        jax.lax.associative_scan(jnp.add, a, reverse=reverse, axis=a.ndim - 1))
 
 
 def decays(cum: jax.Array) -> jax.Array:
@@ -80,8 +81,7 @@ def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.
     dtype = jnp.result_type(x, dt, A, B, C, jnp.float32)
     if initial_state is None:
         initial_state = jnp.zeros((x.shape[0], x.shape[2], x.shape[3], B.shape[-1]), dtype)
-    y, state = _ssd(*(v.astype(dtype) for v in (x, dt, A, B, C, initial_state)), chunk_size)
-    return y, state
+    return _ssd(*(v.astype(dtype) for v in (x, dt, A, B, C, initial_state)), chunk_size)
 
 
 class _Chunked(NamedTuple):
