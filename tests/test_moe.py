@@ -14,7 +14,7 @@ import pytest
 
 from research.config import ModelConfig
 from research.models.decoder import Decoder, layer_metrics
-from research.models.moe import MoE, capacity, router_losses
+from research.models.moe import MoE, capacity, route, router_losses
 from research.train.rundir import read_metrics
 from research.train.flops import flops_per_token, param_counts
 from research.train.loop import train
@@ -127,6 +127,49 @@ def test_capacity_drops_overflow_in_token_order_and_reports_it(factor):
     assert dropped > 0.05  # the test means something: many choices overflow
     close(y, want)
     assert float(aux["moe/drop_frac"]) == pytest.approx(dropped, abs=1e-7)
+
+
+def kept_in_token_order(experts: np.ndarray, n_experts: int, slots: int) -> np.ndarray:
+    """[B, T, k] choices -> which of them get a slot: counted per sequence, in token order."""
+    kept = np.zeros(experts.shape, bool)
+    for b in range(experts.shape[0]):
+        taken = [0] * n_experts
+        for t, k in np.ndindex(experts.shape[1:]):
+            taken[experts[b, t, k]] += 1
+            kept[b, t, k] = taken[experts[b, t, k]] <= slots
+    return kept
+
+
+@pytest.mark.parametrize("dispatch, factor", [("capacity", 0.5), ("dropless", 1.0)])
+def test_gradients_equal_autodiff_of_every_expert_on_every_token(dispatch, factor):
+    """The dispatch's hand-written gradients (gathers, not scatter-adds) against autodiff of a
+    gather-free float32 layer: every expert on every token, the kept choices' weights as a mask."""
+    cfg = moe_cfg(dispatch=dispatch, capacity_factor=factor)
+    x = inputs(t=16)
+    params = run(cfg, x)[2]
+    probs = jax.nn.softmax(x @ params["router"]["kernel"])
+    experts = np.asarray(jax.lax.top_k(probs, K)[1])
+    kept = kept_in_token_order(experts, E, capacity(16, cfg.moe) if dispatch == "capacity" else 16)
+    assert (dispatch == "dropless") == kept.all()  # with drops, the dropped rows matter too
+    mask = jnp.einsum("btk,btke->btke", jnp.asarray(kept, jnp.float32),
+                      jax.nn.one_hot(experts, E))
+
+    def reference(params, x):
+        weights, _, _ = route(x @ params["router"]["kernel"], K)
+        h = jnp.einsum("btd,edf->btef", x, params["gate"])
+        every = jnp.einsum("btef,efd->bted",
+                           nn.silu(h) * jnp.einsum("btd,edf->btef", x, params["up"]),
+                           params["down"])
+        return jnp.einsum("btk,btke,bted->btd", weights, mask, every)
+
+    def layer(params, x):
+        return MoE(cfg).apply({"params": params}, x)[0]
+
+    cotangent = jax.random.normal(jax.random.key(2), x.shape)
+    def grads(f):
+        return jax.jit(jax.grad(lambda p, x: (f(p, x) * cotangent).sum(), (0, 1)))(params, x)
+
+    jax.tree.map(close, grads(layer), grads(reference))
 
 
 def test_decode_mode_never_drops():

@@ -25,20 +25,11 @@ import jax
 import jax.numpy as jnp
 
 from research.config import ModelConfig
-from research.models.layers import BTD, Einsum, out_std
+from research.models.layers import BTD, Einsum, cumsum, out_std
 
 BTHP = ("act_batch", "act_seq", "act_mamba_heads", None)
 BTH = ("act_batch", "act_seq", "act_mamba_heads")
 BTGN = ("act_batch", "act_seq", None, None)
-
-
-def cumsum(a: jax.Array, reverse: bool = False) -> jax.Array:
-    """Cumulative sum over the last axis as a log-depth scan, materialised. jnp.cumsum lowers to
-    a reduce_window, which XLA:CPU computes in O(T^2) (6x slower SSD here); and the scan, fused
-    into a consumer such as the exp of a [T, T] decay matrix, is re-run per element (the
-    optimization barrier: 1.2-1.4x on the SSD's forward+backward)."""
-    return jax.lax.optimization_barrier(
-        jax.lax.associative_scan(jnp.add, a, reverse=reverse, axis=a.ndim - 1))
 
 
 def decays(cum: jax.Array) -> jax.Array:
