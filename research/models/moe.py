@@ -117,7 +117,7 @@ def move_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
     (out of range: none); every position reads at most one row, so the gradient is a gather by
     `inverse` summed over r. On XLA:CPU (jax 0.10.2) autodiff's scatter-add with its zeroed
     buffer, and the [B, E*C, D] buffers' transposes into expert-major order that this layout
-    avoids, cost 3-8% of a moe_tiny train step (docs/performance.md).
+    avoids, cost 2-8% of a moe_tiny train step (docs/performance.md).
     """
     return jnp.take(x, index, axis=0, mode="fill", fill_value=0)
 
