@@ -26,6 +26,7 @@ import numpy as np
 
 from bench.sidebyside import alternate, mfu
 from research import config
+from research.launch import allocator
 from research.models.mamba import ssd_chunked, ssd_sequential
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,8 @@ def main() -> None:
     tokens = args.batch * args.seq_len
     print(f"SSD forward+backward, float32, batch {args.batch} x {args.seq_len} tokens, "
           f"{m.n_heads(cfg.model.d_model)} heads x {m.head_dim}, state {m.d_state}, "
-          f"{m.n_groups} group(s), {jax.devices()[0].device_kind}, median of {args.repeats}")
+          f"{m.n_groups} group(s), {jax.devices()[0].device_kind}, {allocator()}, median of "
+          f"{args.repeats}")
     fns = {"sequential": forward_backward(ssd_sequential)}
     fns.update({q: forward_backward(lambda *a, q=q: ssd_chunked(*a, q)) for q in chunks})
     times = seconds(fns, inputs, args.repeats)

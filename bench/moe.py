@@ -21,9 +21,12 @@ import argparse
 import sys
 from pathlib import Path
 
+import jax
+
 from bench.sidebyside import alternate, mfu
 from research import config
 from research.data.tokenizer import load_tokenizer
+from research.launch import allocator
 from research.models.decoder import padded_vocab
 from research.train.flops import param_counts
 
@@ -58,6 +61,7 @@ def main() -> None:
     tokens = base.train.batch_size * base.train.seq_len
     times = {name: r["step_time"] for name, r in alternate(cfgs, args.steps, args.repeats).items()}
 
+    print(f"{jax.devices()[0].device_kind}, {allocator()}")
     print(f"| {experiment.stem} (median of {args.repeats} x {args.steps} steps) | params | active "
           "| step ms | tokens/s | MFU | step time vs dense |")
     print("|---|---:|---:|---:|---:|---:|---:|")

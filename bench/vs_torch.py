@@ -52,6 +52,7 @@ from torch import nn
 from bench.sidebyside import compiled_step, initial_state
 from research import config
 from research.config import ModelConfig
+from research.launch import allocator
 from research.models.decoder import Decoder
 from research.train.objectives import lm_loss
 
@@ -473,7 +474,7 @@ def main() -> None:
     experiments = [Path(a) for a in args.args if a.endswith(".yaml")] or [
         ROOT / f"experiments/{name}.yaml" for name in EXPERIMENTS]
     overrides = [a for a in args.args if "=" in a]
-    print(f"{jax.devices()[0].device_kind}, torch {torch.__version__} on {device()} "
+    print(f"{jax.devices()[0].device_kind}, {allocator()}, torch {torch.__version__} on {device()} "
           f"({len(os.sched_getaffinity(0))} threads), one process per variant, {args.repeats} "
           f"rounds of {args.steps} steps each, in turns")
     print("| experiment | dtype | variant | step ms | tokens/s | ours vs it (speed) | first loss |")

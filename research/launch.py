@@ -27,13 +27,19 @@ def tcmalloc_env(environ: Mapping[str, str],
                  paths: tuple[str, ...] = TCMALLOC_PATHS) -> dict[str, str] | None:
     """The environment to re-execute with, or None: already preloaded, turned off with
     RESEARCH_MALLOC=system, or no tcmalloc on this machine."""
-    preload = environ.get("LD_PRELOAD", "")
-    if environ.get("RESEARCH_MALLOC", "tcmalloc") == "system" or "tcmalloc" in preload:
+    if environ.get("RESEARCH_MALLOC", "tcmalloc") == "system" or allocator(environ) == "tcmalloc":
         return None
     library = next((path for path in paths if os.path.isfile(path)), None)
     if library is None:
         return None
+    preload = environ.get("LD_PRELOAD", "")
     return {**environ, "LD_PRELOAD": ":".join(p for p in (library, preload) if p)}
+
+
+def allocator(environ: Mapping[str, str] = os.environ) -> str:
+    """The memory allocator this process runs with, as benchmarks state it: step times differ
+    by up to 2x between the two (docs/performance.md)."""
+    return "tcmalloc" if "tcmalloc" in environ.get("LD_PRELOAD", "") else "system allocator"
 
 
 def preload_tcmalloc(command: list[str]) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from research.analysis.board import serve
-from research.launch import tcmalloc_env
+from research.launch import allocator, tcmalloc_env
 from research.train import compile_cache
 from research.train.loop import train
 
@@ -88,6 +88,8 @@ def test_tcmalloc_is_preloaded_once_unless_turned_off(tmp_path):
     assert tcmalloc_env(env, paths) is None  # the re-executed process does not re-execute
     assert tcmalloc_env({"RESEARCH_MALLOC": "system"}, paths) is None
     assert tcmalloc_env({}, (str(tmp_path / "missing.so"),)) is None
+    assert allocator(env) == "tcmalloc"  # what the benchmarks print in their headers
+    assert allocator({"LD_PRELOAD": "/x/other.so"}) == allocator({}) == "system allocator"
 
 
 @pytest.mark.skipif(tcmalloc_env({}) is None, reason="no tcmalloc on this machine "
