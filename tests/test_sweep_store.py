@@ -20,6 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from research.config import ConfigError
+from research.sweep import spec, study
 from research.sweep import store as store_module
 from research.sweep.status import trial_rows
 from research.sweep.store import Store
@@ -190,6 +191,29 @@ def test_a_write_whose_commit_was_lost_is_not_applied_twice(store_url, caplog):
     tpe.engine = _LosesNextCommit(tpe.engine)
     added = tpe.claim(2)  # a TPE row insert whose commit was lost
     assert (added.number, added.attempt) == (0, 1) and len(tpe.rows()) == 1
+
+
+def test_attaching_to_a_running_optuna_trial_waits_out_a_lost_database(store_url, tmp_path,
+                                                                       monkeypatch, caplog):
+    """A worker resuming a trial re-reads it from optuna's tables: an outage then must be waited
+    out, not kill the worker (it did, under load, in the outage test below)."""
+    sweep = spec.load(_grid(tmp_path, 1, pruner={"type": "median"}))
+    trial_id, _ = study.ask(sweep, store_url, 0)
+    storage = optuna.storages.RDBStorage
+    get_trial, calls = storage.get_trial, []
+
+    def get_trial_first_lost(self, trial_id):
+        calls.append(trial_id)
+        if len(calls) == 1:  # the connection drops, as optuna reports it
+            cause = sa.exc.OperationalError("SELECT", {}, Exception("connection refused"))
+            raise optuna.exceptions.StorageInternalError("lost") from cause
+        return get_trial(self, trial_id)
+
+    monkeypatch.setattr(storage, "get_trial", get_trial_first_lost)
+    with caplog.at_level(logging.WARNING, logger=store_module.__name__):
+        trial = study.attach(sweep, store_url, trial_id)
+    assert trial._trial_id == trial_id and calls == [trial_id, trial_id]
+    assert "connection refused; retrying in" in caplog.text
 
 
 def test_workers_opening_a_new_study_at_once_all_succeed(store_url, tmp_path):

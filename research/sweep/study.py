@@ -73,8 +73,10 @@ def ask(sweep: Sweep, url: str, number: int) -> tuple[int, dict[str, Any]]:
 
 
 def attach(sweep: Sweep, url: str, trial_id: int) -> optuna.Trial:
-    """The running optuna trial of a (possibly resumed) sweep trial."""
-    return optuna.Trial(open_study(sweep, url), trial_id)
+    """The running optuna trial of a (possibly resumed) sweep trial. Making it reads the trial
+    from the database, so it waits out an outage like every other optuna call."""
+    opened = open_study(sweep, url)
+    return patiently(lambda: optuna.Trial(opened, trial_id), _label(opened.study_name))
 
 
 def report(trial: optuna.Trial, step: int, value: float) -> bool:
