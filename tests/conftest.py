@@ -1,7 +1,6 @@
 """Suite-wide set-up: 8 virtual CPU devices (before jax is imported), a private token cache and
 compilation cache, a throwaway PostgreSQL server for the sweep store's tests, and no test leaves
-a process behind. Under pytest-xdist (`-n auto`) each worker process does this set-up for itself:
-caches and server of its own, never shared with the other workers.
+a process behind.
 
 Tests import the helpers here as `from conftest import ...` (pytest puts tests/ on sys.path)."""
 
@@ -28,10 +27,6 @@ from research.train import compile_cache  # noqa: E402
 # so the suite neither reads executables from nor fills the user's ~/.cache/research/jax.
 os.environ[compile_cache.ENV] = tempfile.mkdtemp(prefix="research-test-jax-")
 atexit.register(shutil.rmtree, os.environ[compile_cache.ENV], ignore_errors=True)
-# The tests' own process uses it from the start, not from whichever test first runs a command in
-# process: under pytest-xdist (README: `-n auto`) each worker runs other files in another order,
-# and whether a test compiles or loads its steps must not depend on which worker it lands on.
-compile_cache.enable()
 
 
 def _descendants(pid: int) -> list[int]:
