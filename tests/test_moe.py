@@ -5,6 +5,7 @@ compute the same numbers (capacity vs dropless, 1 vs 8 devices) at 1e-5 relative
 """
 
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -12,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.config import ModelConfig
+from research.config import MeshConfig, ModelConfig
 from research.models.decoder import Decoder, layer_metrics
 from research.models.moe import MoE, capacity, route, router_losses
+from research.parallel.mesh import axis_rules, batch_sharding, make_mesh
 from research.train.rundir import read_metrics
 from research.train.flops import flops_per_token, param_counts
 from research.train.loop import train
@@ -170,6 +172,25 @@ def test_gradients_equal_autodiff_of_every_expert_on_every_token(dispatch, facto
         return jax.jit(jax.grad(lambda p, x: (f(p, x) * cotangent).sum(), (0, 1)))(params, x)
 
     jax.tree.map(close, grads(layer), grads(reference))
+
+
+def test_capacity_dispatch_keeps_a_data_parallel_batch_on_its_devices():
+    """With the batch split over 8 devices, the layer's forward and backward move no tokens,
+    buffers or router outputs between devices: each sequence is its own group."""
+    mesh_cfg = MeshConfig(data=8)
+    mesh, x = make_mesh(mesh_cfg), inputs(b=8)
+    params = run(moe_cfg(), x)[2]
+
+    def loss(params, x):
+        y, aux = MoE(moe_cfg()).apply({"params": params}, x)
+        return (y ** 2).sum() + aux["aux_loss"]
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules(mesh_cfg)):
+        step = jax.jit(jax.grad(loss, (0, 1)), in_shardings=(None, batch_sharding(mesh)))
+        hlo = step.lower(params, x).compile().as_text()
+    moves = [line for line in hlo.splitlines()
+             if re.search(r"\b(all-gather|all-to-all|collective-permute)(-start)?\(", line)]
+    assert not moves, moves[:3]
 
 
 def test_decode_mode_never_drops():

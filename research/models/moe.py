@@ -49,7 +49,10 @@ def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Arra
     """float32 router logits [..., E] -> (weights [..., k] summing to 1, experts [..., k],
     probs [..., E])."""
     probs = jax.nn.softmax(logits, axis=-1)
-    weights, experts = jax.lax.top_k(probs, top_k)
+    # A stable sort, not lax.top_k: XLA's SPMD partitioner leaves TopK unpartitioned (on a batch
+    # split over devices, it all-gathered the router's probabilities); the choices are the same.
+    experts = jnp.argsort(-probs, axis=-1, stable=True)[..., :top_k]
+    weights = jnp.take_along_axis(probs, experts, axis=-1)
     return weights / weights.sum(-1, keepdims=True), experts, probs
 
 
@@ -82,54 +85,85 @@ def capacity_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, n_ex
                       ) -> tuple[jax.Array, jax.Array]:
     """x [B, T, D], choices [B, T, k] -> (y [B, T, D], kept [B, T, k]); expert_fn maps the
     padded buffer [E, B, C, D] to the experts' outputs of the same shape."""
-    b, t, d = x.shape
-    choice = experts.reshape(b, -1)  # [B, T*k], token-major: a token's choices before the next's
-    slot = rank_in_expert(choice, n_experts)
+    b, t, k = experts.shape
+    slot = rank_in_expert(experts.reshape(b, -1), n_experts).reshape(b, t, k)  # token order
     kept = slot < slots
-    rows = n_experts * b * slots  # the buffer's rows, flat in [E, B, C] order (no transposes)
-    dest = jnp.where(kept, (choice * b + jnp.arange(b)[:, None]) * slots + slot, rows)
-    buffer, combine = dispatch_rows(x.reshape(-1, d), dest.reshape(b * t, -1), rows)
-    out = expert_fn(nn.with_logical_constraint(buffer.reshape(n_experts, b, slots, d), EBCD))
-    picked = combine(nn.with_logical_constraint(out, EBCD).reshape(rows, d))
-    picked = picked.reshape(*experts.shape, d)
-    return (picked * weights[..., None]).sum(-2), kept.reshape(experts.shape)
+    dest = jnp.stack([jnp.where(kept, experts, n_experts), jnp.where(kept, slot, 0)], -1)
+    buffer, combine = dispatch_rows(x, dest, n_experts, slots)
+    out = expert_fn(nn.with_logical_constraint(buffer, EBCD))
+    picked = combine(nn.with_logical_constraint(out, EBCD))
+    return (picked * weights[..., None]).sum(-2), kept
 
 
-def dispatch_rows(tokens: jax.Array, dest: jax.Array, rows: int
+def dispatch_rows(tokens: jax.Array, dest: jax.Array, groups: int, slots: int
                   ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
-    """tokens [N, D], dest [N, k]: each choice's row in a buffer of `rows` rows (`rows`: dropped)
-    -> (buffer [rows, D], its rows' tokens, zero where no choice landed; combine: the experts'
-    output rows [rows, D] -> [N, k, D], each choice's row, zero where dropped).
+    """tokens [B, T, D], dest [B, T, k, 2]: each choice's (group, slot) in a buffer
+    [groups, B, slots, D] of its own sequence (group >= groups: dropped) -> (the buffer, zero
+    where no choice landed; combine: the experts' output [groups, B, slots, D] -> [B, T, k, D],
+    each choice's row, zero where dropped).
 
-    Both moves are `move_rows` with the map and its inverse swapped, so each one's gradient is
-    the other one (a gather), not autodiff's scatter-add into a zeroed buffer."""
-    n, k = dest.shape
-    occupant = jnp.full(rows + 1, n * k).at[dest.reshape(-1)].set(jnp.arange(n * k))[:rows]
-    buffer = move_rows(tokens, occupant // k, dest)  # n * k // k = n: an empty row
-    return buffer, lambda out: move_rows(out, dest, occupant[:, None])
-
-
-@jax.custom_vjp
-def move_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
-    """x [R, D] -> [*index.shape, D], row x[index] (out of range: a zero row).
-
-    `inverse` [R, r] lists, for each row of x, the flat positions of the result that read it
-    (out of range: none); every position reads at most one row, so the gradient is a gather by
-    `inverse` summed over r. On XLA:CPU (jax 0.10.2) autodiff's scatter-add with its zeroed
-    buffer, and the [B, E*C, D] buffers' transposes into expert-major order that this layout
-    avoids, cost 2-8% of a moe_tiny train step (docs/performance.md).
+    Every move keeps the batch as a batching dimension of its gather or scatter, so a batch split
+    over devices stays split (flat row indices over the whole batch made XLA all-gather the
+    tokens and buffers). Both moves are `move_rows` with the map and its inverse swapped, so each
+    one's gradient is the other one (a gather), not autodiff's scatter-add into a zeroed buffer.
     """
-    return jnp.take(x, index, axis=0, mode="fill", fill_value=0)
+    b, t, k, _ = dest.shape
+    flat = dest.reshape(b, t * k, 2)
+
+    def occupants(dest: jax.Array) -> jax.Array:  # one sequence: [T*k, 2] -> [groups, slots]
+        empty = jnp.full((groups, slots), t * k)
+        return empty.at[dest[:, 0], dest[:, 1]].set(jnp.arange(t * k), mode="drop")
+
+    occupant = jax.vmap(occupants, out_axes=1)(flat)  # [groups, B, slots]: a choice, or t*k
+    buffer = move_rows(into_buffer, out_of_buffer, tokens, occupant // k, dest)  # t: a zero row
+    return buffer, lambda out: move_rows(out_of_buffer, into_buffer, out, flat,
+                                         occupant[..., None]).reshape(b, t, k, -1)
 
 
-def _move_rows_fwd(x: jax.Array, index: jax.Array, inverse: jax.Array
-                   ) -> tuple[jax.Array, jax.Array]:
-    return move_rows(x, index, inverse), inverse
+def into_buffer(rows: jax.Array, index: jax.Array) -> jax.Array:
+    """rows [B, N, D], index [G, B, S, *r] -> [G, B, S, *r, D]: rows[b, index] (>= N: zeros)."""
+    dims = jax.lax.GatherDimensionNumbers(
+        offset_dims=(index.ndim,), collapsed_slice_dims=(1,), start_index_map=(1,),
+        operand_batching_dims=(0,), start_indices_batching_dims=(1,))
+    return jax.lax.gather(rows, index[..., None], dims, (1, 1, rows.shape[-1]),
+                          mode="fill", fill_value=0)
 
 
-def _move_rows_bwd(inverse: jax.Array, g: jax.Array) -> tuple[jax.Array, None, None]:
-    grad = jnp.take(g.reshape(-1, g.shape[-1]), inverse, axis=0, mode="fill", fill_value=0)
-    return grad.sum(-2), None, None
+def out_of_buffer(buffer: jax.Array, index: jax.Array) -> jax.Array:
+    """buffer [G, B, S, D], index [B, N, *r, 2] (group, slot) -> [B, N, *r, D]: buffer[group, b,
+    slot] (group >= G: zeros)."""
+    dims = jax.lax.GatherDimensionNumbers(
+        offset_dims=(index.ndim - 1,), collapsed_slice_dims=(0, 2), start_index_map=(0, 2),
+        operand_batching_dims=(1,), start_indices_batching_dims=(0,))
+    return jax.lax.gather(buffer, index, dims, (1, 1, 1, buffer.shape[-1]),
+                          mode="fill", fill_value=0)
+
+
+Read = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def move_rows(read: Read, read_back: Read, x: jax.Array, index: jax.Array, inverse: jax.Array
+              ) -> jax.Array:
+    """read(x, index): rows of x moved by a gather.
+
+    `inverse` lists, for each row of x, the positions of the result that read it (out of range:
+    none), with a trailing axis r; every position reads at most one row, so the gradient is
+    `read_back(g, inverse)` summed over r. On XLA:CPU (jax 0.10.2) autodiff's scatter-add with
+    its zeroed buffer, and the [B, E*C, D] buffers' transposes into expert-major order that
+    this layout avoids, cost 2-8% of a moe_tiny train step (docs/performance.md).
+    """
+    return read(x, index)
+
+
+def _move_rows_fwd(read: Read, read_back: Read, x: jax.Array, index: jax.Array,
+                   inverse: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return read(x, index), inverse
+
+
+def _move_rows_bwd(read: Read, read_back: Read, inverse: jax.Array, g: jax.Array
+                   ) -> tuple[jax.Array, None, None]:
+    return read_back(g, inverse).sum(-2), None, None
 
 
 move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
@@ -167,16 +201,16 @@ def dropless_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array,
     n_blocks = -(-(choice.size + n_experts * (block - 1)) // block)
     sizes = -(-jnp.bincount(choice, length=n_experts) // block) * block  # padded group sizes
     ends = jnp.cumsum(sizes)
-    dest = (ends - sizes)[choice] + rank_in_expert(choice, n_experts)  # each choice's row
-    n_rows = n_blocks * block  # padding rows stay zero
-    blocks, combine = dispatch_rows(x.reshape(-1, d), dest.reshape(-1, experts.shape[-1]), n_rows)
-    blocks = blocks.reshape(n_blocks, block, d)
+    row = (ends - sizes)[choice] + rank_in_expert(choice, n_experts)  # each choice's row
+    dest = jnp.stack([row // block, row % block], -1).reshape(1, -1, experts.shape[-1], 2)
+    blocks, combine = dispatch_rows(x.reshape(1, -1, d), dest, n_blocks, block)  # one group
+    blocks = blocks.reshape(n_blocks, block, d)  # padding rows stay zero
     block_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(n_blocks) * block, "right"),
                                n_experts - 1)  # unused blocks: the last expert, on zero rows
 
     dot = functools.partial(expert_matmul, dtype=dtype)
-    out = swiglu(dot, blocks, *(w[block_expert] for w in params)).reshape(n_rows, d)
-    picked = combine(out).reshape(*experts.shape, d)
+    out = swiglu(dot, blocks, *(w[block_expert] for w in params))
+    picked = combine(out.reshape(n_blocks, 1, block, d)).reshape(*experts.shape, d)
     return (picked * weights[..., None]).sum(-2)
 
 
