@@ -15,7 +15,7 @@ import pytest
 
 from research.config import MeshConfig, ModelConfig
 from research.models.decoder import Decoder, layer_metrics
-from research.models.moe import MoE, capacity, route, router_losses
+from research.models.moe import MoE, capacity, route, router_losses, top_indices
 from research.parallel.mesh import axis_rules, batch_sharding, make_mesh
 from research.train.rundir import read_metrics
 from research.train.flops import flops_per_token, param_counts
@@ -191,6 +191,12 @@ def test_capacity_dispatch_keeps_a_data_parallel_batch_on_its_devices():
     moves = [line for line in hlo.splitlines()
              if re.search(r"\b(all-gather|all-to-all|collective-permute)(-start)?\(", line)]
     assert not moves, moves[:3]
+
+
+def test_top_indices_equal_lax_top_k_with_ties():
+    x = jax.random.randint(jax.random.key(3), (64, 8), 0, 4).astype(jnp.float32)  # many ties
+    for k in (1, 2, 3):
+        np.testing.assert_array_equal(top_indices(x, k), jax.lax.top_k(x, k)[1])
 
 
 def test_decode_mode_never_drops():

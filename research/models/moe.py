@@ -49,11 +49,22 @@ def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Arra
     """float32 router logits [..., E] -> (weights [..., k] summing to 1, experts [..., k],
     probs [..., E])."""
     probs = jax.nn.softmax(logits, axis=-1)
-    # A stable sort, not lax.top_k: XLA's SPMD partitioner leaves TopK unpartitioned (on a batch
-    # split over devices, it all-gathered the router's probabilities); the choices are the same.
-    experts = jnp.argsort(-probs, axis=-1, stable=True)[..., :top_k]
+    experts = top_indices(probs, top_k)
     weights = jnp.take_along_axis(probs, experts, axis=-1)
     return weights / weights.sum(-1, keepdims=True), experts, probs
+
+
+def top_indices(x: jax.Array, k: int) -> jax.Array:
+    """[..., n] -> [..., k] the indices of the k largest values, largest first, the lower index
+    first among equals (as lax.top_k). k argmax passes: XLA's SPMD partitioner leaves lax.top_k
+    unpartitioned (on a batch split over devices it all-gathered the router's probabilities), and
+    on XLA:CPU the passes take 0.04 ms at moe_tiny's [16, 128, 8] where top_k takes 0.11 and a
+    stable argsort 0.97."""
+    picked = []
+    for _ in range(k):
+        picked.append(jnp.argmax(x, axis=-1))
+        x = jnp.where(jnp.arange(x.shape[-1]) == picked[-1][..., None], -jnp.inf, x)
+    return jnp.stack(picked, axis=-1)
 
 
 def router_losses(logits: jax.Array, probs: jax.Array, experts: jax.Array) -> Aux:
