@@ -96,7 +96,6 @@ class Scorer:
         by_bucket: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             by_bucket.setdefault(self.bucket(len(row.ids)), []).append(i)
-        pending = []
         for length, members in sorted(by_bucket.items()):
             for start in range(0, len(members), self.batch_size):
                 batch = members[start:start + self.batch_size]
@@ -106,12 +105,11 @@ class Scorer:
                     ids, scored = rows[i].ids, rows[i].scored
                     tokens[r, :len(ids)] = ids
                     mask[r, len(ids) - 1 - scored:len(ids) - 1] = 1
-                pending.append((batch, self._score(params, self._global(tokens),
-                                                   self._global(mask))))
-        for batch, out in pending:  # dispatched all, then one fetch each
-            batch_sums, batch_greedy = jax.device_get(out)
-            sums[batch] = batch_sums[:len(batch)]
-            greedy[batch] = batch_greedy[:len(batch)]
+                # one batch in flight at a time (docs/parallelism.md: independent executions)
+                out = self._score(params, self._global(tokens), self._global(mask))
+                batch_sums, batch_greedy = jax.device_get(out)
+                sums[batch] = batch_sums[:len(batch)]
+                greedy[batch] = batch_greedy[:len(batch)]
         return sums, greedy
 
 

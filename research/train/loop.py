@@ -148,10 +148,10 @@ def evaluate(setup: Setup, params: Any, sets: dict[str, list[np.ndarray]],
     means and the weighted eval_loss/eval_bpb (`mixture.eval_scores`)."""
     if step_fn is None:
         step_fn = jax.jit(functools.partial(eval_step, model=setup.model))
-    with setup.context():
-        outs = {name: [step_fn(params, setup.global_array(rows)) for rows in batches]
-                for name, batches in sets.items()}
-    sums = jax.device_get({name: jax.tree.map(lambda *xs: sum(xs), *o)  # one host sync
+    with setup.context():  # one batch in flight at a time (docs/parallelism.md)
+        outs = {name: [jax.block_until_ready(step_fn(params, setup.global_array(rows)))
+                       for rows in batches] for name, batches in sets.items()}
+    sums = jax.device_get({name: jax.tree.map(lambda *xs: sum(xs), *o)
                            for name, o in outs.items()})
     return mixture.eval_scores(setup.data, {name: (float(t["loss_sum"]), float(t["tokens"]))
                                             for name, t in sums.items()})
