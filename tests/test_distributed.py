@@ -17,6 +17,7 @@ import pytest
 from research.parallel.distributed import initialize
 from research.config import ConfigError
 from research.train.rundir import read_metrics
+from conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def free_port() -> int:
 
 def launch(run_dir: Path, overrides: list[str], processes: int, devices: int,
            heartbeat: int = 10) -> list[subprocess.Popen]:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices)}
     base = [sys.executable, "-m", "research", "train", "experiments/dense_tiny.yaml",
             "--run-dir", str(run_dir), *overrides]
     if processes == 1:

@@ -26,7 +26,7 @@ from research.train import recovery, stability
 from research.train.rundir import read_metrics
 from research.train.optim import lr_multiplier
 from research.train.objectives import lm_loss, sft_loss
-from tests.conftest import newest_checkpoint
+from tests.conftest import newest_checkpoint, xla_flags
 from tests.test_models import close, ref_attention, ref_rmsnorm, ref_rotary
 from tests.test_train import ROOT, final_params, losses
 
@@ -238,7 +238,7 @@ def _start(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "research", "train", "--run-dir", str(run_dir), *overrides],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+        env={**os.environ, "XLA_FLAGS": xla_flags(2)})
 
 
 def test_rollback_after_a_nan_finishes_and_a_kill_during_recovery_resumes_exactly(

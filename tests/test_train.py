@@ -19,7 +19,7 @@ from research import config
 from research.train.checkpoint import Checkpointer
 from research.train.loop import prepare, train
 from research.train.rundir import RunDir, read_metrics
-from conftest import newest_checkpoint
+from conftest import newest_checkpoint, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 # CompleteP at twice the base width and depth: per-parameter init, lr, wd, eps and multipliers
@@ -121,7 +121,7 @@ def _start(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "research", "train", "--run-dir", str(run_dir), *overrides],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        env={**os.environ, "XLA_FLAGS": xla_flags(2)},
     )
 
 
