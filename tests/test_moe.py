@@ -174,23 +174,30 @@ def test_gradients_equal_autodiff_of_every_expert_on_every_token(dispatch, facto
     jax.tree.map(close, grads(layer), grads(reference))
 
 
-def test_capacity_dispatch_keeps_a_data_parallel_batch_on_its_devices():
-    """With the batch split over 8 devices, the layer's forward and backward move no tokens,
-    buffers or router outputs between devices: each sequence is its own group."""
-    mesh_cfg = MeshConfig(data=8)
-    mesh, x = make_mesh(mesh_cfg), inputs(b=8)
-    params = run(moe_cfg(), x)[2]
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_dispatch_keeps_a_data_parallel_batch_on_its_devices(dispatch):
+    """With the batch split over 8 devices (2 sequences each), the layer's forward and backward
+    move no tokens, buffers or router outputs between devices (capacity: each sequence is a
+    group; dropless: each device's slice; only the gradients' all-reduce remains), and give the
+    values and gradients of one device."""
+    cfg, mesh_cfg = moe_cfg(dispatch=dispatch), MeshConfig(data=8)
+    mesh, x = make_mesh(mesh_cfg), inputs(b=16)
+    params = run(cfg, x)[2]
 
     def loss(params, x):
-        y, aux = MoE(moe_cfg()).apply({"params": params}, x)
+        y, aux = MoE(cfg).apply({"params": params}, x)
         return (y ** 2).sum() + aux["aux_loss"]
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules(mesh_cfg)):
-        step = jax.jit(jax.grad(loss, (0, 1)), in_shardings=(None, batch_sharding(mesh)))
-        hlo = step.lower(params, x).compile().as_text()
-    moves = [line for line in hlo.splitlines()
-             if re.search(r"\b(all-gather|all-to-all|collective-permute)(-start)?\(", line)]
+        step = jax.jit(jax.value_and_grad(loss, (0, 1)),
+                       in_shardings=(None, batch_sharding(mesh)))
+        compiled = step.lower(params, x).compile()
+        sharded = compiled(params, x)
+    moves = [line for line in compiled.as_text().splitlines()  # of activations (indices may move)
+             if re.search(r"= \(?(f32|bf16)\[.*\b(all-gather|all-to-all|collective-permute)"
+                          r"(-start)?\(", line)]
     assert not moves, moves[:3]
+    jax.tree.map(close, sharded, jax.jit(jax.value_and_grad(loss, (0, 1)))(params, x))
 
 
 def test_top_indices_equal_lax_top_k_with_ties():
