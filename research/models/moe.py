@@ -108,10 +108,11 @@ def capacity_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, n_ex
 
 def dispatch_rows(tokens: jax.Array, dest: jax.Array, groups: int, slots: int
                   ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
-    """tokens [B, T, D], dest [B, T, k, 2]: each choice's (group, slot) in a buffer
-    [groups, B, slots, D] of its own sequence (group >= groups: dropped) -> (the buffer, zero
-    where no choice landed; combine: the experts' output [groups, B, slots, D] -> [B, T, k, D],
-    each choice's row, zero where dropped).
+    """tokens [B, T, D] (B independent sets of T rows: sequences, or batch shards' tokens),
+    dest [B, T, k, 2]: each choice's (group, slot) among its own set's slots of a buffer
+    [groups, B, slots, D] (group >= groups: dropped) -> (the buffer, zero where no choice
+    landed; combine: the experts' output [groups, B, slots, D] -> [B, T, k, D], each choice's
+    row, zero where dropped).
 
     Every move keeps the batch as a batching dimension of its gather or scatter, so a batch split
     over devices stays split (flat row indices over the whole batch made XLA all-gather the
