@@ -174,13 +174,23 @@ def test_gradients_equal_autodiff_of_every_expert_on_every_token(dispatch, facto
     jax.tree.map(close, grads(layer), grads(reference))
 
 
-@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
-def test_dispatch_keeps_a_data_parallel_batch_on_its_devices(dispatch):
+def collectives(hlo: str, kinds: str) -> list[str]:
+    """The HLO lines of float collectives of `kinds` (a regex alternation): activations moving
+    between devices (integer indices may move)."""
+    return [line for line in hlo.splitlines()
+            if re.search(rf"= \(?(f32|bf16)\[.*\b({kinds})(-start)?\(", line)]
+
+
+@pytest.mark.parametrize("dispatch, layout", [("capacity", {"data": 8}),
+                                              ("dropless", {"data": 8}),
+                                              ("capacity", {"data": 2, "expert": 4})])
+def test_dispatch_moves_activations_only_as_the_layout_needs(dispatch, layout):
     """With the batch split over 8 devices (2 sequences each), the layer's forward and backward
-    move no tokens, buffers or router outputs between devices (capacity: each sequence is a
-    group; dropless: each device's slice; only the gradients' all-reduce remains), and give the
-    values and gradients of one device."""
-    cfg, mesh_cfg = moe_cfg(dispatch=dispatch), MeshConfig(data=8)
+    give the values and gradients of one device, and move activations only as the layout needs.
+    Data parallel: nothing moves (capacity: each sequence is a group; dropless: each device's
+    slice); only the gradients are all-reduced. Expert parallel: the buffers go to their
+    experts' devices and back by all-to-alls, and no gathered rows are all-reduced."""
+    cfg, mesh_cfg = moe_cfg(dispatch=dispatch), MeshConfig(**layout)
     mesh, x = make_mesh(mesh_cfg), inputs(b=16)
     params = run(cfg, x)[2]
 
@@ -193,10 +203,13 @@ def test_dispatch_keeps_a_data_parallel_batch_on_its_devices(dispatch):
                        in_shardings=(None, batch_sharding(mesh)))
         compiled = step.lower(params, x).compile()
         sharded = compiled(params, x)
-    moves = [line for line in compiled.as_text().splitlines()  # of activations (indices may move)
-             if re.search(r"= \(?(f32|bf16)\[.*\b(all-gather|all-to-all|collective-permute)"
-                          r"(-start)?\(", line)]
+    hlo = compiled.as_text()
+    moves = collectives(hlo, "all-gather|collective-permute" + ("" if "expert" in layout
+                                                                 else "|all-to-all"))
     assert not moves, moves[:3]
+    gathered = [line for line in collectives(hlo, "all-reduce") if "/gather" in line]
+    assert not gathered, gathered[:3]
+    assert ("expert" in layout) == bool(collectives(hlo, "all-to-all"))
     jax.tree.map(close, sharded, jax.jit(jax.value_and_grad(loss, (0, 1)))(params, x))
 
 

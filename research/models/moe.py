@@ -36,7 +36,8 @@ from research.config import ModelConfig, MoEConfig
 from research.models.layers import MLP, Einsum, cumsum, matmul, out_std
 
 Aux = dict[str, jax.Array]
-EBCD = ("act_expert", "act_batch", None, "act_embed")  # the capacity buffers
+EBCD = ("act_expert", "act_batch", None, "act_embed")  # the capacity buffers, on their experts
+BCD = (None, "act_batch", None, "act_embed")  # the same, back with their tokens' devices
 
 
 def capacity(tokens: int, cfg: MoEConfig) -> int:
@@ -101,8 +102,12 @@ def capacity_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, n_ex
     kept = slot < slots
     dest = jnp.stack([jnp.where(kept, experts, n_experts), jnp.where(kept, slot, 0)], -1)
     buffer, combine = dispatch_rows(x, dest, n_experts, slots)
-    out = expert_fn(nn.with_logical_constraint(buffer, EBCD))
-    picked = combine(nn.with_logical_constraint(out, EBCD))
+    # Filled and emptied on the tokens' devices (BCD), computed on the experts' (EBCD): under
+    # expert parallelism each move between them is an all-to-all, forward and backward; without
+    # these, XLA gathered masked rows on every expert shard and all-reduced them.
+    buffer = nn.with_logical_constraint(nn.with_logical_constraint(buffer, BCD), EBCD)
+    out = nn.with_logical_constraint(expert_fn(buffer), EBCD)
+    picked = combine(nn.with_logical_constraint(out, BCD))
     return (picked * weights[..., None]).sum(-2), kept
 
 
