@@ -11,9 +11,11 @@ shared experts' output. Two dispatch paths compute the same function (`model.moe
   they contribute nothing (the residual carries the token on). Buffers are filled by gathering
   token rows at cumsum-computed slots, not by one-hot dispatch einsums (measured faster on CPU,
   see docs/moe.md). Its [E, B, C, D] buffer is what expert parallelism shards.
-- dropless: all B*T*top_k choices laid out by expert in blocks (each expert's group padded to
-  whole blocks) and run through one batched matmul over the blocks, each with its expert's
-  weights (block-sparse, MegaBlocks-style). Nothing is dropped.
+- dropless: all top_k choices of a batch shard's tokens laid out by expert in blocks (each
+  expert's group padded to whole blocks), run through one batched matmul over the blocks, each
+  with its expert's weights (block-sparse, MegaBlocks-style). Nothing is dropped.
+Both move rows only within a sequence (capacity) or a batch shard (dropless), so a batch split
+over devices stays split.
 
 Losses (raw values are metrics; their coefficient-weighted sum is "aux_loss"):
 - balance: E * sum_e f_e * p_e (Switch Transformer), f_e = fraction of the T*top_k choices
