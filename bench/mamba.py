@@ -34,12 +34,15 @@ EXPERIMENT = ROOT / "experiments/mamba_tiny.yaml"
 
 
 def seconds(fns: dict[str, Callable], args: tuple, repeats: int) -> dict[str, float]:
-    """Median wall time of each compiled call (compilation excluded), the calls taking turns."""
+    """Median wall time of each compiled call (compilation excluded), the calls taking turns;
+    each turn times its second call, as `alternate` does (the first after another program pays
+    for fresh buffers, which a training run does not)."""
     for fn in fns.values():
         jax.block_until_ready(fn(*args))
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            jax.block_until_ready(fn(*args))
             start = time.perf_counter()
             jax.block_until_ready(fn(*args))
             times[name].append(time.perf_counter() - start)

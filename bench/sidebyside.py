@@ -56,13 +56,18 @@ def compiled_step(cfg: config.ExperimentConfig):
 
 
 def alternate(cfgs: dict[str, config.ExperimentConfig], steps: int, repeats: int) -> dict[str, dict]:
-    """Median seconds per step of each config, timed in turns; plus its first-round losses."""
+    """Median seconds per step of each config, timed in turns; plus its first-round losses.
+
+    Each turn starts with one untimed step: the first call after another program pays for
+    fresh buffers (glibc's malloc hands freed memory back to the kernel), which a training run,
+    calling one program over and over, does not (bench/mamba.py's SSD: 44 vs 31-34 ms)."""
     runs = {name: list(compiled_step(cfg)) for name, cfg in cfgs.items()}
     times: dict[str, list[float]] = {name: [] for name in cfgs}
     losses: dict[str, list[float]] = {name: [] for name in cfgs}
     for round_ in range(repeats + 1):  # round 0 warms up (first execution, allocator)
         for name, run in runs.items():
             step, state, data = run
+            state = jax.block_until_ready(step(state, next(data)["tokens"])[0])
             batches = [next(data)["tokens"] for _ in range(steps)]
             start = time.perf_counter()
             for tokens in batches:
@@ -102,7 +107,7 @@ def main() -> None:
     first = next(iter(results.values()))["step_time"]
     tokens = next(iter(cfgs.values())).train.batch_size * next(iter(cfgs.values())).train.seq_len
     print(f"| {args.experiment.stem} | step ms (median of {args.repeats}) | tokens/s | speed vs "
-          f"first | loss after {args.steps} steps |\n|---|---:|---:|---:|---:|")
+          f"first | loss after {args.steps + 1} steps |\n|---|---:|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['step_time'] * 1e3:.1f} | {tokens / r['step_time']:,.0f} | "
               f"{first / r['step_time']:.2f}x | {r['loss']:.6f} |")
