@@ -13,7 +13,7 @@ import pytest
 
 from research.config import ModelConfig
 from research.models.decoder import Decoder
-from research.models.layers import matmul, projection_dims
+from research.models.layers import Einsum, matmul, projection_dims
 from research.train.loop import train
 from research.train.rundir import read_metrics
 
@@ -58,6 +58,30 @@ def test_custom_projection_values_and_gradients_match_float64(spec, w_shape):
     close(dx, np.einsum(f"{out},{ws}->{xs}", g64, w64))
     close(dw, np.einsum(f"{xs},{out}->{ws}", x64, g64))
     assert dx.dtype == x.dtype and dw.dtype == w.dtype
+
+
+@pytest.mark.parametrize("projection", ["custom", "plain"])
+def test_split_projection_is_the_parts_of_one_kernel(projection):
+    """Einsum(splits=...) returns the parts of the unsplit output along the kernel's last axis,
+    with one "kernel" param; its gradients (x and kernel) against numpy float64."""
+    spec, sizes = "btd,dhc->bthc", (3, 1, 2)
+    module = Einsum(spec, (4, 2, sum(sizes)), ("embed", None, None), 1.0, "float32",
+                    projection=projection, splits=sizes)
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (2, 5, 4))
+    params = module.init(keys[1], x)
+    assert jax.tree.structure(params) == jax.tree.structure(
+        module.clone(splits=()).init(keys[1], x))
+    gs = [jax.random.normal(k, (2, 5, 2, n)) for k, n in zip(jax.random.split(keys[2], 3), sizes)]
+    parts, vjp = jax.vjp(lambda p, x: module.apply(p, x), params, x)
+    d_params, dx = vjp(tuple(gs))
+    w64 = np.asarray(nn.meta.unbox(params)["params"]["kernel"], np.float64)
+    x64, g64 = np.asarray(x, np.float64), np.concatenate([np.asarray(g) for g in gs], -1)
+    whole = np.einsum(spec, x64, w64)
+    assert [p.shape[-1] for p in parts] == list(sizes)
+    close(np.concatenate([np.asarray(p) for p in parts], -1), whole)
+    close(dx, np.einsum("bthc,dhc->btd", g64, w64))
+    close(nn.meta.unbox(d_params)["params"]["kernel"], np.einsum("btd,bthc->dhc", x64, g64))
 
 
 def test_custom_projection_in_bfloat16_is_as_close_to_float64_as_plain():
