@@ -296,7 +296,7 @@ class Mamba2(nn.Module):
         d, P, G, N = cfg.d_model, m.head_dim, m.n_groups, m.d_state
         H = m.n_heads(d)
         proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype, projection=cfg.projection)
-        z, x, dt = Einsum("btd,dhc->bthc", (d, H, 2 * P + 1), ("embed", "mamba_heads", None),
+        z, x, dt_in = Einsum("btd,dhc->bthc", (d, H, 2 * P + 1), ("embed", "mamba_heads", None),
                           cfg.init_std, name="in_zxdt", splits=(P, P, 1), **proj)(u)
         bc = Einsum("btd,dgc->btgc", (d, G, 2 * N), ("embed", "mamba_groups", None),
                     cfg.init_std, name="in_bc", **proj)(u)
@@ -313,7 +313,7 @@ class Mamba2(nn.Module):
         dt_bias = self.param("dt_bias", heads(self._dt_bias_init), (H,), param_dtype)
         A_log = self.param("A_log", heads(self._a_log_init), (H,), param_dtype)
         D = self.param("D", heads(nn.initializers.ones), (H,), param_dtype)
-        dt = nn.with_logical_constraint(jax.nn.softplus(dt[..., 0] + dt_bias), BTH)
+        dt = nn.with_logical_constraint(jax.nn.softplus(dt_in[..., 0] + dt_bias), BTH)
 
         state = None
         if decode:

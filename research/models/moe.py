@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from research.config import ModelConfig, MoEConfig
 from research.models.layers import MLP, Einsum, cumsum, matmul, out_std
+from research.parallel.mesh import logical_axis_size
 
 Aux = dict[str, jax.Array]
 EBCD = ("act_expert", "act_batch", None, "act_embed")  # the capacity buffers, on their experts
@@ -241,15 +242,8 @@ def dropless_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array,
 
 def batch_groups(batch: int) -> int:
     """How many slices of a batch of `batch` rows lie on different devices: the devices that
-    split "act_batch" (the logical axis rules in scope, on the current mesh), at most a divisor
-    of `batch`; 1 outside a mesh."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return 1
-    spec = nn.logical_to_mesh_axes(("act_batch",))
-    axes = spec[0] if spec else None
-    axes = (axes,) if isinstance(axes, str) else (axes or ())
-    return math.gcd(batch, math.prod(mesh.shape[a] for a in axes))
+    split "act_batch", at most a divisor of `batch`."""
+    return math.gcd(batch, logical_axis_size("act_batch"))
 
 
 class MoE(nn.Module):

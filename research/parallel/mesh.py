@@ -40,6 +40,18 @@ def data_parallel_size(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
 
 
+def logical_axis_size(name: str) -> int:
+    """How many devices split the logical axis `name` under the rules in scope, on the current
+    (abstract) mesh; 1 outside a mesh. For model code that lays data out per shard."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    spec = nn.logical_to_mesh_axes((name,))
+    axes = spec[0] if spec else None
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    return int(np.prod([mesh.shape[axis] for axis in axes]))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Token batches [batch, seq] are split over the batch axes and replicated over tensor."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
