@@ -6,7 +6,10 @@ on the same GPU, as one table.
 
 The set: dense_small and moe_tiny with model.attention_impl chunked, xla and cudnn (and
 dense_small with the CPU's custom-backward projections instead of auto's plain ones: does that
-choice hold on a GPU?), mamba_tiny (no attention layer) as configured, each against PyTorch
+choice hold on a GPU?), mamba_tiny (no attention layer) as configured; every model also with
+its backward matmuls in bf16 (jax-autocast, model.backward_dtype=bfloat16: the backward's
+float32 cotangent otherwise makes two thirds of the matmul FLOPs run at TF32 or float32 rates
+instead of bf16's); each against PyTorch
 eager and torch.compile of the same model from the same weights (bench/vs_torch.py: one
 process per variant, equal parameter counts and first losses checked, timed in turns). MFU
 counts the training FLOPs of research.train.flops (active parameters, attention scores, the
@@ -32,7 +35,8 @@ from research.train.metrics import peak_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTENTION = ["jax-chunked", "jax-xla", "jax-cudnn"]
-SET = {"dense_small": [*ATTENTION, "jax-custom"], "moe_tiny": ATTENTION, "mamba_tiny": ["jax"]}
+SET = {"dense_small": [*ATTENTION, "jax-custom", "jax-autocast"],
+       "moe_tiny": [*ATTENTION, "jax-autocast"], "mamba_tiny": ["jax", "jax-autocast"]}
 TORCH = ["torch", "torch-compile"]
 DRY_RUN = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
            "model.d_ff=128", "train.batch_size=2", "train.seq_len=64"]

@@ -26,10 +26,12 @@ kernels), not transformers' Mamba2 torch fallback, which without the CUDA kernel
 naive path and would flatter us.
 
 Variants: jax (our train step as configured), jax-plain, jax-custom (model.projection), jax-chunked,
-jax-xla, jax-cudnn (model.attention_impl), torch (eager), torch-compile (torch.compile of the
-model), each in float32 and in bfloat16 (ours: bf16 matmul operands with float32 accumulation;
-PyTorch: autocast to bf16; the SSD runs in float32 on both sides). On a GPU (JAX's backend)
-PyTorch runs on CUDA.
+jax-xla, jax-cudnn (model.attention_impl), jax-autocast (model.backward_dtype = the compute
+dtype: in bfloat16 the backward matmuls round the cotangent to bf16, as autocast's do), torch
+(eager), torch-compile (torch.compile of the model), each in float32 and in bfloat16 (ours: bf16
+matmul operands with float32 accumulation, backward in float32 unless jax-autocast; PyTorch:
+autocast to bf16; the SSD runs in float32 on both sides). On a GPU (JAX's backend) PyTorch runs
+on CUDA.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ from research.train.objectives import lm_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = {"jax": [], **{f"jax-{p}": [f"model.projection={p}"] for p in ("plain", "custom")},
-        **{f"jax-{impl}": [f"model.attention_impl={impl}"] for impl in ("chunked", "xla", "cudnn")}}
+        **{f"jax-{impl}": [f"model.attention_impl={impl}"] for impl in ("chunked", "xla", "cudnn")},
+        "jax-autocast": ["model.backward_dtype={dtype}"]}  # {dtype}: the run's compute dtype
 VARIANTS = (*OURS, "torch", "torch-compile")
 EXPERIMENTS = ("dense_tiny", "dense_small", "moe_tiny", "mamba_tiny")
 
@@ -387,7 +390,7 @@ def _worker(conn, experiment: Path, overrides: list[str], variant: str, dtype: s
     """
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     cfg = config.load(experiment, [*overrides, f"model.compute_dtype={dtype}",
-                                   *OURS.get(variant, [])])
+                                   *(o.format(dtype=dtype) for o in OURS.get(variant, []))])
     if variant in OURS:
         run, first, count, data = _jax_runner(cfg)
         done = jax.block_until_ready
@@ -450,12 +453,16 @@ def results(experiment: str, dtype: str, rows: dict[str, dict[str, float]]) -> l
         targets[("float32", "torch-compile")] = 1.0
     if experiment == "dense_small":
         targets[("bfloat16", "torch")] = 0.9
+    ours = {"jax": short, "jax-autocast": f"{short} autocast"}  # autocast: backward in bf16 too
     out = []
     for (want_dtype, variant), target in targets.items():
-        if want_dtype == dtype and variant in rows and "jax" in rows:
-            ratio = rows[variant]["step_time"] / rows["jax"]["step_time"]
-            label = "eager" if variant == "torch" else "compile"
-            out.append(f"result: {experiment} {short} vs {label} {ratio:.2f} (target >= {target})")
+        for us, name in ours.items():
+            if want_dtype == dtype and variant in rows and us in rows \
+                    and (us == "jax" or dtype == "bfloat16"):
+                ratio = rows[variant]["step_time"] / rows[us]["step_time"]
+                label = "eager" if variant == "torch" else "compile"
+                out.append(f"result: {experiment} {name} vs {label} {ratio:.2f} "
+                           f"(target >= {target})")
     return out
 
 

@@ -148,6 +148,11 @@ class ModelConfig(_Section):
                                   "model folder (config.json + *.safetensors) whose architecture "
                                   "equals this section (docs/interop.md)")
     compute_dtype: Literal["float32", "bfloat16"] = Field("float32", **_role(NUMERICS))
+    backward_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", **_role(NUMERICS), description="operand dtype of the projections' backward "
+        "matmuls, the cotangent rounded to it: float32 keeps the gradients at float32 precision; "
+        "bfloat16 (needs compute_dtype=bfloat16) is PyTorch autocast's backward and runs on the "
+        "bf16 matmul units (docs/performance.md)")
     param_dtype: Literal["float32"] = "float32"
     remat: Literal["none", "full", "dots"] = Field("none", **_role(NUMERICS))
     projection: Literal["auto", "custom", "plain"] = Field(
@@ -231,6 +236,10 @@ class ModelConfig(_Section):
             if heads % self.mamba.n_groups:
                 raise ValueError(f"model.mamba.n_groups={self.mamba.n_groups} must divide the "
                                  f"{heads} Mamba heads")
+        if self.backward_dtype == "bfloat16" and self.compute_dtype != "bfloat16":
+            raise ValueError("model.backward_dtype=bfloat16 needs model.compute_dtype=bfloat16 "
+                             "(a float32 forward with a bf16 backward is not mixed precision "
+                             "anyone trains with); allowed with float32: float32")
         if self.attention_impl == "cudnn" and self.compute_dtype != "bfloat16":
             raise ValueError("model.attention_impl=cudnn needs model.compute_dtype=bfloat16 "
                              "(cuDNN's fused attention takes bf16/fp16 only); float32: auto, "

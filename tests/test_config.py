@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
     (["model.n_heads=3"], "model.n_heads=3 must divide model.d_model=256"),
     (["model.n_kv_heads=3"], "model.n_kv_heads=3 must divide model.n_heads=4"),
     (["model.compute_dtype=float16"], "model.compute_dtype: Input should be 'float32' or 'bfloat16'"),
+    (["model.backward_dtype=bfloat16"],
+     "model.backward_dtype=bfloat16 needs model.compute_dtype=bfloat16"),
     (["mesh.data=-1", "mesh.tensor=-1"], "at most one of mesh.data/fsdp/expert/tensor may be -1"),
     (["train.grad_accum=3"], "train.grad_accum=3 must divide train.batch_size=16"),
     (["mesh.rules=[[act_batch, [dat]]]"], "maps to unknown mesh axis 'dat'"),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from research.config import ModelConfig
+from research.models import moe
 from research.models.decoder import Decoder
 from research.models.layers import Einsum, matmul, projection_dims
 from research.train.loop import train
@@ -102,6 +103,67 @@ def test_custom_projection_in_bfloat16_is_as_close_to_float64_as_plain():
                         for a, b in zip([y, *vjp(g)], want)]
     assert max(errors["custom"]) < 1e-2
     assert all(c <= p * 1.01 for c, p in zip(errors["custom"], errors["plain"])), errors
+
+
+def bf16(a: jax.Array) -> np.ndarray:
+    """a rounded to bfloat16, as float64."""
+    return np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
+
+
+@pytest.mark.parametrize("spec, projection", [
+    ("btd,df->btf", "custom"), ("btd,df->btf", "plain"), ("btnh,nhd->btd", "custom"),
+    ("btnh,nhd->btd", "plain"), ("btd,vd->btv", "custom"), ("btd,vd->btv", "plain"),
+    ("egi,eio->ego", "plain"),  # MoE's batched expert matmul
+])
+def test_bfloat16_backward_multiplies_the_rounded_cotangent(spec, projection):
+    """backward_dtype=bfloat16: dx and dw are float64 einsums of the bf16-rounded cotangent and
+    operands (to 1e-5: bf16 products are exact in float32, the sums float32), and differ from
+    the float32 backward's by the cotangent's rounding (far above 1e-5). The forward is the
+    float32 backward's, bit for bit."""
+    xs, ws = spec.split("->")[0].split(",")
+    out = spec.split("->")[1]
+    sizes = {c: n for c, n in zip("btdfnhveiog", (2, 5, 16, 12, 3, 4, 10, 4, 6, 8, 7))}
+    keys = jax.random.split(jax.random.key(0), 3)
+    x, w, g = (jax.random.normal(k, tuple(sizes[c] for c in s))
+               for k, s in zip(keys, (xs, ws, out)))
+    results = {}
+    for backward in (jnp.float32, jnp.bfloat16):
+        y, vjp = jax.vjp(lambda x, w, b=backward: matmul(spec, x, w, jnp.bfloat16, projection,
+                                                         backward_dtype=b), x, w)
+        results[backward] = (y, *vjp(g))
+    y, dx, dw = results[jnp.bfloat16]
+    assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+    np.testing.assert_array_equal(y, results[jnp.float32][0])
+    close(dx, np.einsum(f"{out},{ws}->{xs}", bf16(g), bf16(w)))
+    close(dw, np.einsum(f"{xs},{out}->{ws}", bf16(x), bf16(g)))
+    for new, old in zip((dx, dw), results[jnp.float32][1:]):
+        assert np.abs(np.asarray(new) - np.asarray(old)).max() > 1e-4
+
+
+def test_backward_dtype_reaches_every_projection(monkeypatch):
+    """model.backward_dtype reaches every Einsum of attention, MLP, MoE, Mamba-2 and the output
+    head but the router (float32 by design), and MoE's expert matmuls."""
+    einsums, experts = [], []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, Einsum) and context.method_name == "__call__":
+            einsums.append((context.module.name, context.module.backward_dtype))
+        return next_fun(*args, **kwargs)
+
+    real = moe.expert_matmul
+    monkeypatch.setattr(moe, "expert_matmul", lambda *a, **kw: experts.append(
+        kw["backward_dtype"]) or real(*a, **kw))
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+                      layer_pattern=("attention:moe", "mamba:mlp"), tie_embeddings=False,
+                      compute_dtype="bfloat16", backward_dtype="bfloat16")
+    toks = jnp.zeros((1, 8), jnp.int32)
+    with nn.intercept_methods(record):
+        Decoder(cfg, VOCAB).init(jax.random.key(0), toks)
+    names = {name for name, _ in einsums}
+    assert {"q", "k", "v", "o", "gate", "up", "down", "in_zxdt", "lm_head", "router"} <= names
+    assert {b for name, b in einsums if name != "router"} == {"bfloat16"}
+    assert {b for name, b in einsums if name == "router"} == {"float32"}
+    assert experts and set(experts) == {jnp.dtype(jnp.bfloat16)}
 
 
 @pytest.mark.parametrize("kw", [

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from research.config import ModelConfig, for_backend
-from research.models.layers import BTD, Einsum, RMSNorm, backend, out_std, rotary
+from research.models.layers import BTD, Einsum, RMSNorm, backend, out_std, projection_args, rotary
 from research.models.parameterization import forward
 
 BTNH = ("act_batch", "act_seq", "act_heads", None)
@@ -144,7 +144,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         d, n, kv, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
         dtype = jnp.dtype(cfg.compute_dtype)
-        proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype, projection=cfg.projection)
+        proj = projection_args(cfg)
         q = Einsum("btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std,
                    name="q", **proj)(x)
         k = Einsum("btd,dkh->btkh", (d, kv, h), ("embed", "kv_heads", "head_dim"), cfg.init_std,

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from research.config import ConfigError, ModelConfig
 from research.models.attention import Attention
-from research.models.layers import BTD, BTV, MLP, Einsum, Embed, RMSNorm
+from research.models.layers import BTD, BTV, MLP, Einsum, Embed, RMSNorm, projection_args
 from research.models.mamba import Mamba2
 from research.models.moe import MoE
 from research.models.parameterization import forward, scale
@@ -186,8 +186,7 @@ class Decoder(nn.Module):
             logits = embed.attend(x)
         else:
             logits = Einsum("btd,dv->btv", (cfg.d_model, self.vocab_size), ("embed", "vocab"),
-                            cfg.init_std, cfg.compute_dtype, cfg.param_dtype, cfg.projection,
-                            name="lm_head")(x)
+                            cfg.init_std, name="lm_head", **projection_args(cfg))(x)
         logits = scale(logits, forward(cfg).logits)
         if "aux_loss" in aux:
             aux["aux_loss"] = aux["aux_loss"].sum()

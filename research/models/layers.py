@@ -4,7 +4,8 @@ Dtype policy (the one place it lives is `matmul`): parameters and the residual s
 float32; every matmul casts its operands to the config's compute dtype and accumulates in
 float32 (`preferred_element_type`): on accelerators the usual mixed-precision recipe; on a CPU
 it pays only where the CPU has bf16 matmul units (AMX, avx512_bf16; figures in
-docs/performance.md).
+docs/performance.md). The projections' backward matmuls take their operands in the config's
+backward dtype (float32 by default; bfloat16 rounds the cotangent, as PyTorch autocast does).
 Norms, rotary and the SwiGLU gate run in float32.
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`) and the main
@@ -41,22 +42,51 @@ def backend() -> str:
 
 
 def matmul(spec: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype,
-           projection: str = "plain") -> jax.Array:
+           projection: str = "plain", backward_dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """einsum with `dtype` operands and a float32 result: the dtype policy of every projection.
 
     projection="custom" runs a projection spec (see `projection_dims`) as one 2-D matmul over
     the flattened tokens with a hand-written backward (`project`); "plain" is einsum + autodiff;
     "auto" is this backend's choice (config.auto_projection).
-    The backward matmuls see a float32 cotangent and so run in float32. Casting it to bf16
-    would make them faster, but XLA:CPU (jax 0.10.2) then fails on some weight-gradient
-    shapes with "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32".
+    The backward matmuls multiply `backward_dtype` operands (the cotangent rounded to it) into
+    float32. With float32, plain is autodiff's own backward; with bfloat16 it is the same
+    einsums written out (`_einsum`), since autodiff would multiply the float32 cotangent.
     """
     if projection == "auto":
         projection = auto_projection(backend())
     if projection == "custom":
         n_in, transposed = projection_dims(spec)
-        return project(x, w, n_in, transposed, dtype)
+        return project(x, w, n_in, transposed, dtype, backward_dtype)
+    if jnp.dtype(backward_dtype) == jnp.float32:
+        return jnp.einsum(spec, x.astype(dtype), w.astype(dtype),
+                          preferred_element_type=jnp.float32)
+    return _einsum(spec, x, w, jnp.dtype(dtype), jnp.dtype(backward_dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _einsum(spec: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype,
+            backward_dtype: jnp.dtype) -> jax.Array:
     return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _einsum_fwd(spec, x, w, dtype, backward_dtype):
+    return _einsum(spec, x, w, dtype, backward_dtype), (x, w)
+
+
+def _einsum_bwd(spec, dtype, backward_dtype, residuals, g):
+    """The gradients of y = einsum("X,W->Y"): einsum("Y,W->X") and einsum("X,Y->W"); every
+    index of a projection (or a batched expert matmul) is in exactly two of X, W, Y."""
+    x, w = residuals
+    inputs, ys = spec.split("->")
+    xs, ws = inputs.split(",")
+    dx = jnp.einsum(f"{ys},{ws}->{xs}", g.astype(backward_dtype), w.astype(backward_dtype),
+                    preferred_element_type=jnp.float32)
+    dw = jnp.einsum(f"{xs},{ys}->{ws}", x.astype(backward_dtype), g.astype(backward_dtype),
+                    preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_einsum.defvjp(_einsum_fwd, _einsum_bwd)
 
 
 def projection_dims(spec: str) -> tuple[int, bool]:
@@ -76,9 +106,11 @@ def projection_dims(spec: str) -> tuple[int, bool]:
     raise ValueError(f"einsum {spec!r} is not a projection (x[..., in] times w[in, out])")
 
 
-def project(x: jax.Array, w: jax.Array, n_in: int, transposed: bool, dtype: jnp.dtype) -> jax.Array:
+def project(x: jax.Array, w: jax.Array, n_in: int, transposed: bool, dtype: jnp.dtype,
+            backward_dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """x [..., *in] times w [*in, *out] (transposed: w [*out, *in]) as one 2-D matmul
-    [tokens, in] @ [in, out] with `dtype` operands and a float32 result.
+    [tokens, in] @ [in, out] with `dtype` operands and a float32 result; the backward's
+    matmuls take `backward_dtype` operands.
 
     The reshapes are free (row-major), and the custom backward computes both gradients as 2-D
     dot_generals that read their operands transposed in place: XLA:CPU's autodiff of the
@@ -88,7 +120,7 @@ def project(x: jax.Array, w: jax.Array, n_in: int, transposed: bool, dtype: jnp.
     k = math.prod(x.shape[x.ndim - n_in:])
     out = w.shape[:w.ndim - n_in] if transposed else w.shape[n_in:]
     w2 = w.reshape(-1, k) if transposed else w.reshape(k, -1)
-    y = _matmul_2d(x.reshape(-1, k), w2, transposed, jnp.dtype(dtype))
+    y = _matmul_2d(x.reshape(-1, k), w2, transposed, jnp.dtype(dtype), jnp.dtype(backward_dtype))
     y = checkpoint_name(y, "projection")
     return y.reshape(*x.shape[:x.ndim - n_in], *out)
 
@@ -100,20 +132,20 @@ def _dot(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int, dtype: jnp.dtype)
                                preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul_2d(x: jax.Array, w: jax.Array, transposed: bool, dtype: jnp.dtype) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _matmul_2d(x: jax.Array, w: jax.Array, transposed: bool, dtype: jnp.dtype,
+               backward_dtype: jnp.dtype) -> jax.Array:
     return _dot(x, w, 1, 1 if transposed else 0, dtype)
 
 
-def _matmul_2d_fwd(x, w, transposed, dtype):
-    return _matmul_2d(x, w, transposed, dtype), (x, w)
+def _matmul_2d_fwd(x, w, transposed, dtype, backward_dtype):
+    return _matmul_2d(x, w, transposed, dtype, backward_dtype), (x, w)
 
 
-def _matmul_2d_bwd(transposed, dtype, residuals, g):
+def _matmul_2d_bwd(transposed, dtype, backward_dtype, residuals, g):
     x, w = residuals
-    f32 = jnp.float32  # the backward runs in float32 whatever the compute dtype (see matmul)
-    dx = _dot(g, w, 1, 0 if transposed else 1, f32)
-    dw = _dot(g, x, 0, 0, f32) if transposed else _dot(x, g, 0, 0, f32)
+    dx = _dot(g, w, 1, 0 if transposed else 1, backward_dtype)
+    dw = _dot(g, x, 0, 0, backward_dtype) if transposed else _dot(x, g, 0, 0, backward_dtype)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -151,17 +183,26 @@ class Einsum(nn.Module):
     dtype: str  # compute dtype of the operands
     param_dtype: str = "float32"
     projection: str = "plain"  # ModelConfig.projection: "custom" (2-D, own backward), "plain", "auto"
+    backward_dtype: str = "float32"  # ModelConfig.backward_dtype: the backward matmuls' operands
     splits: tuple[int, ...] = ()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array | tuple[jax.Array, ...]:
         init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes)
         kernel = self.param("kernel", init, self.shape, jnp.dtype(self.param_dtype))
+        dot = functools.partial(matmul, self.spec, dtype=jnp.dtype(self.dtype),
+                                projection=self.projection,
+                                backward_dtype=jnp.dtype(self.backward_dtype))
         if not self.splits:
-            return matmul(self.spec, x, kernel, jnp.dtype(self.dtype), self.projection)
+            return dot(x, kernel)
         ends = itertools.accumulate(self.splits)
-        return tuple(matmul(self.spec, x, kernel[..., end - size:end], jnp.dtype(self.dtype),
-                            self.projection) for size, end in zip(self.splits, ends))
+        return tuple(dot(x, kernel[..., end - size:end]) for size, end in zip(self.splits, ends))
+
+
+def projection_args(cfg: ModelConfig) -> dict[str, str]:
+    """The Einsum fields every projection of a model takes from its config: dtypes and kind."""
+    return dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype, projection=cfg.projection,
+                backward_dtype=cfg.backward_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -205,8 +246,7 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
         d, f = cfg.d_model, cfg.ff_size
-        proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
-                    projection=cfg.projection)
+        proj = projection_args(cfg)
         gate = Einsum("btd,df->btf", (d, f), ("embed", "mlp"), cfg.init_std, name="gate", **proj)
         up = Einsum("btd,df->btf", (d, f), ("embed", "mlp"), cfg.init_std, name="up", **proj)
         down = Einsum("btf,fd->btd", (f, d), ("mlp", "embed"), out_std(cfg), name="down", **proj)
@@ -235,5 +275,6 @@ class Embed(nn.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits x @ embedding^T, float32."""
-        return matmul("btd,vd->btv", x, self.embedding, jnp.dtype(self.cfg.compute_dtype),
-                      self.cfg.projection)
+        cfg = self.cfg
+        return matmul("btd,vd->btv", x, self.embedding, jnp.dtype(cfg.compute_dtype),
+                      cfg.projection, jnp.dtype(cfg.backward_dtype))

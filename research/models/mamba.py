@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from research.config import ModelConfig
-from research.models.layers import BTD, Einsum, cumsum, out_std
+from research.models.layers import BTD, Einsum, cumsum, out_std, projection_args
 
 BTHP = ("act_batch", "act_seq", "act_mamba_heads", None)
 BTH = ("act_batch", "act_seq", "act_mamba_heads")
@@ -295,7 +295,7 @@ class Mamba2(nn.Module):
         cfg, m = self.cfg, self.cfg.mamba
         d, P, G, N = cfg.d_model, m.head_dim, m.n_groups, m.d_state
         H = m.n_heads(d)
-        proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype, projection=cfg.projection)
+        proj = projection_args(cfg)
         z, x, dt_in = Einsum("btd,dhc->bthc", (d, H, 2 * P + 1), ("embed", "mamba_heads", None),
                           cfg.init_std, name="in_zxdt", splits=(P, P, 1), **proj)(u)
         bc = Einsum("btd,dgc->btgc", (d, G, 2 * N), ("embed", "mamba_groups", None),

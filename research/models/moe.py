@@ -88,11 +88,12 @@ def swiglu(dot: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
     return dot(nn.silu(dot(x, gate)) * dot(x, up), down)
 
 
-def expert_matmul(a: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+def expert_matmul(a: jax.Array, w: jax.Array, dtype: jnp.dtype,
+                  backward_dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """[G, rows, in] x [G, in, out] -> [G, rows, out]: one matmul per expert (or block). The
     batch dimension leads: XLA:CPU refuses bf16 batched dots whose batch dimension is not the
     leading one."""
-    return matmul("egi,eio->ego", a, w, dtype)
+    return matmul("egi,eio->ego", a, w, dtype, backward_dtype=backward_dtype)
 
 
 def capacity_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, n_experts: int,
@@ -204,9 +205,11 @@ def block_rows(choices: int, n_experts: int) -> int:
 
 
 def dropless_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array,
-                      params: tuple[jax.Array, jax.Array, jax.Array], dtype: jnp.dtype,
+                      params: tuple[jax.Array, jax.Array, jax.Array],
+                      dot: Callable[[jax.Array, jax.Array], jax.Array],
                       groups: int = 1) -> jax.Array:
-    """x [B, T, D], choices [B, T, k] -> y [B, T, D]: every choice computed, none dropped.
+    """x [B, T, D], choices [B, T, k] -> y [B, T, D]: every choice computed, none dropped;
+    `dot` is the per-expert matmul (`expert_matmul` with the model's dtypes).
 
     Block-sparse grouped matmul (MegaBlocks-style): each group's choices (`groups` consecutive
     slices of the batch: one per batch shard, so no choice leaves its device) are laid out by
@@ -233,7 +236,6 @@ def dropless_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array,
 
     # group-major, so a device's blocks stay one contiguous (shardable) run of the batched matmul
     grouped = blocks.swapaxes(0, 1).reshape(-1, block, d)  # padding rows stay zero
-    dot = functools.partial(expert_matmul, dtype=dtype)
     out = swiglu(dot, grouped, *(w[block_expert.reshape(-1)] for w in params))
     out = out.reshape(groups, n_blocks, block, d).swapaxes(0, 1)
     picked = combine(out).reshape(*experts.shape, d)
@@ -260,7 +262,8 @@ class MoE(nn.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, Aux]:
         cfg, moe = self.cfg, self.cfg.moe
         d, f, e = cfg.d_model, moe.d_expert or cfg.ff_size, moe.n_experts
-        dtype = jnp.dtype(cfg.compute_dtype)
+        dot = functools.partial(expert_matmul, dtype=jnp.dtype(cfg.compute_dtype),
+                                backward_dtype=jnp.dtype(cfg.backward_dtype))
 
         def param(name: str, shape: tuple[int, ...], axes: tuple[str, ...], std: float):
             init = nn.with_logical_partitioning(nn.initializers.normal(std), axes)
@@ -275,12 +278,11 @@ class MoE(nn.Module):
         aux = router_losses(logits, probs, experts)
 
         if moe.dispatch == "dropless":
-            y = dropless_dispatch(x, experts, weights, params, dtype, batch_groups(x.shape[0]))
+            y = dropless_dispatch(x, experts, weights, params, dot, batch_groups(x.shape[0]))
             aux["drop_frac"] = jnp.zeros((), jnp.float32)
         else:
             def expert_fn(buffer: jax.Array) -> jax.Array:
                 flat = buffer.reshape(e, -1, d)  # [E, B*C, D]: one matmul per expert
-                dot = functools.partial(expert_matmul, dtype=dtype)
                 return swiglu(dot, flat, *params).reshape(buffer.shape)
 
             decoding = self.is_mutable_collection("cache") and not self.is_initializing()
