@@ -140,6 +140,33 @@ def test_bfloat16_backward_multiplies_the_rounded_cotangent(spec, projection):
         assert np.abs(np.asarray(new) - np.asarray(old)).max() > 1e-4
 
 
+@pytest.mark.parametrize("spec", ["btd,df->btf", "egi,eio->ego"])
+def test_remat_dots_saves_the_same_with_either_backward_dtype(spec):
+    """Under remat "dots" the plain path's bf16 backward (a custom_vjp) keeps what autodiff's
+    einsum keeps: a projection's output, not a batched expert matmul's."""
+    import contextlib
+    import io
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from research.models.decoder import REMAT_POLICIES
+
+    x, w = jnp.ones((4, 5, 6)), jnp.ones((4, 6, 3) if spec.startswith("egi") else (6, 3))
+
+    def saved(backward) -> list[str]:
+        f = jax.checkpoint(lambda x, w: jnp.sin(matmul(spec, x, w, jnp.bfloat16, "plain",
+                                                        backward_dtype=backward)).sum(),
+                           policy=REMAT_POLICIES["dots"])
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_saved_residuals(f, x, w)
+        return sorted(line.split(" ")[0] for line in out.getvalue().splitlines()
+                      if "from the argument" not in line)
+
+    assert saved(jnp.bfloat16) == saved(jnp.float32)
+    assert ("f32[4,5,3]" in saved(jnp.float32)) == (spec == "btd,df->btf")
+
+
 def test_backward_dtype_reaches_every_projection(monkeypatch):
     """model.backward_dtype reaches every Einsum of attention, MLP, MoE, Mamba-2 and the output
     head but the router (float32 by design), and MoE's expert matmuls."""

@@ -60,7 +60,12 @@ def matmul(spec: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype,
     if jnp.dtype(backward_dtype) == jnp.float32:
         return jnp.einsum(spec, x.astype(dtype), w.astype(dtype),
                           preferred_element_type=jnp.float32)
-    return _einsum(spec, x, w, jnp.dtype(dtype), jnp.dtype(backward_dtype))
+    y = _einsum(spec, x, w, jnp.dtype(dtype), jnp.dtype(backward_dtype))
+    # The custom_vjp hides the dot from remat's rule for dots without batch dimensions
+    # (decoder.REMAT_POLICIES): the name keeps what "dots" saves the same as autodiff's einsum.
+    inputs, ys = spec.split("->")
+    batched = set.intersection(*map(set, (*inputs.split(","), ys)))
+    return y if batched else checkpoint_name(y, "projection")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
