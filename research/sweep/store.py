@@ -153,9 +153,12 @@ def transient(exc: DBAPIError) -> bool:
 
 
 def _database_error(exc: BaseException | None) -> DBAPIError | None:
-    """The database error behind `exc` (optuna re-raises them as its own)."""
+    """The database error behind `exc`: optuna re-raises them as its own, and when a lost
+    connection makes optuna fall back to another query in the same session, SQLAlchemy raises a
+    PendingRollbackError while handling the original error (its context, not its cause)."""
     while exc is not None and not isinstance(exc, DBAPIError):
-        exc = exc.__cause__
+        exc = exc.__cause__ or (exc.__context__ if isinstance(exc, sa.exc.SQLAlchemyError)
+                                else None)
     return exc
 
 
