@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -81,7 +82,15 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--calls", type=int, default=50)
     args = parser.parse_args()
-    cfg = config.load(args.experiment, [])
+    try:
+        cfg = config.load(args.experiment, [])
+        if set(cfg.model.period) != {("attention", "mlp")}:
+            raise config.ConfigError(f"{args.experiment}: model.layer_pattern "
+                                     f"{list(cfg.model.layer_pattern)} is not dense (allowed: "
+                                     "attention:mlp layers only)")
+    except config.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     rng = np.random.default_rng(0)
     arrays = {name: tuple(rng.standard_normal(s, dtype=np.float32)
                           for s in ((t, i), (i, o), (t, o)))

@@ -58,8 +58,7 @@ def matmul(spec: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype,
         n_in, transposed = projection_dims(spec)
         return project(x, w, n_in, transposed, dtype, backward_dtype)
     if jnp.dtype(backward_dtype) == jnp.float32:
-        return jnp.einsum(spec, x.astype(dtype), w.astype(dtype),
-                          preferred_element_type=jnp.float32)
+        return _plain(spec, x, w, dtype)
     y = _einsum(spec, x, w, jnp.dtype(dtype), jnp.dtype(backward_dtype))
     # The custom_vjp hides the dot from remat's rule for dots without batch dimensions
     # (decoder.REMAT_POLICIES): the name keeps what "dots" saves the same as autodiff's einsum.
@@ -68,10 +67,14 @@ def matmul(spec: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype,
     return y if batched else checkpoint_name(y, "projection")
 
 
+def _plain(spec: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
 def _einsum(spec: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype,
             backward_dtype: jnp.dtype) -> jax.Array:
-    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return _plain(spec, x, w, dtype)
 
 
 def _einsum_fwd(spec, x, w, dtype, backward_dtype):
@@ -79,8 +82,9 @@ def _einsum_fwd(spec, x, w, dtype, backward_dtype):
 
 
 def _einsum_bwd(spec, dtype, backward_dtype, residuals, g):
-    """The gradients of y = einsum("X,W->Y"): einsum("Y,W->X") and einsum("X,Y->W"); every
-    index of a projection (or a batched expert matmul) is in exactly two of X, W, Y."""
+    """The gradients of y = einsum("X,W->Y"): einsum("Y,W->X") and einsum("X,Y->W"). Valid
+    when no index is summed within one operand: each is in two of X, W, Y (a projection's) or
+    in all three (a batch index, as the expert matmul's e)."""
     x, w = residuals
     inputs, ys = spec.split("->")
     xs, ws = inputs.split(",")
